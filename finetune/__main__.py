@@ -1,0 +1,6 @@
+"""``python -m finetune`` runs the CLI."""
+
+from finetune.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Checkpoints that describe themselves, written atomically and read without unpickling code.
+
+A checkpoint is a dict of plain values and tensors: the timm model name, the classes, the
+preprocessing contract, the config, the head, the epoch and metrics, and the model/optimizer/
+scheduler/RNG state. ``torch.load(weights_only=True)`` reads it, so a crafted file cannot run
+code; :func:`rebuild_model` needs nothing but the checkpoint (and a custom head's module).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import finetune
+from finetune.errors import CheckpointError
+from finetune.models import Classifier, create_classifier
+from finetune.transforms import Preprocessing
+
+__all__ = [
+    "FORMAT_VERSION",
+    "find_checkpoint",
+    "load_checkpoint",
+    "rebuild_model",
+    "save_checkpoint",
+]
+
+FORMAT_VERSION = 1
+_REQUIRED = ("format_version", "model", "classes", "preprocessing", "state_dict")
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically: a temp file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "finetune_version": finetune.__version__,
+        **payload,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's ``best.pt`` (``last.pt`` if there is no best)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(
+            f"{path} holds no best.pt or last.pt. Give a run directory written by `finetune fit` "
+            "or a checkpoint file."
+        )
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist. Give a run directory or a checkpoint file.")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint (file or run directory) without unpickling arbitrary objects."""
+    file = find_checkpoint(path)
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(
+            f"Cannot load {file}: it is corrupt, or holds objects other than tensors and plain "
+            f"values, which finetune refuses to unpickle ({type(exc).__name__})."
+        ) from exc
+    missing = [k for k in _REQUIRED if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise CheckpointError(
+            f"{file} is not a finetune checkpoint (missing {', '.join(missing)})."
+        )
+    if payload["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file} was written by a newer finetune (format {payload['format_version']}); "
+            "upgrade finetune to read it."
+        )
+    return payload
+
+
+def rebuild_model(checkpoint: dict[str, Any], head: nn.Module | None = None) -> Classifier:
+    """The trained model described by ``checkpoint``, weights loaded, in eval mode.
+
+    Args:
+        checkpoint: As returned by :func:`load_checkpoint`.
+        head: The custom head module the model was trained with, if it had one (its weights are
+            loaded from the checkpoint).
+    """
+    import timm
+
+    spec = checkpoint["model"]
+    if spec["head"] != "linear" and head is None:
+        raise CheckpointError(
+            f"This model was trained with a custom head ({spec['head']}); pass an instance of it: "
+            "finetune.load(path, head=MyHead(...))."
+        )
+    backbone = timm.create_model(spec["name"], pretrained=False, num_classes=0)
+    model = create_classifier(backbone, len(checkpoint["classes"]), head)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"Checkpoint weights do not fit {spec['name']}: {exc}") from exc
+    return model.eval()
+
+
+def preprocessing_of(checkpoint: dict[str, Any]) -> Preprocessing:
+    """The preprocessing contract stored in ``checkpoint``."""
+    return Preprocessing.from_dict(checkpoint["preprocessing"])

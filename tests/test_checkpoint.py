@@ -1,0 +1,88 @@
+"""Self-describing checkpoints: atomic writes, safe loading, rebuilding the model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune
+from finetune.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    rebuild_model,
+    save_checkpoint,
+)
+from finetune.errors import CheckpointError
+
+
+class _Payload:
+    """Unpickling this would create a folder: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_checkpoints_describe_themselves(linear_run: finetune.FitResult) -> None:
+    best = load_checkpoint(linear_run.dir)
+    last = load_checkpoint(linear_run.last_checkpoint)
+    assert find_checkpoint(linear_run.dir).name == "best.pt"
+    assert best["model"] == {
+        "name": "tf_efficientnet_lite0",
+        "num_features": 1280,
+        "head": "linear",
+    }
+    assert best["classes"] == list(linear_run.classes)
+    assert best["preprocessing"]["input_size"] == 64 and best["preprocessing"]["mean"] == [0.5] * 3
+    assert best["config"]["strategy"] == "linear" and best["strategy"] == "linear"
+    assert best["epoch"] == linear_run.best.epoch and best["best_metric"] == linear_run.best_metric
+    assert last["epoch"] == 3 and {"optimizer", "scheduler", "torch_rng"} <= set(last)
+    assert "optimizer" not in best
+    assert best["finetune_version"] == finetune.__version__
+
+
+def test_rebuilt_model_reproduces_the_trained_weights(linear_run: finetune.FitResult) -> None:
+    checkpoint = load_checkpoint(linear_run.best_checkpoint)
+    model = rebuild_model(checkpoint)
+    assert not model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, checkpoint["state_dict"][key]), key
+
+
+def test_writes_are_atomic_and_leave_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "ck" / "last.pt"
+    save_checkpoint(target, {"state_dict": {"w": torch.ones(2)}})
+    save_checkpoint(target, {"state_dict": {"w": torch.zeros(2)}})
+    assert [p.name for p in target.parent.iterdir()] == ["last.pt"]
+    assert torch.equal(torch.load(target, weights_only=True)["state_dict"]["w"], torch.zeros(2))
+
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises, nothing is left
+        save_checkpoint(target, {"state_dict": {"w": torch.ones(2)}, "bad": lambda: None})
+    assert [p.name for p in target.parent.iterdir()] == ["last.pt"]
+    assert torch.equal(torch.load(target, weights_only=True)["state_dict"]["w"], torch.zeros(2))
+
+
+def test_a_malicious_pickle_is_refused_not_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "state_dict": {}, "x": _Payload(marker)}, evil)
+    with pytest.raises(CheckpointError, match="refuses to unpickle"):
+        load_checkpoint(evil)
+    with pytest.raises(CheckpointError):
+        finetune.load(evil)
+    assert not marker.exists()
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a finetune checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"no best\.pt or last\.pt"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")

@@ -1,0 +1,78 @@
+"""The real ``finetune`` command, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("finetune")
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=600, check=False
+    )
+
+
+def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fit = run("fit", str(small_folder), "--strategy", "linear", "--epochs", "2",
+              "--image-size", "32", "--out", str(out))  # fmt: skip
+    assert fit.returncode == 0, fit.stderr
+    assert "best epoch" in fit.stdout and f"finetune predict {out}" in fit.stdout
+    assert "epoch 2/2" in fit.stderr and "strategy  linear" in fit.stderr
+    assert (out / "best.pt").is_file() and (out / "metrics.csv").is_file()
+
+    table = run("predict", str(out), str(small_folder / "bag"))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.strip().splitlines()
+    assert len(lines) == 20 and all(line.split("\t")[1] in {"bag", "sneaker", "trouser"}
+                                    for line in lines)  # fmt: skip
+
+    as_json = run("predict", str(out / "last.pt"), str(small_folder), "--json", "--top-k", "2")
+    assert as_json.returncode == 0, as_json.stderr
+    items = json.loads(as_json.stdout)
+    assert len(items) == 60
+    assert set(items[0]) == {"path", "label", "probability", "top_k"}
+    assert len(items[0]["top_k"]) == 2 and items[0]["top_k"][0]["label"] == items[0]["label"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit", "no/such/folder"], "is not a folder"),
+        (["fit", "{data}", "--strategy", "auto"], "not available yet"),
+        (["fit", "{data}", "--strategy", "nope"], "finetune-all, linear"),
+        (["fit", "{data}", "--val-split", "1.5"], "val_split"),
+        (["fit", "{data}", "--model", "resnt18"], "Did you mean resnet18"),
+        (["predict", "no/such/run", "x.png"], "does not exist"),
+    ],
+)
+def test_errors_are_one_clean_line_and_a_failing_exit(
+    args: list[str], message: str, small_folder: Path
+) -> None:
+    result = run(*(a.format(data=small_folder) for a in args))
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_python_dash_m_and_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and "fit" in result.stdout and "predict" in result.stdout
+
+
+def test_every_command_has_help_with_an_example_and_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name, command in cli.commands.items():
+        assert command.help and "Example" in command.help, name
+        assert f"finetune {name}" in readme, name
