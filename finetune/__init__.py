@@ -1,20 +1,32 @@
 """finetune: turn a folder of labelled images into a good image classifier by transfer learning.
 
->>> import finetune
->>> run = finetune.fit("sample_data/fashion", strategy="linear", epochs=3)
->>> predictor = finetune.load(run.dir)
->>> predictor.predict("sample_data/fashion/test/bag/00035.png")[0].label
+    >>> import finetune
+    >>> run = finetune.fit("sample_data/fashion", strategy="linear", epochs=3)
+    >>> predictor = finetune.load(run.dir)
+    >>> predictor.predict("sample_data/fashion/test/bag/00035.png")[0].label
+
+The names below are imported from their modules on first use (PEP 562), so that
+``finetune --help`` does not wait for torch and timm to load.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from finetune.api import FitResult, fit
-from finetune.config import FitConfig
-from finetune.errors import FinetuneError
-from finetune.predict import Prediction, Predictor, load
-from finetune.strategies import STRATEGIES
+# public name -> the module that defines it
+_EXPORTS = {
+    "fit": "finetune.api",
+    "FitResult": "finetune.api",
+    "FitConfig": "finetune.config",
+    "FinetuneError": "finetune.errors",
+    "load": "finetune.predict",
+    "Prediction": "finetune.predict",
+    "Predictor": "finetune.predict",
+    "STRATEGIES": "finetune.strategies",
+}
 
 __all__ = [
     "STRATEGIES",
@@ -27,3 +39,22 @@ __all__ = [
     "fit",
     "load",
 ]
+
+if TYPE_CHECKING:
+    from finetune.api import FitResult, fit
+    from finetune.config import FitConfig
+    from finetune.errors import FinetuneError
+    from finetune.predict import Prediction, Predictor, load
+    from finetune.strategies import STRATEGIES
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'finetune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

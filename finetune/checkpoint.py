@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import finetune
+from finetune import __version__
 from finetune.errors import CheckpointError
 from finetune.models import Classifier, create_classifier
 from finetune.transforms import Preprocessing
@@ -38,7 +38,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format_version": FORMAT_VERSION,
-        "finetune_version": finetune.__version__,
+        "finetune_version": __version__,
         **payload,
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -10,15 +10,20 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from finetune import __version__
-from finetune.api import FitResult, fit
 from finetune.config import DEFAULT_MODEL, FitConfig
 from finetune.errors import FinetuneError
-from finetune.predict import Prediction, expand_inputs, load
-from finetune.strategies import STRATEGIES
+
+if TYPE_CHECKING:
+    from finetune.api import FitResult
+    from finetune.predict import Prediction
+
+# The commands import the API inside their bodies: `finetune --help` stays instant instead of
+# waiting seconds for torch, timm and scikit-learn to load.
 
 __all__ = ["cli", "main"]
 
@@ -92,6 +97,8 @@ def fit_command(data: Path, quiet: bool, out: Path | None, **options) -> None:
 
         finetune fit sample_data/fashion --strategy linear
     """
+    from finetune.api import fit
+
     config = FitConfig.from_kwargs(out=str(out) if out else None, **options)
     result = fit(data, config, verbose=not quiet)
     click.echo(_summary(result))
@@ -144,6 +151,8 @@ def predict_command(
 
         finetune predict runs/fashion-linear-20261122-120000 sample_data/fashion/test
     """
+    from finetune.predict import expand_inputs, load
+
     predictor = load(model, device=device)
     paths = expand_inputs(inputs)
     if not paths:
@@ -171,6 +180,8 @@ def strategies_command() -> None:
 
         finetune strategies
     """
+    from finetune.strategies import STRATEGIES
+
     width = max(map(len, STRATEGIES))
     for name, cls in STRATEGIES.items():
         click.echo(f"{name:<{width}}  {cls.summary}")

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
 
 from finetune.errors import DataError
 
@@ -214,6 +213,8 @@ def _split(
             f"{root} has {len(samples)} images for {len(classes)} classes: too few to hold out "
             f"{val_split:.0%} for validation with every class on both sides. Add images."
         )
+    from sklearn.model_selection import train_test_split  # 1 s to import; only splits need it
+
     train, val = train_test_split(
         samples, test_size=n_val, random_state=seed, stratify=labels, shuffle=True
     )

@@ -85,3 +85,8 @@ def test_fit_rejects_bad_heads_options_and_auto_before_any_work(
     finetune.fit(small_folder, epochs=1, image_size=32, out=str(out), verbose=False)
     with pytest.raises(ConfigError, match="already holds a run"):
         finetune.fit(small_folder, epochs=1, image_size=32, out=str(out), verbose=False)
+
+
+def test_every_public_name_resolves() -> None:
+    for name in finetune.__all__:
+        assert getattr(finetune, name) is not None, name
