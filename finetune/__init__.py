@@ -3,7 +3,7 @@
     >>> import finetune
     >>> run = finetune.fit("sample_data/fashion", strategy="linear", epochs=3)
     >>> predictor = finetune.load(run.dir)
-    >>> predictor.predict("sample_data/fashion/test/bag/00035.png")[0].label
+    >>> predictor.predict("sample_data/fashion/test/bag/00018.png")[0].label
 
 The names below are imported from their modules on first use (PEP 562), so that
 ``finetune --help`` does not wait for torch and timm to load.
