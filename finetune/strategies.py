@@ -1,43 +1,96 @@
-"""Strategy: how much of the pretrained backbone trains, and at which learning rates.
+"""Strategy: how much of the pretrained backbone trains (the CS231n lecture 7 matrix).
 
-A strategy freezes parameters and returns optimizer parameter groups (head last, with the full
-learning rate). Strategies live in a registry; ``get_strategy`` names the valid ones when asked
-for an unknown one. The CS231n 2x2 matrix and ``auto`` come in their own issue: ``auto`` is
-registered but says plainly that it is not available yet.
+|                   | little data   | a lot of data  |
+|-------------------|---------------|----------------|
+| similar images    | linear        | finetune-top   |
+| different images  | stage-probe   | finetune-all   |
+
+Every strategy is registered under its name and implements ``fit(ctx)``. The two probe
+strategies run the frozen backbone once over the images (cached features) and fit a
+logistic-regression head; the two fine-tuning strategies train layer groups from timm's
+``group_matcher`` with learning rates that decay from the head down. ``auto`` measures the data
+(:mod:`finetune.measure`), picks one of the four, and records why.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from finetune.config import FitConfig
-from finetune.errors import ConfigError, NotAvailableError
-from finetune.models import Classifier, ParamGroup, param_groups
+from finetune.data import DatasetSplit, ImageDataset, collate_skipping_failed
+from finetune.errors import ConfigError
+from finetune.features import HEAD, extract_features, probe_points
+from finetune.measure import Decision, decide
+from finetune.models import (
+    Classifier,
+    ParamGroup,
+    default_unfreeze,
+    freeze,
+    param_groups,
+    prune_to_stage,
+)
+from finetune.probe import fit_probe
+from finetune.train import EpochResult, Recorder, train
+from finetune.transforms import Preprocessing, eval_transform, train_transform
 
 __all__ = [
     "STRATEGIES",
+    "Auto",
     "FinetuneAll",
+    "FinetuneTop",
+    "FitContext",
     "Linear",
+    "StageProbe",
     "Strategy",
-    "freeze",
     "get_strategy",
     "register",
-    "set_train_mode",
 ]
 
 
+@dataclass
+class FitContext:
+    """Everything a strategy needs to train; built by ``finetune.fit``."""
+
+    model: Classifier
+    split: DatasetSplit
+    pre: Preprocessing
+    config: FitConfig  # resolved: lr, epochs, image_size, num_workers and device are set
+    device: torch.device
+    run_dir: Path
+    describe: dict[str, Any]  # checkpoint description; a strategy may add to it
+    verbose: bool
+    say: Callable[[str], None]  # prints a line for people (when verbose)
+    on_epoch: Callable[[EpochResult], None]
+
+
 class Strategy(ABC):
-    """Decides which parameters train and their learning rates."""
+    """Decides which parameters train, how, and trains them."""
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for `finetune strategies`
+    trains_backbone: ClassVar[bool] = True  # False: probes, which need no epochs
+
+    def resolve(
+        self, split: DatasetSplit, backbone: nn.Module, config: FitConfig, device: torch.device
+    ) -> tuple[Strategy, FitConfig, Decision | None]:
+        """The strategy that will really run, with its config; ``auto`` decides here."""
+        return self, config, None
 
     @abstractmethod
-    def param_groups(self, model: Classifier, config: FitConfig, lr: float) -> list[dict[str, Any]]:
-        """Freeze what must not train; return optimizer groups ``{"name", "params", "lr"}``."""
+    def fit(self, ctx: FitContext) -> tuple[Classifier, list[EpochResult]]:
+        """Train ``ctx.model``; return the final model (a probe may cut it) and the history."""
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -58,63 +111,280 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]()
 
 
-def freeze(module: nn.Module) -> None:
-    """Stop ``module``'s parameters from training (BatchNorm statistics: see set_train_mode)."""
-    for p in module.parameters():
-        p.requires_grad_(False)
+# --- probes: frozen backbone, features computed once, logistic-regression head --------------
 
 
-def set_train_mode(model: nn.Module) -> None:
-    """``model.train()``, except normalisation layers whose parameters are all frozen stay in
-    eval mode, so their running statistics do not move."""
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
+class _Probe(Strategy):
+    trains_backbone = False
+
+    @abstractmethod
+    def candidates(self, model: Classifier) -> list[str]:
+        """Probe points to try (see finetune.features)."""
+
+    def fit(self, ctx: FitContext) -> tuple[Classifier, list[EpochResult]]:
+        start = time.perf_counter()
+        model, config = ctx.model, ctx.config
+        freeze(model.backbone)
+        points = self.candidates(model)
+        common = {
+            "device": ctx.device,
+            "num_workers": config.num_workers or 0,
+            "cache": config.feature_cache,
+            "progress": ctx.verbose,
+        }
+        train_f, hit_train = extract_features(
+            model.backbone, ctx.split.train, ctx.pre, points, desc="features (train)", **common
+        )
+        val_f, hit_val = extract_features(
+            model.backbone, ctx.split.val, ctx.pre, points, desc="features (val)", **common
+        )
+        ctx.say(
+            f"features  {len(train_f['label'])} train + {len(val_f['label'])} val images, "
+            f"{'from the cache' if hit_train and hit_val else 'computed once'}, "
+            f"at {', '.join(points)}"
+        )
+        num_classes = len(ctx.split.classes)
+        results = {
+            p: fit_probe(train_f[p], train_f["label"], num_classes, seed=config.seed)
+            for p in points
+        }
+        best = max(points, key=lambda p: (results[p].cv_accuracy, p == HEAD))
+        if len(points) > 1:
+            table = ", ".join(f"{p} {results[p].cv_accuracy:.3f}" for p in points)
+            ctx.say(f"probe     cross-validated accuracy: {table} -> {best}")
+        (ctx.run_dir / "probe.json").write_text(
+            json.dumps(
+                {
+                    "chosen": best,
+                    "points": {
+                        p: {"cv_accuracy": r.cv_accuracy, "C": r.C, "cv_by_C": r.cv_by_C}
+                        for p, r in results.items()
+                    },
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        if best != HEAD:
+            stage = int(best.removeprefix("stage"))
+            prune_to_stage(model.backbone, stage)
+            ctx.describe["model"] = {**ctx.describe["model"], "stage": stage}
+            ctx.describe["model"]["num_features"] = model.num_features
+        model.head = results[best].linear().to(ctx.device)
+        ctx.describe["model"]["head"] = "linear"
+        metrics = [
+            _probe_metrics(results[best].logits(f[best]), f["label"]) for f in (train_f, val_f)
+        ]
+        result = EpochResult(
+            epoch=1,
+            train_loss=metrics[0][0],
+            train_acc=metrics[0][1],
+            val_loss=metrics[1][0],
+            val_acc=metrics[1][1],
+            lr=0.0,
+            seconds=time.perf_counter() - start,
+            best=True,
+        )
+        recorder = Recorder(ctx.run_dir, ctx.describe)
+        recorder.record(result, model)
+        ctx.on_epoch(result)
+        return model, [result]
 
 
-def _group(group: ParamGroup, lr: float) -> dict[str, Any]:
-    return {"name": group.name, "params": group.params, "lr": lr}
+def _probe_metrics(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    t_logits = torch.from_numpy(logits).float()
+    t_labels = torch.from_numpy(labels).long()
+    loss = F.cross_entropy(t_logits, t_labels).item()
+    return loss, float((logits.argmax(1) == labels).mean())
 
 
 @register
-class Linear(Strategy):
-    """Frozen backbone, train only the new head (little data, similar to ImageNet)."""
+class Linear(_Probe):
+    """Little data, similar images: a logistic-regression head on the backbone's top features."""
 
     name = "linear"
-    summary = "frozen backbone; only the new head trains (little data, similar images)"
+    summary = "little data, similar images: features computed once, logistic regression on top"
 
-    def param_groups(self, model: Classifier, config: FitConfig, lr: float) -> list[dict[str, Any]]:
-        freeze(model.backbone)
-        return [_group(param_groups(model)[-1], lr)]
+    def candidates(self, model: Classifier) -> list[str]:
+        return [HEAD]
 
 
 @register
-class FinetuneAll(Strategy):
-    """Everything trains; the backbone at ``lr * backbone_lr_scale``, the head at ``lr``."""
+class StageProbe(_Probe):
+    """Little data, different images: probe every stage, keep the best by cross-validation."""
+
+    name = "stage-probe"
+    summary = "little data, different images: a probe per stage, keeps the stages up to the best"
+
+    def candidates(self, model: Classifier) -> list[str]:
+        points = probe_points(model.backbone)
+        if len(points) == 1:
+            raise ConfigError(
+                f"{type(model.backbone).__name__} exposes no intermediate stages "
+                "(forward_intermediates); use --strategy linear."
+            )
+        return points
+
+
+# --- fine-tuning: layer groups train with decaying learning rates ----------------------------
+
+
+def _lr_groups(
+    groups: list[ParamGroup], trainable: int, config: FitConfig, lr: float
+) -> list[dict[str, Any]]:
+    """The head at ``lr``; the top ``trainable`` backbone groups at lr * backbone_lr_scale *
+    layer_decay^depth; the rest frozen."""
+    *body, head = groups
+    trainable = min(trainable, len(body))
+    for group in body[: len(body) - trainable]:
+        for p in group.params:
+            p.requires_grad_(False)
+    out = []
+    for depth, group in enumerate(reversed(body[len(body) - trainable :])):
+        scale = config.backbone_lr_scale * config.layer_decay**depth
+        out.append({"name": group.name, "params": group.params, "lr": lr * scale})
+    return [*reversed(out), {"name": head.name, "params": head.params, "lr": lr}]
+
+
+class _FineTune(Strategy):
+    @abstractmethod
+    def trainable_groups(self, model: Classifier, config: FitConfig) -> int:
+        """How many backbone layer groups (from the top) train."""
+
+    def param_groups(self, model: Classifier, config: FitConfig, lr: float) -> list[dict]:
+        """Freeze the lower groups; optimizer groups with their learning rates, head last."""
+        return _lr_groups(param_groups(model), self.trainable_groups(model, config), config, lr)
+
+    def before_epoch(self, model: Classifier, config: FitConfig, epoch: int) -> None:
+        """Hook run before each epoch (e.g. unfreeze after a warm-up)."""
+
+    def fit(self, ctx: FitContext) -> tuple[Classifier, list[EpochResult]]:
+        model, config = ctx.model, ctx.config
+        groups = self.param_groups(model, config, config.lr)
+        trainable = sum(p.numel() for g in groups for p in g["params"] if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        backbone_groups = len(groups) - 1
+        ctx.say(
+            f"training  {backbone_groups} of {len(param_groups(model)) - 1} backbone layer groups "
+            f"+ head, {trainable:,} of {total:,} parameters; head lr {config.lr:.1e}"
+            + (f", top backbone lr {groups[-2]['lr']:.1e}" if backbone_groups else "")
+        )
+        train_loader, val_loader = _loaders(ctx.split, ctx.pre, config, ctx.device)
+        optimizer = _optimizer(groups, config)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, config.epochs * len(train_loader))
+        )
+        history = train(
+            model,
+            optimizer,
+            scheduler,
+            train_loader,
+            val_loader,
+            epochs=config.epochs,
+            device=ctx.device,
+            recorder=Recorder(ctx.run_dir, ctx.describe),
+            progress=ctx.verbose,
+            before_epoch=lambda epoch: self.before_epoch(model, config, epoch),
+            on_epoch=ctx.on_epoch,
+        )
+        return model, history
+
+
+@register
+class FinetuneTop(_FineTune):
+    """A lot of similar data: the top ``unfreeze`` layer groups and the head train."""
+
+    name = "finetune-top"
+    summary = "a lot of similar data: the top third of the layers (--unfreeze K) and the head"
+
+    def trainable_groups(self, model: Classifier, config: FitConfig) -> int:
+        body = len(param_groups(model)) - 1
+        return config.unfreeze if config.unfreeze is not None else default_unfreeze(body)
+
+
+@register
+class FinetuneAll(_FineTune):
+    """A lot of different data: every layer trains, LRs decaying from the head down."""
 
     name = "finetune-all"
-    summary = "every layer trains, the backbone at a lower LR than the head (a lot of data)"
+    summary = "a lot of different data: every layer trains, LRs decaying from the head down"
 
-    def param_groups(self, model: Classifier, config: FitConfig, lr: float) -> list[dict[str, Any]]:
-        *body, head = param_groups(model)
-        return [_group(g, lr * config.backbone_lr_scale) for g in body] + [_group(head, lr)]
+    def trainable_groups(self, model: Classifier, config: FitConfig) -> int:
+        return len(param_groups(model)) - 1
+
+    def before_epoch(self, model: Classifier, config: FitConfig, epoch: int) -> None:
+        freeze(model.backbone, frozen=epoch <= config.warmup_epochs)
 
 
 @register
 class Auto(Strategy):
-    """Placeholder for the measured choice of strategy (its own issue)."""
+    """Measure data size and similarity, then run the matching cell of the matrix."""
 
     name = "auto"
-    summary = "not available yet: will measure data size and similarity and choose"
+    summary = "measures data size and similarity to ImageNet, picks one of the four, says why"
 
-    def __init__(self) -> None:
-        raise NotAvailableError(
-            "--strategy auto is not available yet in this version. Choose one yourself: "
-            "'linear' for little data similar to photos, 'finetune-all' for a lot of data."
+    def resolve(
+        self, split: DatasetSplit, backbone: nn.Module, config: FitConfig, device: torch.device
+    ) -> tuple[Strategy, FitConfig, Decision | None]:
+        decision = decide(
+            split,
+            backbone,
+            device=device,
+            image_size=config.image_size,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
         )
+        chosen = get_strategy(decision.strategy)
+        settings = {k: v for k, v in decision.settings.items() if getattr(config, k) in (None, 0)}
+        return chosen, replace(config, **settings), decision
 
-    def param_groups(self, model: Classifier, config: FitConfig, lr: float) -> list[dict[str, Any]]:
-        raise NotAvailableError("--strategy auto is not available yet.")
+    def fit(self, ctx: FitContext) -> tuple[Classifier, list[EpochResult]]:
+        raise ConfigError("auto runs the strategy it resolves to; call resolve() first.")
+
+
+# --- data loading and optimizer for the fine-tuning strategies --------------------------------
+
+
+def _loaders(
+    split: DatasetSplit, pre: Preprocessing, config: FitConfig, device: torch.device
+) -> tuple[DataLoader, DataLoader]:
+    workers = config.num_workers or 0
+    common = {
+        "batch_size": config.batch_size,
+        "num_workers": workers,
+        "collate_fn": collate_skipping_failed,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": workers > 0,
+    }
+    train_set = ImageDataset(split.train, train_transform(pre, seed=config.seed))
+    train_loader = DataLoader(
+        train_set,
+        shuffle=True,
+        drop_last=len(split.train) > config.batch_size,
+        generator=torch.Generator().manual_seed(config.seed),
+        worker_init_fn=_seed_worker_augmentation,
+        **common,
+    )
+    val_loader = DataLoader(ImageDataset(split.val, eval_transform(pre)), shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def _seed_worker_augmentation(worker_id: int) -> None:
+    """Give each DataLoader worker its own, reproducible augmentation stream."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+def _optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.optim.Optimizer:
+    """Split each group into decayed weights and undecayed norms/biases (ndim <= 1)."""
+    param_groups_ = []
+    for group in groups:
+        decay = [p for p in group["params"] if p.ndim > 1]
+        no_decay = [p for p in group["params"] if p.ndim <= 1]
+        for params, wd in ((decay, config.weight_decay), (no_decay, 0.0)):
+            if params:
+                param_groups_.append({**group, "params": params, "weight_decay": wd})
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(param_groups_, lr=config.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(param_groups_, lr=config.lr)

@@ -1,8 +1,9 @@
 """The training loop: one function, readable top to bottom.
 
 Each epoch trains on the training loader (frozen BatchNorm layers kept in eval mode), evaluates
-on the validation loader, appends a row to ``metrics.csv``, writes ``last.pt`` and, when the
-validation accuracy improved, ``best.pt``. Callers observe progress through ``on_epoch``.
+on the validation loader, and hands the result to a :class:`Recorder`, which appends a row to
+``metrics.csv``, writes ``last.pt`` and, when the validation accuracy improved, ``best.pt``.
+Callers observe progress through ``on_epoch``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune.checkpoint import save_checkpoint
-from finetune.strategies import set_train_mode
+from finetune.models import set_train_mode
 
-__all__ = ["EpochResult", "evaluate", "train"]
+__all__ = ["EpochResult", "Recorder", "evaluate", "train"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,47 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
     return (total_loss / seen, correct / seen) if seen else (math.nan, math.nan)
 
 
+class Recorder:
+    """Writes a run's ``metrics.csv`` rows and its ``best.pt`` / ``last.pt`` checkpoints.
+
+    Args:
+        run_dir: The run directory.
+        describe: What the checkpoints say about the model besides its weights (model spec,
+            classes, preprocessing, config, strategy); see :mod:`finetune.checkpoint`.
+    """
+
+    def __init__(self, run_dir: Path, describe: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.describe = describe
+        self.best_acc, self.best_loss = -1.0, math.inf
+        self.metrics_path = run_dir / "metrics.csv"
+        with self.metrics_path.open("w", newline="") as f:
+            csv.writer(f).writerow([f.name for f in fields(EpochResult)])
+
+    def is_best(self, val_acc: float, val_loss: float) -> bool:
+        """Would this epoch beat every earlier one (accuracy first, then loss)?"""
+        return val_acc > self.best_acc or (val_acc == self.best_acc and val_loss < self.best_loss)
+
+    def record(
+        self, result: EpochResult, model: nn.Module, resume_state: dict[str, Any] | None = None
+    ) -> None:
+        """Append ``result`` to metrics.csv; write best.pt if it is best, and always last.pt."""
+        if result.best:
+            self.best_acc, self.best_loss = result.val_acc, result.val_loss
+        with self.metrics_path.open("a", newline="") as f:
+            csv.writer(f).writerow(asdict(result).values())
+        state = {
+            **self.describe,
+            "epoch": result.epoch,
+            "metrics": asdict(result),
+            "best_metric": self.best_acc,
+            "state_dict": model.state_dict(),
+        }
+        if result.best:
+            save_checkpoint(self.run_dir / "best.pt", state)
+        save_checkpoint(self.run_dir / "last.pt", {**state, **(resume_state or {})})
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -71,26 +113,24 @@ def train(
     *,
     epochs: int,
     device: torch.device,
-    run_dir: Path,
-    describe: dict[str, Any],
+    recorder: Recorder,
     progress: bool = True,
+    before_epoch: Callable[[int], None] | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` for ``epochs``; returns one :class:`EpochResult` per epoch.
 
     Args:
-        describe: What the checkpoints must say about the model besides its weights (model spec,
-            classes, preprocessing, config, strategy); see :mod:`finetune.checkpoint`.
+        recorder: Writes metrics.csv and the checkpoints after each epoch.
         progress: Show a progress bar per epoch (only when stderr is a terminal).
+        before_epoch: Called with the 1-based epoch before it starts (e.g. to unfreeze layers).
+        on_epoch: Called with each epoch's result once its checkpoints are written.
     """
-    metrics_path = run_dir / "metrics.csv"
-    columns = [f.name for f in fields(EpochResult)]
-    with metrics_path.open("w", newline="") as f:
-        csv.writer(f).writerow(columns)
     history: list[EpochResult] = []
-    best_acc, best_loss = -1.0, math.inf
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
+        if before_epoch is not None:
+            before_epoch(epoch)
         set_train_mode(model)
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(
@@ -114,9 +154,6 @@ def train(
             bar.update()
         bar.close()
         val_loss, val_acc = evaluate(model, val_loader, device)
-        is_best = val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss)
-        if is_best:
-            best_acc, best_loss = val_acc, val_loss
         result = EpochResult(
             epoch=epoch,
             train_loss=total_loss / max(seen, 1),
@@ -125,24 +162,13 @@ def train(
             val_acc=val_acc,
             lr=optimizer.param_groups[-1]["lr"],
             seconds=time.perf_counter() - start,
-            best=is_best,
+            best=recorder.is_best(val_acc, val_loss),
         )
         history.append(result)
-        with metrics_path.open("a", newline="") as f:
-            csv.writer(f).writerow(asdict(result).values())
-        state = {
-            **describe,
-            "epoch": epoch,
-            "metrics": asdict(result),
-            "best_metric": best_acc,
-            "state_dict": model.state_dict(),
-        }
-        if is_best:
-            save_checkpoint(run_dir / "best.pt", state)
-        save_checkpoint(
-            run_dir / "last.pt",
+        recorder.record(
+            result,
+            model,
             {
-                **state,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),

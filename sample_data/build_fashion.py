@@ -36,7 +36,7 @@ CLASSES = [
 PER_CLASS = {"train": 40, "val": 10, "test": 10}
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         raw = f.read()
     ndim = raw[3]
@@ -45,10 +45,10 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def main() -> None:
-    train_x = _read_idx(SOURCE / "train-images-idx3-ubyte.gz")
-    train_y = _read_idx(SOURCE / "train-labels-idx1-ubyte.gz")
-    test_x = _read_idx(SOURCE / "t10k-images-idx3-ubyte.gz")
-    test_y = _read_idx(SOURCE / "t10k-labels-idx1-ubyte.gz")
+    train_x = read_idx(SOURCE / "train-images-idx3-ubyte.gz")
+    train_y = read_idx(SOURCE / "train-labels-idx1-ubyte.gz")
+    test_x = read_idx(SOURCE / "t10k-images-idx3-ubyte.gz")
+    test_y = read_idx(SOURCE / "t10k-labels-idx1-ubyte.gz")
     if TARGET.exists():
         shutil.rmtree(TARGET)
     for label, name in enumerate(CLASSES):

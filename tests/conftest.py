@@ -10,7 +10,9 @@ from pathlib import Path
 # timm (and so huggingface_hub, which reads it at import) is imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import finetune
 
@@ -33,6 +35,33 @@ def copy_classes(dest: Path, classes: list[str], per_class: int, split: str = "t
     return dest
 
 
+def photo_crops(dest: Path, per_class: int, size: int = 96, seed: int = 0) -> Path:
+    """A folder-per-class tree of random square crops of seven real photos (scikit-image's and
+    scikit-learn's sample images): natural images, close to ImageNet's. The class is the photo."""
+    import skimage
+    import sklearn.datasets
+
+    photos = {
+        "astronaut": skimage.data.astronaut(),
+        "cat": skimage.data.chelsea(),
+        "coffee": skimage.data.coffee(),
+        "rocket": skimage.data.rocket(),
+        "motorcycle": skimage.data.stereo_motorcycle()[0],
+        "palace": sklearn.datasets.load_sample_image("china.jpg"),
+        "flower": sklearn.datasets.load_sample_image("flower.jpg"),
+    }
+    rng = np.random.default_rng(seed)
+    for name, photo in photos.items():
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        h, w = photo.shape[:2]
+        for i in range(per_class):
+            side = int(rng.uniform(0.2, 0.5) * min(h, w))
+            y, x = rng.integers(0, h - side), rng.integers(0, w - side)
+            crop = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size))
+            crop.save(dest / name / f"{i:04d}.png")
+    return dest
+
+
 @pytest.fixture()
 def small_folder(tmp_path: Path) -> Path:
     """Three classes x 20 real images, folder-per-class, for quick fits with a random split."""
@@ -43,4 +72,15 @@ def small_folder(tmp_path: Path) -> Path:
 def linear_run(tmp_path_factory: pytest.TempPathFactory) -> finetune.FitResult:
     """One real fit on the sample data, shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("runs") / "linear"
-    return finetune.fit(FASHION, strategy="linear", epochs=3, out=str(out), verbose=False)
+    return finetune.fit(FASHION, strategy="linear", out=str(out), verbose=False)
+
+
+def noise_folder(root: Path, per_class: int) -> Path:
+    """Two classes of uniform-noise 32 px images: as far from ImageNet as images get."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ import torch
 from torch import nn
 
 import finetune
-from finetune.errors import ConfigError, NotAvailableError
+from finetune.errors import ConfigError
+from finetune.measure import LOTS_PER_CLASS
+
+from .conftest import noise_folder
 
 
 def test_fit_writes_a_complete_run_directory(linear_run: finetune.FitResult, fashion) -> None:
@@ -27,14 +31,16 @@ def test_fit_writes_a_complete_run_directory(linear_run: finetune.FitResult, fas
         p.name for p in (fashion / "train").iterdir()
     )
     config = json.loads((run.dir / "config.json").read_text())
-    assert config["strategy"] == "linear" and config["epochs"] == 3
-    assert config["image_size"] == 64 and config["lr"] == 1e-3  # resolved values are recorded
+    # Resolved values are recorded: a probe makes one pass over the images.
+    assert config["strategy"] == "linear" and config["epochs"] == 1
+    assert config["image_size"] == 64
     rows = list(csv.DictReader((run.dir / "metrics.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [1]
     assert float(rows[-1]["val_acc"]) == pytest.approx(run.history[-1].val_acc)
     assert run.best_metric == max(r.val_acc for r in run.history)
-    # Real features of real images: far better than the 10% of chance after three epochs.
-    assert run.best_metric > 0.5
+    # Real features of real images: far better than the 10% of chance.
+    assert run.best_metric > 0.6
+    assert json.loads((run.dir / "probe.json").read_text())["chosen"] == "head"
 
 
 def test_same_seed_gives_the_same_metrics_and_another_seed_does_not(
@@ -64,7 +70,13 @@ class _MLPHead(nn.Module):
 def test_custom_head_trains_and_loads(small_folder: Path, tmp_path: Path) -> None:
     head = _MLPHead(1280, 3)
     run = finetune.fit(
-        small_folder, head=head, epochs=1, image_size=32, out=str(tmp_path / "r"), verbose=False
+        small_folder,
+        strategy="finetune-top",
+        head=head,
+        epochs=1,
+        image_size=32,
+        out=str(tmp_path / "r"),
+        verbose=False,
     )
     with pytest.raises(finetune.FinetuneError, match="custom head"):
         finetune.load(run.dir)
@@ -72,21 +84,63 @@ def test_custom_head_trains_and_loads(small_folder: Path, tmp_path: Path) -> Non
     assert len(predictor.predict(next(small_folder.rglob("*.png")))) == 1
 
 
-def test_fit_rejects_bad_heads_options_and_auto_before_any_work(
+def test_fit_rejects_bad_heads_and_options_before_any_work(
     small_folder: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(ConfigError, match=r"\(N, 3\)"):
-        finetune.fit(small_folder, head=nn.Linear(1280, 5), epochs=1, verbose=False)
+        finetune.fit(small_folder, strategy="finetune-all", head=nn.Linear(1280, 5), verbose=False)
+    with pytest.raises(ConfigError, match="fits its own linear head"):
+        finetune.fit(small_folder, strategy="linear", head=nn.Linear(1280, 3), verbose=False)
     with pytest.raises(ConfigError, match="valid options"):
         finetune.fit(small_folder, epoch=1, verbose=False)
-    with pytest.raises(NotAvailableError):
-        finetune.fit(small_folder, strategy="auto", verbose=False)
     out = tmp_path / "once"
-    finetune.fit(small_folder, epochs=1, image_size=32, out=str(out), verbose=False)
+    finetune.fit(small_folder, strategy="linear", image_size=32, out=str(out), verbose=False)
     with pytest.raises(ConfigError, match="already holds a run"):
-        finetune.fit(small_folder, epochs=1, image_size=32, out=str(out), verbose=False)
+        finetune.fit(small_folder, strategy="linear", image_size=32, out=str(out), verbose=False)
 
 
 def test_every_public_name_resolves() -> None:
     for name in finetune.__all__:
         assert getattr(finetune, name) is not None, name
+
+
+def test_auto_decides_says_why_and_records_it(small_folder: Path, tmp_path: Path) -> None:
+    run = finetune.fit(small_folder, image_size=32, out=str(tmp_path / "auto"), verbose=False)
+    assert run.config.strategy == run.strategy == "stage-probe"  # few Fashion-MNIST images
+    decision = json.loads((run.dir / "decision.json").read_text())
+    assert decision["strategy"] == "stage-probe"
+    assert decision["cell"] == "little data, different from ImageNet"
+    assert decision["size"]["images"] == 48 and decision["size"]["classes"] == 3
+    assert decision["batchnorm_shift"] > decision["thresholds"]["similar_below_batchnorm_shift"]
+    assert decision["reasons"] and run.decision is not None
+    assert decision["hyperparameters"]["image_size"] == run.config.image_size == 32
+    assert "cross-validation" in decision["hyperparameters"]["head"]
+    saved = torch.load(run.best_checkpoint, weights_only=True)["decision"]
+    assert json.loads(json.dumps(saved)) == decision
+
+
+def test_plan_measures_and_estimates_without_training(small_folder: Path) -> None:
+    plan = finetune.plan(small_folder, image_size=32)
+    assert plan.strategy == "stage-probe" and plan.decision is not None
+    assert plan.estimate_seconds > 0
+    fixed = finetune.plan(small_folder, strategy="finetune-all", epochs=2, image_size=32)
+    assert fixed.decision is None and fixed.config.epochs == 2
+    assert fixed.estimate_seconds > plan.estimate_seconds  # two training passes > one inference
+
+
+def test_auto_records_every_hyperparameter_of_a_fine_tune(tmp_path: Path) -> None:
+    folder = noise_folder(tmp_path / "noise", math.ceil(LOTS_PER_CLASS / 0.8))
+    plan = finetune.plan(folder, epochs=2, image_size=32, lr=1e-3)
+    assert plan.strategy == "finetune-all" and plan.decision is not None
+    assert plan.decision.hyperparameters == {
+        "image_size": 32,
+        "batch_size": plan.config.batch_size,
+        "epochs": 2,
+        "optimizer": plan.config.optimizer,
+        "head_lr": 1e-3,
+        "top_backbone_lr": pytest.approx(1e-3 * plan.config.backbone_lr_scale),
+        "layer_decay": plan.config.layer_decay,
+        "unfreeze": "all",
+        "warmup_epochs": 0,
+        "weight_decay": plan.config.weight_decay,
+    }

@@ -36,13 +36,13 @@ def test_checkpoints_describe_themselves(linear_run: finetune.FitResult) -> None
         "name": "tf_efficientnet_lite0",
         "num_features": 1280,
         "head": "linear",
+        "stage": None,
     }
     assert best["classes"] == list(linear_run.classes)
     assert best["preprocessing"]["input_size"] == 64 and best["preprocessing"]["mean"] == [0.5] * 3
     assert best["config"]["strategy"] == "linear" and best["strategy"] == "linear"
     assert best["epoch"] == linear_run.best.epoch and best["best_metric"] == linear_run.best_metric
-    assert last["epoch"] == 3 and {"optimizer", "scheduler", "torch_rng"} <= set(last)
-    assert "optimizer" not in best
+    assert last["epoch"] == 1 and "optimizer" not in best
     assert best["finetune_version"] == finetune.__version__
 
 

@@ -23,11 +23,13 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    fit = run("fit", str(small_folder), "--strategy", "linear", "--epochs", "2",
-              "--image-size", "32", "--out", str(out))  # fmt: skip
+    fit = run("fit", str(small_folder), "--image-size", "32", "--out", str(out))
     assert fit.returncode == 0, fit.stderr
     assert "best epoch" in fit.stdout and f"finetune predict {out}" in fit.stdout
-    assert "epoch 2/2" in fit.stderr and "strategy  linear" in fit.stderr
+    # auto (the default) says what it chose and why before it trains.
+    assert "auto      little data, different from ImageNet -> stage-probe" in fit.stderr
+    assert "BatchNorm shift" in fit.stderr and "cross-validated accuracy" in fit.stderr
+    assert "strategy     stage-probe" in fit.stdout
     assert (out / "best.pt").is_file() and (out / "metrics.csv").is_file()
 
     table = run("predict", str(out), str(small_folder / "bag"))
@@ -48,8 +50,9 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["fit", "no/such/folder"], "is not a folder"),
-        (["fit", "{data}", "--strategy", "auto"], "not available yet"),
-        (["fit", "{data}", "--strategy", "nope"], "finetune-all, linear"),
+        (["fit", "{data}", "--strategy", "nope"], "auto, finetune-all, finetune-top, linear"),
+        (["fit", "{data}", "--unfreeze", "-1"], "unfreeze must be >= 0"),
+        (["plan", "{data}", "--warmup-epochs", "12"], "warmup_epochs must be"),
         (["fit", "{data}", "--val-split", "1.5"], "val_split"),
         (["fit", "{data}", "--model", "resnt18"], "Did you mean resnet18"),
         (["predict", "no/such/run", "x.png"], "does not exist"),
@@ -62,6 +65,19 @@ def test_errors_are_one_clean_line_and_a_failing_exit(
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_plan_shows_the_decision_without_training(small_folder: Path) -> None:
+    result = run("plan", str(small_folder), "--image-size", "32")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "cell       little data, different from ImageNet" in out
+    assert "median 16 training images per class" in out
+    assert "strategy   stage-probe" in out and "estimate   about" in out
+    assert not (small_folder / "runs").exists() and not list(small_folder.glob("*.pt"))
+    as_json = json.loads(run("plan", str(small_folder), "--image-size", "32", "--json").stdout)
+    assert as_json["strategy"] == "stage-probe"
+    assert as_json["decision"]["size"]["images"] == 48
 
 
 def test_python_dash_m_and_help() -> None:

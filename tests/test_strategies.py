@@ -1,26 +1,42 @@
-"""The strategy registry, freezing, frozen BatchNorm and learning-rate groups."""
+"""Each strategy's contract: what trains, frozen BatchNorm stays put, the result predicts and
+reloads; and auto's decision on small synthetic extremes."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import finetune
 from finetune.config import FitConfig
-from finetune.errors import ConfigError, NotAvailableError
-from finetune.models import create_backbone, create_classifier
-from finetune.strategies import STRATEGIES, get_strategy, set_train_mode
+from finetune.data import scan_folder
+from finetune.errors import ConfigError
+from finetune.measure import LOTS_PER_CLASS, decide
+from finetune.models import (
+    create_backbone,
+    create_classifier,
+    default_unfreeze,
+    layer_group_count,
+    param_groups,
+    set_train_mode,
+)
+from finetune.strategies import STRATEGIES, get_strategy
+
+from .conftest import noise_folder, photo_crops
 
 
 def _model() -> nn.Module:
     return create_classifier(create_backbone("tf_efficientnet_lite0"), 3)
 
 
-def _bn_stats(model: nn.Module) -> list[torch.Tensor]:
-    return [
-        m.running_mean.clone() for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)
-    ]
+def _bn_stats(module: nn.Module) -> list[torch.Tensor]:
+    return [m.running_mean.clone() for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
 def _one_step(model: nn.Module, groups: list[dict]) -> None:
@@ -31,42 +47,156 @@ def _one_step(model: nn.Module, groups: list[dict]) -> None:
     optimizer.step()
 
 
-def test_linear_trains_only_the_head_and_frozen_batchnorm_does_not_move() -> None:
-    model = _model()
-    groups = get_strategy("linear").param_groups(model, FitConfig(), lr=0.1)
-    assert [g["name"] for g in groups] == ["head"]
-    assert not any(p.requires_grad for p in model.backbone.parameters())
-    before_bn = _bn_stats(model)
-    before_head = model.head.weight.clone()
-    before_stem = model.backbone.conv_stem.weight.clone()
-    _one_step(model, groups)
-    assert all(torch.equal(a, b) for a, b in zip(before_bn, _bn_stats(model), strict=True))
-    assert torch.equal(before_stem, model.backbone.conv_stem.weight)
-    assert not torch.equal(before_head, model.head.weight)
-    assert not model.backbone.bn1.training and model.training
-
-
-def test_finetune_all_trains_everything_with_a_lower_backbone_lr() -> None:
-    model = _model()
-    config = FitConfig(strategy="finetune-all", backbone_lr_scale=0.1)
-    groups = get_strategy("finetune-all").param_groups(model, config, lr=1e-3)
-    assert groups[-1]["name"] == "head" and groups[-1]["lr"] == 1e-3
-    assert all(g["lr"] == pytest.approx(1e-4) for g in groups[:-1])
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    before_bn = _bn_stats(model)
-    before_stem = model.backbone.conv_stem.weight.clone()
-    _one_step(model, groups)
-    assert not torch.equal(before_stem, model.backbone.conv_stem.weight)
-    assert not all(torch.equal(a, b) for a, b in zip(before_bn, _bn_stats(model), strict=True))
-
-
-def test_unknown_strategy_lists_the_valid_ones() -> None:
+def test_the_registry_holds_the_matrix_and_auto() -> None:
+    assert set(STRATEGIES) == {"linear", "stage-probe", "finetune-top", "finetune-all", "auto"}
     with pytest.raises(ConfigError) as info:
         get_strategy("linaer")
     for name in STRATEGIES:
         assert name in str(info.value)
 
 
-def test_auto_says_it_is_not_available_yet() -> None:
-    with pytest.raises(NotAvailableError, match="not available yet"):
-        get_strategy("auto")
+def test_finetune_top_trains_the_top_groups_and_frozen_batchnorm_does_not_move() -> None:
+    model = _model()
+    body = param_groups(model)[:-1]
+    config = FitConfig(strategy="finetune-top", backbone_lr_scale=0.1, layer_decay=0.5)
+    groups = get_strategy("finetune-top").param_groups(model, config, lr=1e-2)
+    k = math.ceil(len(body) / 3)
+    assert [g["name"] for g in groups] == [*(g.name for g in body[-k:]), "head"]
+    # Discriminative LRs: head 1e-2, top backbone group 1e-3, halving below it.
+    expected = [*(1e-3 * 0.5**i for i in reversed(range(k))), 1e-2]
+    assert [g["lr"] for g in groups] == pytest.approx(expected)
+    frozen, trained = body[0].params, body[-1].params
+    assert not any(p.requires_grad for p in frozen) and all(p.requires_grad for p in trained)
+    stem_bn = model.backbone.bn1
+    before_stem = (model.backbone.conv_stem.weight.clone(), stem_bn.running_mean.clone())
+    before_top = model.backbone.conv_head.weight.clone()
+    _one_step(model, groups)
+    assert not stem_bn.training and model.backbone.bn2.training
+    assert torch.equal(before_stem[0], model.backbone.conv_stem.weight)
+    assert torch.equal(before_stem[1], stem_bn.running_mean)  # frozen BN stats did not move
+    assert not torch.equal(before_top, model.backbone.conv_head.weight)
+
+    only_two = FitConfig(strategy="finetune-top", unfreeze=2)
+    groups = get_strategy("finetune-top").param_groups(_model(), only_two, lr=1e-3)
+    assert len(groups) == 3
+
+
+def test_finetune_all_trains_everything_with_layerwise_decay_and_a_warmup() -> None:
+    model = _model()
+    config = FitConfig(strategy="finetune-all", backbone_lr_scale=0.1, layer_decay=0.5)
+    strategy = get_strategy("finetune-all")
+    groups = strategy.param_groups(model, config, lr=1e-3)
+    assert groups[-1]["name"] == "head" and groups[-1]["lr"] == 1e-3
+    lrs = [g["lr"] for g in groups[:-1]]
+    assert lrs[-1] == pytest.approx(1e-4) and lrs[0] == pytest.approx(1e-4 * 0.5 ** (len(lrs) - 1))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+    warm = FitConfig(strategy="finetune-all", epochs=3, warmup_epochs=1)
+    strategy.before_epoch(model, warm, 1)  # warm-up: the body is frozen, BN included
+    before = _bn_stats(model.backbone)
+    _one_step(model, groups)
+    assert all(torch.equal(a, b) for a, b in zip(before, _bn_stats(model.backbone), strict=True))
+    strategy.before_epoch(model, warm, 2)  # then everything trains
+    before_stem = model.backbone.conv_stem.weight.clone()
+    _one_step(model, groups)
+    assert not torch.equal(before_stem, model.backbone.conv_stem.weight)
+    after = _bn_stats(model.backbone)
+    assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def _same_predictions(run: finetune.FitResult, folder: Path) -> list[str]:
+    images = sorted(folder.rglob("*.png"))
+    predictor = finetune.load(run.dir)
+    return [p.label for p in predictor.predict(images)]
+
+
+def test_linear_keeps_the_pretrained_backbone_and_its_head_predicts_and_reloads(
+    linear_run: finetune.FitResult, fashion: Path
+) -> None:
+    checkpoint = torch.load(linear_run.best_checkpoint, weights_only=True)
+    pretrained = create_backbone("tf_efficientnet_lite0").state_dict()
+    saved = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()}
+    for name, tensor in pretrained.items():  # weights *and* BN running stats untouched
+        assert torch.equal(tensor, saved[name]), name
+    assert checkpoint["state_dict"]["head.weight"].shape == (10, 1280)
+    predictions = finetune.load(linear_run.dir).predict(sorted((fashion / "test").rglob("*.png")))
+    truth = [p.parent.name for p in sorted((fashion / "test").rglob("*.png"))]
+    accuracy = np.mean([p.label == t for p, t in zip(predictions, truth, strict=True)])
+    assert accuracy > 0.6  # held-out real images, 10 classes: chance is 0.1
+
+
+def test_stage_probe_picks_a_stage_by_cross_validation_and_keeps_only_what_it_needs(
+    small_folder: Path, tmp_path: Path
+) -> None:
+    run = finetune.fit(
+        small_folder, strategy="stage-probe", image_size=32, out=str(tmp_path / "r"), verbose=False
+    )
+    probe = json.loads((run.dir / "probe.json").read_text())
+    points = probe["points"]
+    assert set(points) == {"stage0", "stage1", "stage2", "stage3", "stage4", "head"}
+    chosen = probe["chosen"]
+    assert points[chosen]["cv_accuracy"] == max(p["cv_accuracy"] for p in points.values())
+    checkpoint = torch.load(run.best_checkpoint, weights_only=True)
+    if chosen != "head":
+        stage = int(chosen.removeprefix("stage"))
+        assert checkpoint["model"]["stage"] == stage
+        assert not any(k.startswith("backbone.conv_head") for k in checkpoint["state_dict"])
+    reloaded = finetune.load(run.dir)
+    images = sorted(small_folder.rglob("*.png"))
+    predictions = reloaded.predict(images)
+    truth = [p.parent.name for p in images]
+    assert np.mean([p.label == t for p, t in zip(predictions, truth, strict=True)]) > 0.8
+
+
+_LOTS = math.ceil(LOTS_PER_CLASS / 0.8)  # 80% of each class trains (default val_split 0.2)
+
+
+@pytest.mark.parametrize(
+    ("kind", "per_class", "expected"),
+    [
+        ("photos", 12, "linear"),
+        ("noise", 12, "stage-probe"),
+        ("photos", _LOTS, "finetune-top"),
+        ("noise", _LOTS, "finetune-all"),
+    ],
+)
+def test_auto_places_synthetic_extremes_in_their_cell(
+    kind: str, per_class: int, expected: str, tmp_path: Path
+) -> None:
+    if kind == "photos":
+        folder = photo_crops(tmp_path / kind, per_class)
+    else:
+        folder = noise_folder(tmp_path / kind, per_class)
+    backbone = create_backbone("tf_efficientnet_lite0")
+    decision = decide(
+        scan_folder(folder),
+        backbone,
+        device=torch.device("cpu"),
+        image_size=32,
+        epochs=None,
+        batch_size=32,
+    )
+    assert decision.strategy == expected, decision.reasons
+    assert decision.size.per_class_median == pytest.approx(per_class * 0.8, abs=1)
+    assert decision.estimate_seconds > 0
+    if expected.startswith("finetune"):
+        assert 3 <= decision.settings["epochs"] <= 15
+    groups = layer_group_count(backbone)
+    if expected == "finetune-top":  # the top third of the layer groups train
+        assert decision.settings["unfreeze"] == default_unfreeze(groups) == 3 < groups
+    assert any("BatchNorm shift" in r for r in decision.reasons)
+
+
+def test_auto_on_a_cpu_fits_the_budget_or_falls_back_to_the_probe(tmp_path: Path) -> None:
+    split = scan_folder(noise_folder(tmp_path / "noise", _LOTS))
+    backbone = create_backbone("tf_efficientnet_lite0")
+    common = {"device": torch.device("cpu"), "image_size": None, "epochs": None, "batch_size": 32}
+    roomy = decide(split, backbone, cpu_budget_seconds=10_000, **common)
+    assert roomy.strategy == "finetune-all" and roomy.settings["epochs"] == 15
+    assert roomy.settings["image_size"] == 64  # 32 px images: at most ~2x their size
+    assert any("fit the" in r for r in roomy.reasons)
+    tight = decide(split, backbone, cpu_budget_seconds=1, **common)
+    assert tight.cell == "a lot of data, different from ImageNet"
+    assert tight.strategy == "stage-probe" and "epochs" not in tight.settings
+    assert tight.thresholds["cpu_budget_seconds"] == 1
+    assert any("stage-probe instead" in r for r in tight.reasons)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.checkpoint import load_checkpoint
-from finetune.train import evaluate, train
+from finetune.train import Recorder, evaluate, train
 
 
 def _loader(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
@@ -33,8 +33,7 @@ def test_loop_learns_records_every_epoch_and_keeps_the_best(tmp_path: Path) -> N
         _loader(x[:32], y[:32]),
         epochs=4,
         device=torch.device("cpu"),
-        run_dir=tmp_path,
-        describe={"model": {}, "classes": ["a", "b"], "preprocessing": {}},
+        recorder=Recorder(tmp_path, {"model": {}, "classes": ["a", "b"], "preprocessing": {}}),
         progress=False,
         on_epoch=seen.append,
     )

@@ -1,0 +1,111 @@
+"""Real image datasets for the benchmarks, written as folder-per-class trees (train/val/test).
+
+- ``fashion-small``: Fashion-MNIST, 40 train / 10 val per class (the shipped sample data's size)
+- ``fashion-large``: Fashion-MNIST, 500 train / 100 val per class
+- ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images), 60/20/20 split
+- ``photos``: crops of real photos shipped with scikit-image and scikit-learn; the class is the
+  photo a crop comes from (natural images, close to ImageNet's)
+
+Test sets: 100 per class from Fashion-MNIST's own test file, 20% of digits, 30 crops per photo.
+Fashion-MNIST needs Debian's ``dataset-fashion-mnist`` package (MIT licence).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# The Fashion-MNIST reader and class names are the sample data's (sample_data/build_fashion.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_data"))
+from build_fashion import CLASSES as FASHION_CLASSES
+from build_fashion import SOURCE as FASHION
+from build_fashion import read_idx
+
+
+def _write(root: Path, split: str, name: str, index: int, array: np.ndarray) -> None:
+    folder = root / split / name
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(folder / f"{index:05d}.png")
+
+
+def fashion(root: Path, train: int, val: int, test: int = 100) -> Path:
+    if (root / "train").is_dir():
+        return root
+    x = read_idx(FASHION / "train-images-idx3-ubyte.gz")
+    y = read_idx(FASHION / "train-labels-idx1-ubyte.gz")
+    tx = read_idx(FASHION / "t10k-images-idx3-ubyte.gz")
+    ty = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
+    for label, name in enumerate(FASHION_CLASSES):
+        idx = np.flatnonzero(y == label)
+        for i in idx[:train]:
+            _write(root, "train", name, i, x[i])
+        for i in idx[train : train + val]:
+            _write(root, "val", name, i, x[i])
+        for i in np.flatnonzero(ty == label)[:test]:
+            _write(root, "test", name, i, tx[i])
+    return root
+
+
+def digits(root: Path) -> Path:
+    if (root / "train").is_dir():
+        return root
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = (data.images / 16.0 * 255).round().astype(np.uint8)
+    order = np.random.default_rng(0).permutation(len(images))
+    n = len(order)
+    for rank, i in enumerate(order):
+        split = "train" if rank < 0.6 * n else "val" if rank < 0.8 * n else "test"
+        _write(root, split, str(data.target[i]), i, images[i])
+    return root
+
+
+def photos(root: Path, per_class: tuple[int, int, int] = (30, 15, 30), size: int = 96) -> Path:
+    if (root / "train").is_dir():
+        return root
+    import skimage
+    import sklearn
+
+    sk = Path(skimage.__file__).parent / "data"
+    sl = Path(sklearn.__file__).parent / "datasets" / "images"
+    sources = {
+        "astronaut": sk / "astronaut.png",
+        "cat": sk / "chelsea.png",
+        "coffee": sk / "coffee.png",
+        "rocket": sk / "rocket.jpg",
+        "motorcycle": sk / "motorcycle_left.png",
+        "palace": sl / "china.jpg",
+        "flower": sl / "flower.jpg",
+    }
+    rng = np.random.default_rng(0)
+    for name, path in sources.items():
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        count = 0
+        for split, n in zip(("train", "val", "test"), per_class, strict=True):
+            for _ in range(n):
+                side = int(rng.uniform(0.2, 0.5) * min(w, h))
+                x0, y0 = rng.integers(0, w - side), rng.integers(0, h - side)
+                crop = image.crop((x0, y0, x0 + side, y0 + side)).resize((size, size))
+                _write(root, split, name, count, np.asarray(crop))
+                count += 1
+    return root
+
+
+def build(base: Path) -> dict[str, Path]:
+    """Materialise every dataset under ``base`` (skipping those already there)."""
+    return {
+        "fashion-small": fashion(base / "fashion-small", 40, 10),
+        "fashion-large": fashion(base / "fashion-large", 500, 100),
+        "digits": digits(base / "digits"),
+        "photos": photos(base / "photos"),
+    }
+
+
+if __name__ == "__main__":
+    for name, path in build(Path("benchmarks/data")).items():
+        print(name, path)

@@ -1,0 +1,166 @@
+"""Frozen features: run the backbone once over the data, pool every stage, cache the result.
+
+Strategies that keep the backbone frozen (``linear``, ``stage-probe``) need each image's features
+only once. :func:`extract_features` computes, in one forward pass per batch, the globally
+average-pooled output of every stage (``forward_intermediates``) and the pre-logits features of
+the full backbone (``"head"``). Results are cached in memory and on disk (safetensors, no pickle)
+under a key made of the backbone's weights, the preprocessing and the files (path, size, mtime),
+so a second run on the same data reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from finetune.data import ImageDataset, Sample, collate_skipping_failed
+from finetune.transforms import Preprocessing, eval_transform
+
+__all__ = ["HEAD", "cache_dir", "extract_features", "probe_points", "weights_fingerprint"]
+
+HEAD = "head"  # the probe point after the whole backbone (what `linear` uses)
+_MEMORY: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+_MEMORY_ENTRIES = 8
+
+
+def cache_dir() -> Path:
+    """Where feature caches live: ``$FINETUNE_CACHE_DIR`` or ``~/.cache/finetune/features``."""
+    root = os.environ.get("FINETUNE_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "finetune" / "features"
+
+
+def probe_points(backbone: nn.Module) -> list[str]:
+    """Names of the points features can be taken from: ``stage0``... then ``head``."""
+    stages = len(getattr(backbone, "feature_info", []) or [])
+    has_intermediates = hasattr(backbone, "forward_intermediates") and stages > 0
+    return [*(f"stage{i}" for i in range(stages if has_intermediates else 0)), HEAD]
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A short hash of every tensor in ``module``'s state_dict (names, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_key(
+    fingerprint: str, pre: Preprocessing, samples: Sequence[Sample], points: Sequence[str]
+) -> str:
+    files = []
+    for s in samples:
+        stat = s.path.stat()
+        files.append([str(s.path.resolve()), stat.st_size, stat.st_mtime_ns, s.label])
+    blob = json.dumps([1, fingerprint, pre.to_dict(), list(points), files], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@torch.inference_mode()
+def _compute(
+    backbone: nn.Module,
+    samples: Sequence[Sample],
+    pre: Preprocessing,
+    points: Sequence[str],
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    desc: str,
+) -> dict[str, np.ndarray]:
+    backbone.eval()
+    loader = DataLoader(
+        ImageDataset(samples, eval_transform(pre)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_skipping_failed,
+        pin_memory=device.type == "cuda",
+    )
+    stage_ids = [int(p.removeprefix("stage")) for p in points if p != HEAD]
+    chunks: dict[str, list[np.ndarray]] = {p: [] for p in (*points, "label")}
+    for batch in tqdm(
+        loader, desc=desc, unit="batch", leave=False, disable=None if progress else True
+    ):
+        if batch is None:
+            continue
+        images, labels = batch
+        images = images.to(device, non_blocking=True)
+        if stage_ids:
+            final, stages = backbone.forward_intermediates(images, indices=stage_ids)
+            for i, feature in zip(stage_ids, stages, strict=True):
+                chunks[f"stage{i}"].append(feature.float().mean((2, 3)).cpu().numpy())
+        else:
+            final = backbone.forward_features(images)
+        if HEAD in points:
+            chunks[HEAD].append(backbone.forward_head(final, pre_logits=True).float().cpu().numpy())
+        chunks["label"].append(labels.numpy())
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def extract_features(
+    backbone: nn.Module,
+    samples: Sequence[Sample],
+    pre: Preprocessing,
+    points: Sequence[str],
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    cache: bool = True,
+    progress: bool = True,
+    desc: str = "features",
+) -> tuple[dict[str, np.ndarray], bool]:
+    """Pooled features of ``samples`` at each probe point, and whether they came from a cache.
+
+    Returns:
+        ``({point: (N, D) float32 array, ..., "label": (N,) int array}, cached)``. Images that
+        fail to decode are left out (with a warning), so N can be smaller than ``len(samples)``.
+    """
+    key = _cache_key(weights_fingerprint(backbone), pre, samples, points) if cache else ""
+    if cache and key in _MEMORY:
+        _MEMORY.move_to_end(key)
+        return _MEMORY[key], True
+    file = cache_dir() / f"{key}.safetensors"
+    if cache and file.is_file():
+        try:
+            features = load_file(str(file))
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            file.unlink(missing_ok=True)
+        else:
+            _remember(key, features)
+            return features, True
+    features = _compute(
+        backbone, samples, pre, points, device, batch_size, num_workers, progress, desc
+    )
+    if cache:
+        _remember(key, features)
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(f".{os.getpid()}.tmp")
+            save_file(features, str(tmp))
+            os.replace(tmp, file)
+        except OSError:  # a read-only or full disk only costs the next run the recomputation
+            pass
+    return features, False
+
+
+def _remember(key: str, features: dict[str, np.ndarray]) -> None:
+    _MEMORY[key] = features
+    _MEMORY.move_to_end(key)
+    while len(_MEMORY) > _MEMORY_ENTRIES:
+        _MEMORY.popitem(last=False)

@@ -1,0 +1,77 @@
+"""Frozen features: one pass over the images, every stage pooled, cached in memory and on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finetune import features
+from finetune.data import scan_folder
+from finetune.features import HEAD, extract_features, probe_points
+from finetune.models import create_backbone
+from finetune.transforms import Preprocessing
+
+
+@pytest.fixture()
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(folder))
+    features._MEMORY.clear()
+    return folder
+
+
+def test_features_match_the_backbone_and_are_cached_by_content(
+    small_folder: Path, cache: Path
+) -> None:
+    backbone = create_backbone("tf_efficientnet_lite0")
+    pre = Preprocessing.from_model(backbone, 32)
+    samples = scan_folder(small_folder).train[:10]
+    points = probe_points(backbone)
+    assert points == ["stage0", "stage1", "stage2", "stage3", "stage4", HEAD]
+    cpu = torch.device("cpu")
+    first, hit = extract_features(backbone, samples, pre, points, device=cpu, progress=False)
+    assert not hit and first[HEAD].shape == (10, 1280) and first["stage2"].shape == (10, 40)
+    assert list(first["label"]) == [s.label for s in samples]
+
+    # The head point is exactly the backbone's pooled features of the eval transform.
+    from finetune.data import ImageDataset
+    from finetune.transforms import eval_transform
+
+    image = ImageDataset(samples[:1], eval_transform(pre))[0][0][None]
+    with torch.inference_mode():
+        direct = backbone.eval()(image)
+    np.testing.assert_allclose(first[HEAD][0], direct[0].numpy(), rtol=1e-4, atol=1e-5)
+
+    again, hit = extract_features(backbone, samples, pre, points, device=cpu, progress=False)
+    assert hit and again is first  # memory
+    features._MEMORY.clear()
+    from_disk, hit = extract_features(backbone, samples, pre, points, device=cpu, progress=False)
+    assert hit and len(list(cache.glob("*.safetensors"))) == 1
+    np.testing.assert_array_equal(from_disk["stage2"], first["stage2"])
+
+    os.utime(samples[0].path, ns=(0, 0))  # a changed file is a different dataset
+    _, hit = extract_features(backbone, samples, pre, points, device=cpu, progress=False)
+    assert not hit
+    _, hit = extract_features(
+        backbone, samples, Preprocessing.from_model(backbone, 64), points, device=cpu,
+        progress=False,
+    )  # fmt: skip
+    assert not hit  # other preprocessing, other features
+
+
+def test_a_damaged_cache_file_is_recomputed(small_folder: Path, cache: Path) -> None:
+    backbone = create_backbone("tf_efficientnet_lite0")
+    pre = Preprocessing.from_model(backbone, 32)
+    samples = scan_folder(small_folder).train[:4]
+    cpu = torch.device("cpu")
+    good, _ = extract_features(backbone, samples, pre, [HEAD], device=cpu, progress=False)
+    features._MEMORY.clear()
+    (file,) = cache.glob("*.safetensors")
+    file.write_bytes(b"not a safetensors file")
+    again, hit = extract_features(backbone, samples, pre, [HEAD], device=cpu, progress=False)
+    assert not hit
+    np.testing.assert_allclose(again[HEAD], good[HEAD], rtol=1e-5)
