@@ -7,12 +7,14 @@ every :class:`~finetune.errors.FinetuneError` into a one-line message and exit s
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 
 from finetune import __version__
 from finetune.config import DEFAULT_EPOCHS, DEFAULT_MODEL, FitConfig
@@ -196,10 +198,25 @@ def plan_command(data: Path, as_json: bool, **options) -> None:
     from finetune.api import plan
 
     result = plan(data, FitConfig.from_kwargs(**options))
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else _plan_text(result))
+    rerun = shlex.join(["finetune", "fit", str(data), *_given_options(options)])
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else _plan_text(result, rerun))
 
 
-def _plan_text(plan: Plan) -> str:
+def _given_options(options: dict[str, object]) -> list[str]:
+    """The options the user typed, as command-line words (to print the matching fit command)."""
+    ctx = click.get_current_context()
+    words: list[str] = []
+    for param in ctx.command.params:
+        if param.name not in options:
+            continue
+        if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            continue
+        flag = param.opts[0]
+        words += [flag] if getattr(param, "is_flag", False) else [flag, str(options[param.name])]
+    return words
+
+
+def _plan_text(plan: Plan, rerun: str) -> str:
     split, config, decision = plan.data, plan.config, plan.decision
     lines = [
         f"data       {split.root}: {len(split.classes)} classes, {len(split.train)} train / "
@@ -238,8 +255,7 @@ def _plan_text(plan: Plan) -> str:
         f"estimate   about {_duration(plan.estimate_seconds)} of training on this machine",
         "",
         "Run it:",
-        f"  finetune fit {split.root}"
-        + ("" if decision is not None else f" --strategy {plan.strategy}"),
+        f"  {rerun}",
     ]
     return "\n".join(lines)
 

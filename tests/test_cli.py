@@ -75,6 +75,8 @@ def test_plan_shows_the_decision_without_training(small_folder: Path) -> None:
     assert "median 16 training images per class" in out
     assert "strategy   stage-probe" in out and "estimate   about" in out
     assert not (small_folder / "runs").exists() and not list(small_folder.glob("*.pt"))
+    # The command it suggests is the fit with the same options.
+    assert out.rstrip().endswith(f"finetune fit {small_folder} --image-size 32")
     as_json = json.loads(run("plan", str(small_folder), "--image-size", "32", "--json").stdout)
     assert as_json["strategy"] == "stage-probe"
     assert as_json["decision"]["size"]["images"] == 48
