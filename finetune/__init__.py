@@ -24,6 +24,7 @@ _EXPORTS = {
     "Plan": "finetune.api",
     "FitConfig": "finetune.config",
     "FinetuneError": "finetune.errors",
+    "export": "finetune.export",
     "load": "finetune.predict",
     "Prediction": "finetune.predict",
     "Predictor": "finetune.predict",
@@ -39,6 +40,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "__version__",
+    "export",
     "fit",
     "load",
     "plan",
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from finetune.api import FitResult, Plan, fit, plan
     from finetune.config import FitConfig
     from finetune.errors import FinetuneError
+    from finetune.export import export
     from finetune.predict import Prediction, Predictor, load
     from finetune.strategies import STRATEGIES
 

@@ -274,6 +274,35 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+@cli.command("export")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "torchscript", "onnx"]),
+    default="safetensors",
+    show_default=True,
+    help="safetensors: a bundle directory (model.safetensors + model.json). "
+    "torchscript and onnx are not available yet.",
+)
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), help="Output path [default: RUN/bundle]."
+)
+def export_command(model: Path, fmt: str, out: Path | None) -> None:
+    """Export MODEL (a run directory or checkpoint) for deployment.
+
+    The bundle loads with no pickle at all: `finetune predict BUNDLE ...` and
+    `finetune.load(BUNDLE)` give the same answers as on the run directory.
+
+    Example:
+
+        finetune export runs/fashion-stage-probe-20261123-092021
+    """
+    from finetune.export import export
+
+    click.echo(str(export(model, fmt, out)))
+
+
 @cli.command("predict")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -295,7 +324,7 @@ def predict_command(
     batch_size: int,
     device: str | None,
 ) -> None:
-    """Classify images with MODEL (a run directory or a checkpoint file).
+    """Classify images with MODEL (a run directory, a checkpoint file or an exported bundle).
 
     INPUTS are image files or folders (read recursively).
 

@@ -38,6 +38,15 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
     assert len(lines) == 20 and all(line.split("\t")[1] in {"bag", "sneaker", "trouser"}
                                     for line in lines)  # fmt: skip
 
+    # The exported bundle answers exactly as the run directory does.
+    exported = run("export", str(out))
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.strip() == str(out / "bundle")
+    from_bundle = run("predict", str(out / "bundle"), str(small_folder / "bag"))
+    assert from_bundle.returncode == 0 and from_bundle.stdout == table.stdout
+    unavailable = run("export", str(out), "--format", "onnx")
+    assert unavailable.returncode == 1 and "not available yet" in unavailable.stderr
+
     as_json = run("predict", str(out / "last.pt"), str(small_folder), "--json", "--top-k", "2")
     assert as_json.returncode == 0, as_json.stderr
     items = json.loads(as_json.stdout)

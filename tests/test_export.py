@@ -1,0 +1,100 @@
+"""The safetensors bundle: same answers as the run, read without any unpickling."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+from finetune.data import load_image
+from finetune.errors import CheckpointError, NotAvailableError
+from finetune.export import export, is_bundle, read_bundle
+from finetune.predict import expand_inputs
+from finetune.transforms import eval_transform
+
+
+def _logits(predictor: finetune.Predictor, paths: list[Path]) -> torch.Tensor:
+    transform = eval_transform(predictor.preprocessing)
+    x = torch.stack([transform(image=load_image(p))["image"] for p in paths])
+    with torch.inference_mode():
+        return predictor.model(x)
+
+
+def test_bundle_gives_the_runs_answers(
+    linear_run: finetune.FitResult, fashion: Path, tmp_path: Path
+) -> None:
+    bundle = export(linear_run.dir, out=tmp_path / "bundle")
+    assert sorted(p.name for p in bundle.iterdir()) == ["model.json", "model.safetensors"]
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["model"]["name"] == "tf_efficientnet_lite0"
+    assert meta["classes"] == list(linear_run.classes)
+    assert meta["preprocessing"]["input_size"] == linear_run.config.image_size
+    assert meta["strategy"] == "linear" and meta["metrics"]["val_acc"] == linear_run.best_metric
+    assert {"finetune", "torch", "timm"} <= set(meta["versions"])
+
+    run_predictor = finetune.load(linear_run.dir, device="cpu")
+    bundle_predictor = finetune.load(bundle, device="cpu")
+    assert bundle_predictor.classes == run_predictor.classes
+    assert bundle_predictor.preprocessing == run_predictor.preprocessing
+    images = expand_inputs([fashion / "test"])
+    diff = (_logits(bundle_predictor, images) - _logits(run_predictor, images)).abs().max()
+    assert diff < 1e-4
+    top1 = [p.label for p in run_predictor.predict(images)]
+    assert [p.label for p in bundle_predictor.predict(images)] == top1
+    # the weights file itself works as a path too
+    same = finetune.load(bundle / "model.safetensors", device="cpu").predict(images[:3])
+    assert [p.label for p in same] == top1[:3]
+
+
+def test_stage_probe_bundle_keeps_only_its_stages(small_folder: Path, tmp_path: Path) -> None:
+    run = finetune.fit(
+        small_folder, strategy="stage-probe", image_size=32, out=str(tmp_path / "r"), verbose=False
+    )
+    stage = torch.load(run.best_checkpoint, weights_only=True)["model"]["stage"]
+    bundle = export(run.dir)  # default: next to the checkpoint
+    assert bundle == run.dir / "bundle" and is_bundle(bundle)
+    described = read_bundle(bundle)
+    assert described["model"]["stage"] == stage
+    assert not any(k.startswith("backbone.conv_head") for k in described["state_dict"])
+    images = sorted(small_folder.rglob("*.png"))
+    a = finetune.load(run.dir, device="cpu").predict_proba(images)
+    b = finetune.load(bundle, device="cpu").predict_proba(images)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert export(run.dir) == bundle  # exporting again replaces the bundle
+
+
+class _Payload:
+    """Unpickling this would create a folder: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_pickle_in_place_of_the_weights_is_refused_not_executed(
+    linear_run: finetune.FitResult, tmp_path: Path
+) -> None:
+    bundle = export(linear_run.dir, out=tmp_path / "bundle")
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Payload(marker)}, bundle / "model.safetensors")
+    with pytest.raises(CheckpointError, match="Cannot read the bundle"):
+        finetune.load(bundle)
+    assert not marker.exists()
+
+
+def test_export_refuses_what_it_cannot_do(linear_run: finetune.FitResult, tmp_path: Path) -> None:
+    with pytest.raises(NotAvailableError, match="not available yet"):
+        export(linear_run.dir, format="onnx")
+    occupied = tmp_path / "mine"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not a finetune bundle"):
+        export(linear_run.dir, out=occupied)
+    assert (occupied / "notes.txt").read_text() == "keep me"
