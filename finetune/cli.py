@@ -22,6 +22,7 @@ from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
     from finetune.api import FitResult, Plan
+    from finetune.evaluate import Evaluation
     from finetune.predict import Prediction
 
 # The commands import the API inside their bodies: `finetune --help` stays instant instead of
@@ -272,6 +273,74 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+@cli.command("evaluate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Where the report and plots go [default: MODEL's folder/eval-FOLDER].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
+def evaluate_command(
+    model: Path,
+    folder: Path,
+    top_k: int,
+    out: Path | None,
+    as_json: bool,
+    batch_size: int,
+    device: str | None,
+) -> None:
+    """Measure MODEL (run directory, checkpoint or bundle) on FOLDER, a labelled folder with one
+    sub-folder per class: accuracy, top-k, per-class precision/recall/F1, a confusion matrix
+    and the most confidently wrong images (evaluation.json, confusion.png, mistakes.png).
+
+    Example:
+
+        finetune evaluate runs/fashion-stage-probe-20261123-092021 sample_data/fashion/test
+    """
+    from finetune.predict import load
+
+    result = load(model, device=device).evaluate(folder, top_k=top_k, batch_size=batch_size)
+    home = model if model.is_dir() else model.parent
+    files = result.save(out or home / f"eval-{folder.resolve().name}")
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(_evaluation_text(result, files))
+
+
+def _evaluation_text(result: Evaluation, files: dict[str, Path]) -> str:
+    correct = int((result.predicted == result.labels).sum())
+    width = max(len(c) for c in result.classes) + 2
+    lines = [
+        f"accuracy     {result.accuracy:.3f} ({correct}/{len(result.labels)})",
+        f"top-{result.top_k}        {result.top_k_accuracy:.3f}",
+        "",
+        f"{'class':<{width}}precision  recall      f1  support",
+    ]
+    for name, m in result.per_class().items():
+        lines.append(
+            f"{name:<{width}}{m['precision']:>9.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}"
+            f"{m['support']:>9d}"
+        )
+    lines += ["", "most confidently wrong:"]
+    lines += [
+        f"  {m.path}  {m.true} -> {m.predicted} ({m.probability:.2f})" for m in result.mistakes(5)
+    ] or ["  none"]
+    lines += [
+        "",
+        f"report       {files['json']}",
+        f"confusion    {files['confusion']}",
+        f"mistakes     {files['mistakes']}",
+    ]
+    return "\n".join(lines)
 
 
 @cli.command("export")

@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from finetune.errors import DataError
 from finetune.export import is_bundle, read_bundle
 from finetune.models import Classifier
 from finetune.transforms import Preprocessing, eval_transform
+
+if TYPE_CHECKING:
+    from finetune.evaluate import Evaluation
 
 __all__ = ["ImageInput", "Prediction", "Predictor", "expand_inputs", "load"]
 
@@ -91,17 +94,20 @@ class Predictor:
     @torch.inference_mode()
     def predict_proba(self, images: Iterable[ImageInput], batch_size: int = 32) -> np.ndarray:
         """Softmax probabilities, shape (N, num_classes), in ``self.classes`` order."""
-        rows = [p for _, p in self._iter_proba(images, batch_size)]
+        rows = [p for _, p in self.iter_proba(images, batch_size)]
         return np.stack(rows) if rows else np.zeros((0, len(self.classes)), dtype=np.float32)
 
-    def _iter_proba(
-        self, images: Iterable[ImageInput], batch_size: int
+    def iter_proba(
+        self, images: Iterable[ImageInput], batch_size: int = 32
     ) -> Iterator[tuple[ImageInput, np.ndarray]]:
+        """Yield (input, softmax probabilities) as batches complete; undecodable inputs are
+        skipped with a warning."""
         batch: list[tuple[ImageInput, torch.Tensor]] = []
 
         def flush() -> Iterator[tuple[ImageInput, np.ndarray]]:
             x = torch.stack([t for _, t in batch]).to(self.device)
-            probs = self.model(x).float().softmax(1).cpu().numpy()
+            with torch.inference_mode():
+                probs = self.model(x).float().softmax(1).cpu().numpy()
             yield from zip((src for src, _ in batch), probs, strict=True)
             batch.clear()
 
@@ -123,7 +129,7 @@ class Predictor:
         """Yield a :class:`Prediction` per image as batches complete (streams large folders)."""
         k = max(1, min(top_k, len(self.classes)))
         with torch.inference_mode():
-            for source, probs in self._iter_proba(images, batch_size):
+            for source, probs in self.iter_proba(images, batch_size):
                 order = np.argsort(-probs, kind="stable")[:k]
                 ranked = tuple((self.classes[i], float(probs[i])) for i in order)
                 path = str(source) if isinstance(source, (str, Path)) else None
@@ -136,6 +142,13 @@ class Predictor:
         if isinstance(images, (str, Path, Image.Image, np.ndarray)):
             images = [images]
         return list(self.iter_predict(images, top_k=top_k, batch_size=batch_size))
+
+    def evaluate(self, folder: str | Path, top_k: int = 5, batch_size: int = 32) -> Evaluation:
+        """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder (one
+        sub-folder per class); see :func:`finetune.evaluate.evaluate`."""
+        from finetune.evaluate import evaluate
+
+        return evaluate(self, folder, top_k=top_k, batch_size=batch_size)
 
 
 def load(

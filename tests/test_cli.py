@@ -44,6 +44,10 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
     assert exported.stdout.strip() == str(out / "bundle")
     from_bundle = run("predict", str(out / "bundle"), str(small_folder / "bag"))
     assert from_bundle.returncode == 0 and from_bundle.stdout == table.stdout
+    evaluated = run("evaluate", str(out / "bundle"), str(small_folder), "-o", str(out / "eval"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert evaluated.stdout.startswith("accuracy     ") and "confusion" in evaluated.stdout
+    assert (out / "eval" / "confusion.png").is_file() and (out / "eval" / "mistakes.png").is_file()
     unavailable = run("export", str(out), "--format", "onnx")
     assert unavailable.returncode == 1 and "not available yet" in unavailable.stderr
 

@@ -1,0 +1,207 @@
+"""Predictions on a labelled folder -> how good the model is, and where it goes wrong.
+
+:func:`evaluate` classifies every image of a folder-per-class tree and returns an
+:class:`Evaluation`: accuracy, top-k accuracy, per-class precision/recall/F1 (scikit-learn), the
+confusion matrix and the most confidently wrong images. :meth:`Evaluation.save` writes
+``evaluation.json``, ``confusion.png`` and ``mistakes.png`` (matplotlib, headless).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from finetune.data import iter_image_files, load_image
+from finetune.errors import DataError
+
+if TYPE_CHECKING:
+    from finetune.predict import Predictor
+
+__all__ = ["Evaluation", "Mistake", "evaluate"]
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """An image the model got wrong, with how sure it was."""
+
+    path: Path
+    true: str
+    predicted: str
+    probability: float  # of the predicted class
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's predictions on a labelled folder, with the usual metrics derived from them."""
+
+    classes: tuple[str, ...]  # the model's classes; labels and columns use this order
+    paths: tuple[Path, ...]
+    labels: np.ndarray  # (N,) true class indices
+    probabilities: np.ndarray  # (N, num_classes) softmax
+    top_k: int
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probabilities.argmax(1)
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.predicted == self.labels)) if len(self.labels) else 0.0
+
+    @property
+    def top_k_accuracy(self) -> float:
+        """Share of images whose class is among the ``top_k`` most probable."""
+        k = min(self.top_k, len(self.classes))
+        ranked = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
+        return float(np.mean((ranked == self.labels[:, None]).any(1))) if len(ranked) else 0.0
+
+    def per_class(self) -> dict[str, dict[str, float]]:
+        """Precision, recall, F1 and support per class (classes absent from the folder score 0)."""
+        from sklearn.metrics import precision_recall_fscore_support
+
+        labels = list(range(len(self.classes)))
+        p, r, f, n = precision_recall_fscore_support(
+            self.labels, self.predicted, labels=labels, zero_division=0
+        )
+        return {
+            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                   "support": int(n[i])}
+            for i, name in enumerate(self.classes)
+        }  # fmt: skip
+
+    def confusion(self) -> np.ndarray:
+        """(true, predicted) counts, rows and columns in ``classes`` order."""
+        from sklearn.metrics import confusion_matrix
+
+        return confusion_matrix(self.labels, self.predicted, labels=range(len(self.classes)))
+
+    def mistakes(self, limit: int = 16) -> list[Mistake]:
+        """The wrongly classified images, most confident first."""
+        wrong = np.flatnonzero(self.predicted != self.labels)
+        confidence = self.probabilities[wrong, self.predicted[wrong]]
+        order = wrong[np.argsort(-confidence, kind="stable")][:limit]
+        return [
+            Mistake(
+                self.paths[i],
+                self.classes[self.labels[i]],
+                self.classes[self.predicted[i]],
+                float(self.probabilities[i, self.predicted[i]]),
+            )
+            for i in order
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images": len(self.labels),
+            "accuracy": self.accuracy,
+            f"top_{self.top_k}_accuracy": self.top_k_accuracy,
+            "per_class": self.per_class(),
+            "classes": list(self.classes),
+            "confusion": self.confusion().tolist(),
+            "most_confident_mistakes": [
+                {**m.__dict__, "path": str(m.path)} for m in self.mistakes()
+            ],
+        }
+
+    def save(self, out: str | Path) -> dict[str, Path]:
+        """Write evaluation.json, confusion.png and mistakes.png into ``out``; their paths.
+
+        Only these fixed file names are written, so class names (which may contain anything)
+        never become paths.
+        """
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {
+            "json": out / "evaluation.json",
+            "confusion": out / "confusion.png",
+            "mistakes": out / "mistakes.png",
+        }
+        files["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        _confusion_figure(self).savefig(files["confusion"], dpi=120, bbox_inches="tight")
+        _mistakes_figure(self.mistakes()).savefig(files["mistakes"], dpi=120, bbox_inches="tight")
+        return files
+
+
+def _confusion_figure(evaluation: Evaluation):  # -> matplotlib Figure
+    from matplotlib.figure import Figure
+
+    matrix = evaluation.confusion()
+    n = len(evaluation.classes)
+    fig = Figure(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(n), evaluation.classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), evaluation.classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {evaluation.accuracy:.3f} on {len(evaluation.labels)} images")
+    top = matrix.max() or 1
+    for (i, j), count in np.ndenumerate(matrix):
+        if count:
+            colour = "white" if count > top / 2 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", color=colour, fontsize=8)
+    return fig
+
+
+def _mistakes_figure(mistakes: list[Mistake]):  # -> matplotlib Figure
+    from matplotlib.figure import Figure
+
+    columns = 4
+    rows = max(1, -(-len(mistakes) // columns))
+    fig = Figure(figsize=(2.4 * columns, 2.6 * rows))
+    if not mistakes:
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no mistakes", ha="center", va="center")
+        return fig
+    for index, mistake in enumerate(mistakes):
+        ax = fig.add_subplot(rows, columns, index + 1)
+        ax.imshow(load_image(mistake.path))
+        ax.set_title(
+            f"true {mistake.true}\npredicted {mistake.predicted} {mistake.probability:.2f}",
+            fontsize=8,
+        )
+        ax.axis("off")
+    fig.suptitle("most confidently wrong")
+    return fig
+
+
+def evaluate(
+    predictor: Predictor, folder: str | Path, top_k: int = 5, batch_size: int = 32
+) -> Evaluation:
+    """Classify every image of ``folder`` (one sub-folder per class, named as the model's
+    classes) and measure the result.
+
+    Raises:
+        DataError: ``folder`` has no class folders with images, or classes the model lacks.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder. Give a folder with one sub-folder per class.")
+    class_dirs = [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    samples = [(path, d.name) for d in class_dirs for path in iter_image_files(d)]
+    if not samples:
+        raise DataError(f"{folder} holds no class sub-folders with images.")
+    unknown = sorted({name for _, name in samples} - set(predictor.classes))
+    if unknown:
+        raise DataError(
+            f"{folder} has classes the model does not know: {', '.join(unknown)}. The model's "
+            f"classes are: {', '.join(predictor.classes)}."
+        )
+    index = {name: i for i, name in enumerate(predictor.classes)}
+    truth = dict(samples)
+    paths, labels, rows = [], [], []
+    for path, probs in predictor.iter_proba([p for p, _ in samples], batch_size=batch_size):
+        paths.append(Path(path))
+        labels.append(index[truth[path]])
+        rows.append(probs)
+    if not rows:
+        raise DataError(f"None of the images in {folder} could be read.")
+    return Evaluation(
+        predictor.classes, tuple(paths), np.array(labels), np.stack(rows), max(1, top_k)
+    )
