@@ -351,17 +351,21 @@ def _evaluation_text(result: Evaluation, files: dict[str, Path]) -> str:
     type=click.Choice(["safetensors", "torchscript", "onnx"]),
     default="safetensors",
     show_default=True,
-    help="safetensors: a bundle directory (model.safetensors + model.json). "
-    "torchscript and onnx are not available yet.",
+    help="safetensors: a bundle directory (model.safetensors + model.json); torchscript: one "
+    "traced file for torch.jit.load. onnx is not available yet.",
 )
 @click.option(
-    "-o", "--out", type=click.Path(path_type=Path), help="Output path [default: RUN/bundle]."
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Output path [default: RUN/bundle or RUN/model.torchscript.pt].",
 )
 def export_command(model: Path, fmt: str, out: Path | None) -> None:
     """Export MODEL (a run directory or checkpoint) for deployment.
 
-    The bundle loads with no pickle at all: `finetune predict BUNDLE ...` and
-    `finetune.load(BUNDLE)` give the same answers as on the run directory.
+    Exports carry the class names and preprocessing: `finetune predict EXPORT ...` and
+    `finetune.load(EXPORT)` give the same answers as on the run directory. The bundle loads
+    with no pickle at all.
 
     Example:
 

@@ -1,4 +1,4 @@
-"""Trained run -> a file others can deploy: the safetensors bundle.
+"""Trained run -> a file others can deploy: a safetensors bundle or a TorchScript file.
 
 A bundle is a directory with ``model.safetensors`` (the weights, no pickle) and ``model.json``
 (everything needed to rebuild and use them: the timm model name and arguments, the stages kept
@@ -6,7 +6,9 @@ by stage-probe, the class names, the preprocessing contract, the strategy, the m
 package versions). :func:`read_bundle` turns it back into the same description a checkpoint
 holds, so ``finetune.load`` and ``finetune predict`` treat both alike.
 
-TorchScript and ONNX exports are not built yet.
+A TorchScript export is the traced model (any batch size) with the same description stored
+inside the archive as ``extra/finetune.json``; plain ``torch.jit.load`` runs it. ONNX export is
+not built yet.
 """
 
 from __future__ import annotations
@@ -15,21 +17,35 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from finetune import __version__
-from finetune.checkpoint import find_checkpoint, load_checkpoint
+from finetune.checkpoint import find_checkpoint, load_checkpoint, rebuild_model
 from finetune.errors import CheckpointError, NotAvailableError
 
-__all__ = ["BUNDLE_FORMAT", "FORMATS", "export", "is_bundle", "read_bundle"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "FORMATS",
+    "export",
+    "is_bundle",
+    "is_torchscript",
+    "read_bundle",
+    "read_torchscript",
+]
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
-FORMATS = ("safetensors",)
-_PLANNED = ("torchscript", "onnx")
+TORCHSCRIPT_META = "finetune.json"  # stored in the TorchScript archive's extra/ folder
+FORMATS = ("safetensors", "torchscript")
+_PLANNED = ("onnx",)
 
 
 def _versions() -> dict[str, str]:
@@ -42,17 +58,24 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def export(model: str | Path, format: str = "safetensors", out: str | Path | None = None) -> Path:
+def export(
+    model: str | Path,
+    format: str = "safetensors",
+    out: str | Path | None = None,
+    head: nn.Module | None = None,
+) -> Path:
     """Export a run directory or checkpoint.
 
     Args:
         model: A run directory (its ``best.pt``) or a ``.pt`` checkpoint.
-        format: ``safetensors`` (a bundle directory).
-        out: Where to write; default ``<run dir>/bundle``. An existing bundle there is replaced;
-            anything else there is left alone and the export refuses.
+        format: ``safetensors`` (a bundle directory) or ``torchscript`` (one traced file).
+        out: Where to write; default ``<run dir>/bundle`` or ``<run dir>/model.torchscript.pt``.
+            An earlier export there is replaced; anything else there is left alone and the
+            export refuses.
+        head: TorchScript only: the custom head the model was trained with, if any.
 
     Returns:
-        The bundle directory.
+        The bundle directory or the TorchScript file.
     """
     if format in _PLANNED:
         raise NotAvailableError(
@@ -65,24 +88,14 @@ def export(model: str | Path, format: str = "safetensors", out: str | Path | Non
 
     source = find_checkpoint(model)
     checkpoint = load_checkpoint(source)
+    if format == "torchscript":
+        return _export_torchscript(checkpoint, source, out, head)
     target = Path(out).expanduser() if out else source.parent / "bundle"
     if target.exists() and not is_bundle(target):
         raise CheckpointError(
             f"{target} exists and is not a finetune bundle; choose another -o PATH or remove it."
         )
-    meta = {
-        "format": "finetune-bundle",
-        "format_version": BUNDLE_FORMAT,
-        "model": checkpoint["model"],  # timm name, num_features, head, stage kept
-        "timm_args": {"pretrained": False, "num_classes": 0},
-        "classes": list(checkpoint["classes"]),
-        "preprocessing": checkpoint["preprocessing"],
-        "strategy": checkpoint.get("strategy"),
-        "epoch": checkpoint.get("epoch"),
-        "metrics": checkpoint.get("metrics"),
-        "source": str(source),
-        "versions": _versions(),
-    }
+    meta = _describe(checkpoint, source)
     state = {k: v.detach().contiguous() for k, v in checkpoint["state_dict"].items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -99,10 +112,88 @@ def export(model: str | Path, format: str = "safetensors", out: str | Path | Non
     return target
 
 
-def _readable(folder: Path) -> None:
-    """Give the staged bundle the permissions a plain mkdir/open would (temp files are 0600)."""
+def _describe(checkpoint: dict[str, Any], source: Path) -> dict[str, Any]:
+    """Everything but the weights: what a bundle's model.json and a TorchScript file hold."""
+    return {
+        "format": "finetune-bundle",
+        "format_version": BUNDLE_FORMAT,
+        "model": checkpoint["model"],  # timm name, num_features, head, stage kept
+        "timm_args": {"pretrained": False, "num_classes": 0},
+        "classes": list(checkpoint["classes"]),
+        "preprocessing": checkpoint["preprocessing"],
+        "strategy": checkpoint.get("strategy"),
+        "epoch": checkpoint.get("epoch"),
+        "metrics": checkpoint.get("metrics"),
+        "source": str(source),
+        "versions": _versions(),
+    }
+
+
+def _export_torchscript(
+    checkpoint: dict[str, Any], source: Path, out: str | Path | None, head: nn.Module | None
+) -> Path:
+    target = Path(out).expanduser() if out else source.parent / "model.torchscript.pt"
+    if target.exists() and not is_torchscript(target):
+        raise CheckpointError(
+            f"{target} exists and is not a TorchScript export; choose another -o PATH or remove it."
+        )
+    model = rebuild_model(checkpoint, head)
+    side = checkpoint["preprocessing"]["input_size"]
+    example = torch.zeros(2, 3, side, side)
+    meta = json.dumps(_describe(checkpoint, source), indent=2)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # torch marks TorchScript deprecated in favour of torch.export, but it is still
+            # what runs with plain torch.jit.load, in C++ (libtorch) and on mobile.
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(model, example)
+            torch.jit.save(traced, tmp, _extra_files={TORCHSCRIPT_META: meta})
+        Path(tmp).chmod(0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def is_torchscript(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (rather than a checkpoint)."""
+    path = Path(path)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def read_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """The TorchScript module and the description stored with it (empty if it has none)."""
+    extra = {TORCHSCRIPT_META: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except RuntimeError as exc:
+        raise CheckpointError(f"Cannot load the TorchScript file {path}: {exc}") from exc
+    if not extra[TORCHSCRIPT_META]:
+        raise CheckpointError(
+            f"{path} is a TorchScript file without finetune's description (classes and "
+            "preprocessing); export it with `finetune export RUN --format torchscript`."
+        )
+    return module, json.loads(extra[TORCHSCRIPT_META])
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _readable(folder: Path) -> None:
+    """Give the staged bundle the permissions a plain mkdir/open would (temp files are 0600)."""
+    umask = _umask()
     folder.chmod(0o777 & ~umask)
     for file in folder.iterdir():
         file.chmod(0o666 & ~umask)

@@ -48,6 +48,10 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
     assert evaluated.returncode == 0, evaluated.stderr
     assert evaluated.stdout.startswith("accuracy     ") and "confusion" in evaluated.stdout
     assert (out / "eval" / "confusion.png").is_file() and (out / "eval" / "mistakes.png").is_file()
+    scripted = run("export", str(out), "--format", "torchscript")
+    assert scripted.returncode == 0 and scripted.stdout.strip() == str(out / "model.torchscript.pt")
+    from_script = run("predict", str(out / "model.torchscript.pt"), str(small_folder / "bag"))
+    assert from_script.returncode == 0 and from_script.stdout == table.stdout
     unavailable = run("export", str(out), "--format", "onnx")
     assert unavailable.returncode == 1 and "not available yet" in unavailable.stderr
 

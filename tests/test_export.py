@@ -1,9 +1,10 @@
-"""The safetensors bundle: same answers as the run, read without any unpickling."""
+"""Exports (safetensors bundle, TorchScript): the run's answers, and no unpickling of bundles."""
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 import finetune
 from finetune.data import load_image
 from finetune.errors import CheckpointError, NotAvailableError
-from finetune.export import export, is_bundle, read_bundle
+from finetune.export import export, is_bundle, is_torchscript, read_bundle
 from finetune.predict import expand_inputs
 from finetune.transforms import eval_transform
 
@@ -98,3 +99,37 @@ def test_export_refuses_what_it_cannot_do(linear_run: finetune.FitResult, tmp_pa
     with pytest.raises(CheckpointError, match="not a finetune bundle"):
         export(linear_run.dir, out=occupied)
     assert (occupied / "notes.txt").read_text() == "keep me"
+
+
+def test_torchscript_runs_with_plain_torch_jit_load_and_gives_the_runs_answers(
+    linear_run: finetune.FitResult, fashion: Path, tmp_path: Path
+) -> None:
+    target = export(linear_run.dir, format="torchscript", out=tmp_path / "model.pt")
+    assert is_torchscript(target) and not is_torchscript(linear_run.best_checkpoint)
+    run_predictor = finetune.load(linear_run.dir, device="cpu")
+    images = expand_inputs([fashion / "test"])
+    transform = eval_transform(run_predictor.preprocessing)
+    x = torch.stack([transform(image=load_image(p))["image"] for p in images])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript
+        plain = torch.jit.load(str(target))  # no finetune involved
+    with torch.inference_mode():
+        assert (plain(x) - run_predictor.model(x)).abs().max() < 1e-4  # any batch size
+    scripted = finetune.load(target, device="cpu")
+    assert scripted.classes == run_predictor.classes
+    assert scripted.preprocessing == run_predictor.preprocessing
+    top1 = [p.label for p in run_predictor.predict(images)]
+    assert [p.label for p in scripted.predict(images)] == top1
+    # A checkpoint is never overwritten by an export.
+    with pytest.raises(CheckpointError, match="not a TorchScript export"):
+        export(linear_run.dir, format="torchscript", out=linear_run.best_checkpoint)
+    assert not is_torchscript(linear_run.best_checkpoint)
+
+
+def test_a_torchscript_file_without_our_description_is_explained(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(foreign))
+    with pytest.raises(CheckpointError, match="--format torchscript"):
+        finetune.load(foreign)
