@@ -352,13 +352,13 @@ def _evaluation_text(result: Evaluation, files: dict[str, Path]) -> str:
     default="safetensors",
     show_default=True,
     help="safetensors: a bundle directory (model.safetensors + model.json); torchscript: one "
-    "traced file for torch.jit.load. onnx is not available yet.",
+    "traced file for torch.jit.load; onnx: opset 18, dynamic batch (needs finetune[onnx]).",
 )
 @click.option(
     "-o",
     "--out",
     type=click.Path(path_type=Path),
-    help="Output path [default: RUN/bundle or RUN/model.torchscript.pt].",
+    help="Output path [default: RUN/bundle, RUN/model.torchscript.pt or RUN/model.onnx].",
 )
 def export_command(model: Path, fmt: str, out: Path | None) -> None:
     """Export MODEL (a run directory or checkpoint) for deployment.

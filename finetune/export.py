@@ -7,8 +7,9 @@ package versions). :func:`read_bundle` turns it back into the same description a
 holds, so ``finetune.load`` and ``finetune predict`` treat both alike.
 
 A TorchScript export is the traced model (any batch size) with the same description stored
-inside the archive as ``extra/finetune.json``; plain ``torch.jit.load`` runs it. ONNX export is
-not built yet.
+inside the archive as ``extra/finetune.json``; plain ``torch.jit.load`` runs it. An ONNX export
+(torch's dynamo exporter, opset 18, dynamic batch size, checked with ``onnx.checker``) stores it
+in the model's metadata under ``finetune``; :class:`OnnxModule` runs it with onnxruntime.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from finetune.errors import CheckpointError, NotAvailableError
 __all__ = [
     "BUNDLE_FORMAT",
     "FORMATS",
+    "OnnxModule",
     "export",
     "is_bundle",
+    "is_onnx",
     "is_torchscript",
     "read_bundle",
+    "read_onnx",
     "read_torchscript",
 ]
 
@@ -44,8 +48,9 @@ BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 TORCHSCRIPT_META = "finetune.json"  # stored in the TorchScript archive's extra/ folder
-FORMATS = ("safetensors", "torchscript")
-_PLANNED = ("onnx",)
+ONNX_META = "finetune"  # metadata_props key holding the description
+ONNX_OPSET = 18  # ONNX Runtime >= 1.14, TensorRT 8.6+, OpenVINO 2023+ all run it
+FORMATS = ("safetensors", "torchscript", "onnx")
 
 
 def _versions() -> dict[str, str]:
@@ -77,11 +82,6 @@ def export(
     Returns:
         The bundle directory or the TorchScript file.
     """
-    if format in _PLANNED:
-        raise NotAvailableError(
-            f"--format {format} is not available yet; --format safetensors writes a bundle that "
-            "finetune.load and finetune predict read."
-        )
     if format not in FORMATS:
         raise NotAvailableError(f"Unknown format {format!r}; choose one of: {', '.join(FORMATS)}.")
     from safetensors.torch import save_file
@@ -90,6 +90,8 @@ def export(
     checkpoint = load_checkpoint(source)
     if format == "torchscript":
         return _export_torchscript(checkpoint, source, out, head)
+    if format == "onnx":
+        return _export_onnx(checkpoint, source, out, head)
     target = Path(out).expanduser() if out else source.parent / "bundle"
     if target.exists() and not is_bundle(target):
         raise CheckpointError(
@@ -183,6 +185,103 @@ def read_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str
             "preprocessing); export it with `finetune export RUN --format torchscript`."
         )
     return module, json.loads(extra[TORCHSCRIPT_META])
+
+
+def _onnx_modules():  # -> (onnx, onnxruntime)
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError as exc:
+        raise NotAvailableError(
+            f"ONNX needs packages that are not installed ({exc.name}): "
+            'pip install "finetune[onnx]" (onnx, onnxruntime, onnxscript).'
+        ) from exc
+    return onnx, onnxruntime
+
+
+def _export_onnx(
+    checkpoint: dict[str, Any], source: Path, out: str | Path | None, head: nn.Module | None
+) -> Path:
+    onnx, _ = _onnx_modules()
+    target = Path(out).expanduser() if out else source.parent / "model.onnx"
+    if target.exists() and not is_onnx(target):
+        raise CheckpointError(
+            f"{target} exists and is not an ONNX export; choose another -o PATH or remove it."
+        )
+    model = rebuild_model(checkpoint, head)
+    side = checkpoint["preprocessing"]["input_size"]
+    example = (torch.zeros(2, 3, side, side),)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter is chatty about its internals
+            program = torch.onnx.export(
+                model,
+                example,
+                dynamo=True,
+                opset_version=ONNX_OPSET,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                verbose=False,
+            )
+        proto = program.model_proto
+        onnx.helper.set_model_props(
+            proto, {ONNX_META: json.dumps(_describe(checkpoint, source), indent=2)}
+        )
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, tmp)
+        Path(tmp).chmod(0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def is_onnx(path: str | Path) -> bool:
+    """Whether ``path`` is an ``.onnx`` file."""
+    path = Path(path)
+    return path.is_file() and path.suffix.lower() == ".onnx"
+
+
+class OnnxModule(nn.Module):
+    """An ONNX export run by onnxruntime behind the ``nn.Module`` interface (tensor in, logits
+    out), so a :class:`~finetune.predict.Predictor` treats it like the eager model."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        _, onnxruntime = _onnx_modules()
+        providers = [
+            p
+            for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+            if p in onnxruntime.get_available_providers()
+        ]
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise CheckpointError(f"Cannot load the ONNX file {path}: {exc}") from exc
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().float().cpu().numpy()
+        logits = self.session.run(None, {self.input_name: array})[0]
+        return torch.from_numpy(logits).to(x.device)
+
+
+def read_onnx(path: str | Path) -> tuple[OnnxModule, dict[str, Any]]:
+    """The ONNX model, ready to run, and the description stored in its metadata."""
+    module = OnnxModule(path)
+    props = module.session.get_modelmeta().custom_metadata_map
+    if ONNX_META not in props:
+        raise CheckpointError(
+            f"{path} is an ONNX file without finetune's description (classes and "
+            "preprocessing); export it with `finetune export RUN --format onnx`."
+        )
+    return module, json.loads(props[ONNX_META])
 
 
 def _umask() -> int:

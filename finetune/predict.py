@@ -16,7 +16,14 @@ from torch import nn
 from finetune.checkpoint import load_checkpoint, preprocessing_of, rebuild_model
 from finetune.data import iter_image_files, load_image, pil_to_rgb
 from finetune.errors import DataError
-from finetune.export import is_bundle, is_torchscript, read_bundle, read_torchscript
+from finetune.export import (
+    is_bundle,
+    is_onnx,
+    is_torchscript,
+    read_bundle,
+    read_onnx,
+    read_torchscript,
+)
 from finetune.models import Classifier
 from finetune.transforms import Preprocessing, eval_transform
 
@@ -154,17 +161,17 @@ class Predictor:
 def load(
     path: str | Path, head: nn.Module | None = None, device: str | torch.device | None = None
 ) -> Predictor:
-    """Load a run directory (its ``best.pt``), a checkpoint file, a safetensors bundle or a
-    TorchScript file (both from ``finetune export``) as a :class:`Predictor`.
+    """Load a run directory (its ``best.pt``), a checkpoint file, or a safetensors bundle,
+    TorchScript file or ONNX file (from ``finetune export``) as a :class:`Predictor`.
 
     Args:
         path: A run directory written by ``fit``, a ``.pt`` checkpoint, or a bundle directory
-            (or its ``model.safetensors``), or a TorchScript ``.pt``.
+            (or its ``model.safetensors``), a TorchScript ``.pt`` or a ``.onnx`` file.
         head: An instance of the custom head the model was trained with, if any.
         device: Where to run; default cuda when available.
     """
-    if is_torchscript(path):
-        module, meta = read_torchscript(path)
+    if is_torchscript(path) or is_onnx(path):
+        module, meta = read_torchscript(path) if is_torchscript(path) else read_onnx(path)
         pre = Preprocessing.from_dict(meta["preprocessing"])
         return Predictor(module, meta["classes"], pre, device)
     checkpoint = read_bundle(path) if is_bundle(path) else load_checkpoint(path)

@@ -52,8 +52,10 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
     assert scripted.returncode == 0 and scripted.stdout.strip() == str(out / "model.torchscript.pt")
     from_script = run("predict", str(out / "model.torchscript.pt"), str(small_folder / "bag"))
     assert from_script.returncode == 0 and from_script.stdout == table.stdout
-    unavailable = run("export", str(out), "--format", "onnx")
-    assert unavailable.returncode == 1 and "not available yet" in unavailable.stderr
+    as_onnx = run("export", str(out), "--format", "onnx")
+    assert as_onnx.returncode == 0 and as_onnx.stdout.strip() == str(out / "model.onnx")
+    from_onnx = run("predict", str(out / "model.onnx"), str(small_folder / "bag"))
+    assert from_onnx.returncode == 0 and from_onnx.stdout == table.stdout
 
     as_json = run("predict", str(out / "last.pt"), str(small_folder), "--json", "--top-k", "2")
     assert as_json.returncode == 0, as_json.stderr

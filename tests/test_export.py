@@ -1,4 +1,4 @@
-"""Exports (safetensors bundle, TorchScript): the run's answers, and no unpickling of bundles."""
+"""Exports (safetensors bundle, TorchScript, ONNX): the run's answers; bundles never unpickle."""
 
 from __future__ import annotations
 
@@ -91,8 +91,8 @@ def test_a_pickle_in_place_of_the_weights_is_refused_not_executed(
 
 
 def test_export_refuses_what_it_cannot_do(linear_run: finetune.FitResult, tmp_path: Path) -> None:
-    with pytest.raises(NotAvailableError, match="not available yet"):
-        export(linear_run.dir, format="onnx")
+    with pytest.raises(NotAvailableError, match="Unknown format 'coreml'"):
+        export(linear_run.dir, format="coreml")
     occupied = tmp_path / "mine"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me")
@@ -133,3 +133,33 @@ def test_a_torchscript_file_without_our_description_is_explained(tmp_path: Path)
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(foreign))
     with pytest.raises(CheckpointError, match="--format torchscript"):
         finetune.load(foreign)
+
+
+def test_onnx_passes_the_checker_runs_in_onnxruntime_and_gives_the_runs_answers(
+    linear_run: finetune.FitResult, fashion: Path, tmp_path: Path
+) -> None:
+    import onnx
+    import onnxruntime
+
+    target = export(linear_run.dir, format="onnx", out=tmp_path / "model.onnx")
+    proto = onnx.load(str(target))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["finetune"])
+    assert meta["classes"] == list(linear_run.classes)
+    assert meta["preprocessing"]["input_size"] == linear_run.config.image_size
+
+    run_predictor = finetune.load(linear_run.dir, device="cpu")
+    images = expand_inputs([fashion / "test"])
+    transform = eval_transform(run_predictor.preprocessing)
+    x = torch.stack([transform(image=load_image(p))["image"] for p in images])
+    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        eager = run_predictor.model(x).numpy()
+    for batch in (1, 7, len(x)):  # the batch dimension is dynamic
+        logits = session.run(None, {"image": x[:batch].numpy()})[0]
+        assert np.abs(logits - eager[:batch]).max() < 1e-4
+    from_onnx = finetune.load(target, device="cpu")
+    assert from_onnx.classes == run_predictor.classes
+    top1 = [p.label for p in run_predictor.predict(images)]
+    assert [p.label for p in from_onnx.predict(images)] == top1
