@@ -23,6 +23,7 @@ from finetune.transforms import Preprocessing
 
 __all__ = [
     "FORMAT_VERSION",
+    "file_mode",
     "find_checkpoint",
     "load_checkpoint",
     "rebuild_model",
@@ -47,10 +48,18 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file here (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -20,6 +20,8 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from finetune import __version__
-from finetune.checkpoint import find_checkpoint, load_checkpoint, rebuild_model
+from finetune.checkpoint import file_mode, find_checkpoint, load_checkpoint, rebuild_model
 from finetune.errors import CheckpointError, NotAvailableError
 
 __all__ = [
@@ -143,21 +145,12 @@ def _export_torchscript(
     side = checkpoint["preprocessing"]["input_size"]
     example = torch.zeros(2, 3, side, side)
     meta = json.dumps(_describe(checkpoint, source), indent=2)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            # torch marks TorchScript deprecated in favour of torch.export, but it is still
-            # what runs with plain torch.jit.load, in C++ (libtorch) and on mobile.
-            warnings.simplefilter("ignore", FutureWarning)
-            traced = torch.jit.trace(model, example)
-            torch.jit.save(traced, tmp, _extra_files={TORCHSCRIPT_META: meta})
-        Path(tmp).chmod(0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _staged_file(target) as tmp, warnings.catch_warnings(), torch.no_grad():
+        # torch marks TorchScript deprecated in favour of torch.export, but it is still what
+        # runs with plain torch.jit.load, in C++ (libtorch) and on mobile.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, tmp, _extra_files={TORCHSCRIPT_META: meta})
     return target
 
 
@@ -212,10 +205,7 @@ def _export_onnx(
     model = rebuild_model(checkpoint, head)
     side = checkpoint["preprocessing"]["input_size"]
     example = (torch.zeros(2, 3, side, side),)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with _staged_file(target) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter is chatty about its internals
             program = torch.onnx.export(
@@ -234,11 +224,6 @@ def _export_onnx(
         )
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, tmp)
-        Path(tmp).chmod(0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
 
 
@@ -284,18 +269,29 @@ def read_onnx(path: str | Path) -> tuple[OnnxModule, dict[str, Any]]:
     return module, json.loads(props[ONNX_META])
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+@contextmanager
+def _staged_file(target: Path) -> Iterator[str]:
+    """A temporary path beside ``target`` to write to; renamed onto ``target`` (with normal
+    permissions) only if the block succeeds, removed if it fails."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        Path(tmp).chmod(file_mode())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _readable(folder: Path) -> None:
     """Give the staged bundle the permissions a plain mkdir/open would (temp files are 0600)."""
-    umask = _umask()
+    umask = os.umask(0)
+    os.umask(umask)
     folder.chmod(0o777 & ~umask)
     for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)
+        file.chmod(file_mode())
 
 
 def is_bundle(path: str | Path) -> bool:

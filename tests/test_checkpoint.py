@@ -10,6 +10,7 @@ import torch
 
 import finetune
 from finetune.checkpoint import (
+    file_mode,
     find_checkpoint,
     load_checkpoint,
     rebuild_model,
@@ -60,6 +61,7 @@ def test_writes_are_atomic_and_leave_no_temp_files(tmp_path: Path) -> None:
     save_checkpoint(target, {"state_dict": {"w": torch.zeros(2)}})
     assert [p.name for p in target.parent.iterdir()] == ["last.pt"]
     assert torch.equal(torch.load(target, weights_only=True)["state_dict"]["w"], torch.zeros(2))
+    assert target.stat().st_mode & 0o777 == file_mode()  # not mkstemp's private 0600
 
     with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises, nothing is left
         save_checkpoint(target, {"state_dict": {"w": torch.ones(2)}, "bad": lambda: None})

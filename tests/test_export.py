@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import finetune
+from finetune.checkpoint import file_mode
 from finetune.data import load_image
 from finetune.errors import CheckpointError, NotAvailableError
 from finetune.export import export, is_bundle, is_torchscript, read_bundle
@@ -31,6 +32,7 @@ def test_bundle_gives_the_runs_answers(
 ) -> None:
     bundle = export(linear_run.dir, out=tmp_path / "bundle")
     assert sorted(p.name for p in bundle.iterdir()) == ["model.json", "model.safetensors"]
+    assert all(p.stat().st_mode & 0o777 == file_mode() for p in bundle.iterdir())
     meta = json.loads((bundle / "model.json").read_text())
     assert meta["model"]["name"] == "tf_efficientnet_lite0"
     assert meta["classes"] == list(linear_run.classes)
