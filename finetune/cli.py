@@ -6,6 +6,7 @@ every :class:`~finetune.errors.FinetuneError` into a one-line message and exit s
 
 from __future__ import annotations
 
+import csv
 import json
 import shlex
 import sys
@@ -386,20 +387,32 @@ def export_command(model: Path, fmt: str, out: Path | None) -> None:
     show_default=True,
     help="How many classes to show per image.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="table: tab-separated lines; json: a list of objects; csv: a header, then one row per "
+    "image. All stream: each batch prints as it completes.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
 def predict_command(
     model: Path,
     inputs: tuple[Path, ...],
     top_k: int,
+    fmt: str,
     as_json: bool,
     batch_size: int,
     device: str | None,
 ) -> None:
-    """Classify images with MODEL (a run directory, a checkpoint file or an exported bundle).
+    """Classify images with MODEL: a run directory, a checkpoint, or an export (bundle
+    directory, TorchScript .pt or .onnx).
 
-    INPUTS are image files or folders (read recursively).
+    INPUTS are image files or folders (read recursively); `-` reads paths from standard input,
+    one per line.
 
     Example:
 
@@ -407,16 +420,45 @@ def predict_command(
     """
     from finetune.predict import expand_inputs, load
 
-    predictor = load(model, device=device)
-    paths = expand_inputs(inputs)
+    items = [i for item in inputs for i in (_stdin_paths() if str(item) == "-" else [item])]
+    paths = expand_inputs(items)
     if not paths:
         raise click.ClickException("No image files found in " + ", ".join(map(str, inputs)))
+    predictor = load(model, device=device)
     predictions = predictor.iter_predict(paths, top_k=max(top_k, 1), batch_size=batch_size)
-    if as_json:
-        click.echo(json.dumps([p.to_dict() for p in predictions], indent=2))
-        return
-    for p in predictions:
-        click.echo(_prediction_line(p, top_k))
+    fmt = "json" if as_json else fmt
+    if fmt == "json":
+        _echo_json_list(p.to_dict() for p in predictions)
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        ranks = [f"{name}_{i}" for i in range(2, top_k + 1) for name in ("label", "probability")]
+        writer.writerow(["path", "label", "probability", *ranks])
+        for p in predictions:
+            extra = [v for label, prob in p.top_k[1:] for v in (label, f"{prob:.6f}")]
+            extra += [""] * (len(ranks) - len(extra))  # fewer classes than --top-k
+            writer.writerow([p.path, p.label, f"{p.probability:.6f}", *extra])
+            sys.stdout.flush()
+    else:
+        for p in predictions:
+            click.echo(_prediction_line(p, top_k))
+
+
+def _stdin_paths() -> list[Path]:
+    return [Path(line.strip()) for line in sys.stdin if line.strip()]
+
+
+def _echo_json_list(items) -> None:
+    """Print a JSON list one object per line, each as soon as it is known (the comma after an
+    object waits for the next one)."""
+    click.echo("[")
+    held = None
+    for item in items:
+        if held is not None:
+            click.echo(held + ",")
+        held = "  " + json.dumps(item)
+    if held is not None:
+        click.echo(held)
+    click.echo("]")
 
 
 def _prediction_line(p: Prediction, top_k: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -14,10 +15,18 @@ from finetune.cli import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run(
+    *args: str, cwd: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("finetune")
     return subprocess.run(
-        [str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=600, check=False
+        [str(exe), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        input=stdin,
+        timeout=600,
+        check=False,
     )
 
 
@@ -37,6 +46,20 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
     lines = table.stdout.strip().splitlines()
     assert len(lines) == 20 and all(line.split("\t")[1] in {"bag", "sneaker", "trouser"}
                                     for line in lines)  # fmt: skip
+
+    # Paths on stdin (`-`), CSV and JSON give the same answers as the table.
+    bags = sorted((small_folder / "bag").glob("*.png"))
+    listed = "\n".join(map(str, bags)) + "\n"
+    as_csv = run("predict", str(out), "-", "--format", "csv", "--top-k", "5", stdin=listed)
+    assert as_csv.returncode == 0, as_csv.stderr
+    rows = list(csv.reader(as_csv.stdout.splitlines()))
+    assert rows[0] == ["path", "label", "probability"] + [
+        f"{name}_{i}" for i in range(2, 6) for name in ("label", "probability")
+    ]
+    assert all(len(r) == len(rows[0]) for r in rows)  # 3 classes: the missing ranks are empty
+    assert [(r[0], r[1]) for r in rows[1:]] == [tuple(line.split("\t")[:2]) for line in lines]
+    as_json = json.loads(run("predict", str(out), "-", "--format", "json", stdin=listed).stdout)
+    assert [(p["path"], p["label"]) for p in as_json] == [(r[0], r[1]) for r in rows[1:]]
 
     # The exported bundle answers exactly as the run directory does.
     exported = run("export", str(out))
