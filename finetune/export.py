@@ -1,4 +1,4 @@
-"""Trained run -> a file others can deploy: a safetensors bundle or a TorchScript file.
+"""Trained run -> a file others can deploy: a safetensors bundle, TorchScript or ONNX.
 
 A bundle is a directory with ``model.safetensors`` (the weights, no pickle) and ``model.json``
 (everything needed to rebuild and use them: the timm model name and arguments, the stages kept
@@ -75,25 +75,29 @@ def export(
 
     Args:
         model: A run directory (its ``best.pt``) or a ``.pt`` checkpoint.
-        format: ``safetensors`` (a bundle directory) or ``torchscript`` (one traced file).
-        out: Where to write; default ``<run dir>/bundle`` or ``<run dir>/model.torchscript.pt``.
-            An earlier export there is replaced; anything else there is left alone and the
-            export refuses.
-        head: TorchScript only: the custom head the model was trained with, if any.
+        format: ``safetensors`` (a bundle directory), ``torchscript`` or ``onnx`` (one file).
+        out: Where to write; default ``<run dir>/bundle``, ``<run dir>/model.torchscript.pt`` or
+            ``<run dir>/model.onnx``. An earlier export of the same kind there is replaced;
+            anything else there is left alone and the export refuses.
+        head: TorchScript and ONNX: the custom head the model was trained with, if any.
 
     Returns:
-        The bundle directory or the TorchScript file.
+        The bundle directory or the exported file.
     """
     if format not in FORMATS:
         raise NotAvailableError(f"Unknown format {format!r}; choose one of: {', '.join(FORMATS)}.")
-    from safetensors.torch import save_file
-
     source = find_checkpoint(model)
     checkpoint = load_checkpoint(source)
     if format == "torchscript":
         return _export_torchscript(checkpoint, source, out, head)
     if format == "onnx":
         return _export_onnx(checkpoint, source, out, head)
+    return _export_bundle(checkpoint, source, out)
+
+
+def _export_bundle(checkpoint: dict[str, Any], source: Path, out: str | Path | None) -> Path:
+    from safetensors.torch import save_file
+
     target = Path(out).expanduser() if out else source.parent / "bundle"
     if target.exists() and not is_bundle(target):
         raise CheckpointError(
@@ -117,7 +121,8 @@ def export(
 
 
 def _describe(checkpoint: dict[str, Any], source: Path) -> dict[str, Any]:
-    """Everything but the weights: what a bundle's model.json and a TorchScript file hold."""
+    """Everything but the weights: what a bundle's model.json, a TorchScript file's extra/
+    and an ONNX file's metadata hold."""
     return {
         "format": "finetune-bundle",
         "format_version": BUNDLE_FORMAT,

@@ -170,10 +170,13 @@ def load(
         head: An instance of the custom head the model was trained with, if any.
         device: Where to run; default cuda when available.
     """
-    if is_torchscript(path) or is_onnx(path):
-        module, meta = read_torchscript(path) if is_torchscript(path) else read_onnx(path)
-        pre = Preprocessing.from_dict(meta["preprocessing"])
-        return Predictor(module, meta["classes"], pre, device)
-    checkpoint = read_bundle(path) if is_bundle(path) else load_checkpoint(path)
-    model = rebuild_model(checkpoint, head)
-    return Predictor(model, checkpoint["classes"], preprocessing_of(checkpoint), device)
+    if is_torchscript(path):
+        module, meta = read_torchscript(path)
+    elif is_onnx(path):
+        module, meta = read_onnx(path)
+    else:
+        checkpoint = read_bundle(path) if is_bundle(path) else load_checkpoint(path)
+        model = rebuild_model(checkpoint, head)
+        return Predictor(model, checkpoint["classes"], preprocessing_of(checkpoint), device)
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    return Predictor(module, meta["classes"], pre, device)
