@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -95,14 +95,23 @@ def export(
     return _export_bundle(checkpoint, source, out)
 
 
+def _target(
+    out: str | Path | None, default: Path, is_kind: Callable[[Path], bool], kind: str
+) -> Path:
+    """Where an export goes: ``out`` or ``default``; an existing path there must be ``kind``
+    (it is replaced), anything else is never overwritten."""
+    target = Path(out).expanduser() if out else default
+    if target.exists() and not is_kind(target):
+        raise CheckpointError(
+            f"{target} exists and is not {kind}; choose another -o PATH or remove it."
+        )
+    return target
+
+
 def _export_bundle(checkpoint: dict[str, Any], source: Path, out: str | Path | None) -> Path:
     from safetensors.torch import save_file
 
-    target = Path(out).expanduser() if out else source.parent / "bundle"
-    if target.exists() and not is_bundle(target):
-        raise CheckpointError(
-            f"{target} exists and is not a finetune bundle; choose another -o PATH or remove it."
-        )
+    target = _target(out, source.parent / "bundle", is_bundle, "a finetune bundle")
     meta = _describe(checkpoint, source)
     state = {k: v.detach().contiguous() for k, v in checkpoint["state_dict"].items()}
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -141,11 +150,8 @@ def _describe(checkpoint: dict[str, Any], source: Path) -> dict[str, Any]:
 def _export_torchscript(
     checkpoint: dict[str, Any], source: Path, out: str | Path | None, head: nn.Module | None
 ) -> Path:
-    target = Path(out).expanduser() if out else source.parent / "model.torchscript.pt"
-    if target.exists() and not is_torchscript(target):
-        raise CheckpointError(
-            f"{target} exists and is not a TorchScript export; choose another -o PATH or remove it."
-        )
+    default = source.parent / "model.torchscript.pt"
+    target = _target(out, default, is_torchscript, "a TorchScript export")
     model = rebuild_model(checkpoint, head)
     side = checkpoint["preprocessing"]["input_size"]
     example = torch.zeros(2, 3, side, side)
@@ -202,11 +208,7 @@ def _export_onnx(
     checkpoint: dict[str, Any], source: Path, out: str | Path | None, head: nn.Module | None
 ) -> Path:
     onnx, _ = _onnx_modules()
-    target = Path(out).expanduser() if out else source.parent / "model.onnx"
-    if target.exists() and not is_onnx(target):
-        raise CheckpointError(
-            f"{target} exists and is not an ONNX export; choose another -o PATH or remove it."
-        )
+    target = _target(out, source.parent / "model.onnx", is_onnx, "an ONNX export")
     model = rebuild_model(checkpoint, head)
     side = checkpoint["preprocessing"]["input_size"]
     example = (torch.zeros(2, 3, side, side),)
