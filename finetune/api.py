@@ -23,7 +23,7 @@ from torch import nn
 from finetune.config import DEFAULT_EPOCHS, FitConfig
 from finetune.data import DatasetSplit, scan_folder
 from finetune.errors import ConfigError
-from finetune.measure import Decision, time_per_image
+from finetune.measure import Decision, pass_seconds, training_epoch_seconds
 from finetune.models import EMBEDDED_WEIGHTS, create_backbone, create_classifier
 from finetune.strategies import FitContext, Strategy, get_strategy
 from finetune.train import EpochResult
@@ -302,12 +302,12 @@ def plan(
         seconds = decision.estimate_seconds
     else:
         model = create_classifier(backbone, len(split.classes))
-        images = len(split.train) + len(split.val)
-        infer = time_per_image(model, config.image_size, device, train=False)
-        seconds = images * infer  # probes: one feature pass
+        n_train, n_val, side = len(split.train), len(split.val), config.image_size
         if strategy.trains_backbone:
-            learn = time_per_image(model, config.image_size, device, train=True)
-            seconds = config.epochs * (len(split.train) * learn + len(split.val) * infer)
+            epoch = training_epoch_seconds(model, side, device, n_train, n_val)
+            seconds = config.epochs * epoch
+        else:  # probes: one feature pass
+            seconds = pass_seconds(model, side, device, n_train + n_val)
     return Plan(split, strategy.name, config, decision, seconds, strategy.trains_backbone)
 
 

@@ -47,7 +47,9 @@ __all__ = [
     "batchnorm_shift",
     "decide",
     "measure_size",
+    "pass_seconds",
     "time_per_image",
+    "training_epoch_seconds",
 ]
 
 SIMILAR_BELOW = 0.15  # BatchNorm shift under which images count as similar to ImageNet
@@ -155,6 +157,20 @@ def time_per_image(
     return min(timings[1:]) / batch
 
 
+def pass_seconds(model: nn.Module, size: int, device: torch.device, images: int) -> float:
+    """Expected seconds of one inference pass over ``images`` (a probe's feature pass)."""
+    return images * time_per_image(model, size, device, train=False)
+
+
+def training_epoch_seconds(
+    model: nn.Module, size: int, device: torch.device, train_images: int, val_images: int
+) -> float:
+    """Expected seconds of one fine-tuning epoch: a training step per training image and a
+    validation forward (about a third of a step) per validation image."""
+    learn = time_per_image(model, size, device, train=True)
+    return train_images * learn + val_images * learn / 3
+
+
 @dataclass(frozen=True)
 class Decision:
     """The cell auto chose, with the numbers and thresholds that led there."""
@@ -229,23 +245,22 @@ def decide(
         reasons.append(f"classes are imbalanced ({size.imbalance:.1f}x largest/smallest)")
     cell = f"{amount} data, {likeness} ImageNet"
     settings: dict[str, Any] = {"image_size": side}
-    n_eval = size.images + len(split.val)
+    n_train, n_val = size.images, len(split.val)
     if not lots:  # probes: one inference pass over the images, no epochs
-        seconds = n_eval * time_per_image(backbone, side, device, train=False)
+        seconds = pass_seconds(backbone, side, device, n_train + n_val)
         reasons.append(f"a linear probe needs one pass over the images: {side} px input")
         return Decision(strategy, cell, size, shift, settings, seconds, tuple(reasons), limits)
 
     cores = os.cpu_count() or 1
     chosen_epochs = epochs or (15 if strategy == "finetune-all" else 10)
-    candidate = side
-    per_image = time_per_image(backbone, side, device, train=True)
-    epoch_seconds = size.images * per_image + len(split.val) * per_image / 3
-    if device.type != "cuda" and not epochs and not image_size:
+    if device.type == "cuda" or epochs or image_size:  # the size stays; epochs are timed
+        candidate = side
+        epoch_seconds = training_epoch_seconds(backbone, side, device, n_train, n_val)
+    else:
         # On a CPU: the largest size at which enough epochs fit the budget; if none does,
         # the probe of the same row, which beat a budget-capped fine-tune in the benchmarks.
         for candidate in [s for s in _CPU_SIZES if s <= side] or [side]:
-            per_image = time_per_image(backbone, candidate, device, train=True)
-            epoch_seconds = size.images * per_image + len(split.val) * per_image / 3
+            epoch_seconds = training_epoch_seconds(backbone, candidate, device, n_train, n_val)
             fits = math.floor(cpu_budget_seconds / epoch_seconds)
             if fits >= MIN_FINETUNE_EPOCHS:
                 chosen_epochs = min(chosen_epochs, fits)
@@ -264,7 +279,7 @@ def decide(
                 f"scored below the probe (benchmarks/strategy_matrix.py): {probe} instead; "
                 f"--strategy {strategy} fine-tunes anyway, a GPU makes it fast"
             )
-            seconds = n_eval * time_per_image(backbone, side, device, train=False)
+            seconds = pass_seconds(backbone, side, device, n_train + n_val)
             return Decision(probe, cell, size, shift, settings, seconds, tuple(reasons), limits)
     settings.update(image_size=candidate, epochs=chosen_epochs)
     groups = layer_group_count(backbone)
