@@ -19,10 +19,12 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "fit": "finetune.api",
+    "augment_preview": "finetune.api",
     "FitResult": "finetune.api",
     "plan": "finetune.api",
     "Plan": "finetune.api",
     "FitConfig": "finetune.config",
+    "Augmentation": "finetune.transforms",
     "FinetuneError": "finetune.errors",
     "export": "finetune.export",
     "load": "finetune.predict",
@@ -33,6 +35,7 @@ _EXPORTS = {
 
 __all__ = [
     "STRATEGIES",
+    "Augmentation",
     "FinetuneError",
     "FitConfig",
     "FitResult",
@@ -40,6 +43,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "__version__",
+    "augment_preview",
     "export",
     "fit",
     "load",
@@ -47,12 +51,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from finetune.api import FitResult, Plan, fit, plan
+    from finetune.api import FitResult, Plan, augment_preview, fit, plan
     from finetune.config import FitConfig
     from finetune.errors import FinetuneError
     from finetune.export import export
     from finetune.predict import Prediction, Predictor, load
     from finetune.strategies import STRATEGIES
+    from finetune.transforms import Augmentation
 
 
 def __getattr__(name: str) -> Any:

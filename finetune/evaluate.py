@@ -43,6 +43,7 @@ class Evaluation:
     labels: np.ndarray  # (N,) true class indices
     probabilities: np.ndarray  # (N, num_classes) softmax
     top_k: int
+    tta: str = "none"  # test-time augmentation the probabilities were averaged over
 
     @property
     def predicted(self) -> np.ndarray:
@@ -97,6 +98,7 @@ class Evaluation:
     def to_dict(self) -> dict[str, Any]:
         return {
             "images": len(self.labels),
+            "tta": self.tta,
             "accuracy": self.accuracy,
             f"top_{self.top_k}_accuracy": self.top_k_accuracy,
             "per_class": self.per_class(),
@@ -172,10 +174,14 @@ def _mistakes_figure(mistakes: list[Mistake]):  # -> matplotlib Figure
 
 
 def evaluate(
-    predictor: Predictor, folder: str | Path, top_k: int = 5, batch_size: int = 32
+    predictor: Predictor,
+    folder: str | Path,
+    top_k: int = 5,
+    batch_size: int = 32,
+    tta: str = "none",
 ) -> Evaluation:
     """Classify every image of ``folder`` (one sub-folder per class, named as the model's
-    classes) and measure the result.
+    classes) and measure the result; ``tta`` as in :meth:`Predictor.iter_proba`.
 
     Raises:
         DataError: ``folder`` has no class folders with images, or classes the model lacks.
@@ -196,12 +202,12 @@ def evaluate(
     index = {name: i for i, name in enumerate(predictor.classes)}
     truth = dict(samples)
     paths, labels, rows = [], [], []
-    for path, probs in predictor.iter_proba([p for p, _ in samples], batch_size=batch_size):
+    for path, probs in predictor.iter_proba([p for p, _ in samples], batch_size, tta):
         paths.append(Path(path))
         labels.append(index[truth[path]])
         rows.append(probs)
     if not rows:
         raise DataError(f"None of the images in {folder} could be read.")
     return Evaluation(
-        predictor.classes, tuple(paths), np.array(labels), np.stack(rows), max(1, top_k)
+        predictor.classes, tuple(paths), np.array(labels), np.stack(rows), max(1, top_k), tta
     )

@@ -164,7 +164,10 @@ def _embedded_state(name: str, model: nn.Module) -> OrderedDict[str, torch.Tenso
 
 
 def create_backbone(
-    name: str, weights: str | Path | None = None, keep_classifier: bool = False
+    name: str,
+    weights: str | Path | None = None,
+    keep_classifier: bool = False,
+    pretrained: bool = True,
 ) -> nn.Module:
     """Create timm model ``name`` with pretrained weights.
 
@@ -174,13 +177,17 @@ def create_backbone(
             there are some for ``name``, otherwise timm's ``pretrained=True``.
         keep_classifier: Keep the pretrained (ImageNet) classifier; by default it is removed with
             ``reset_classifier(0)`` so the model returns pooled features.
+        pretrained: False: random weights (when only the architecture and its pretrained
+            config, e.g. mean/std and input size, are needed).
 
     Raises:
         ModelError: Unknown model, or weights that cannot be had or do not fit.
     """
     if not timm.list_models(name) and not timm.is_model(name):
         raise _unknown_model(name)
-    if weights is not None:
+    if not pretrained:
+        model = timm.create_model(name, pretrained=False)
+    elif weights is not None:
         model = timm.create_model(name, pretrained=False)
         _load_into(model, load_weights_file(weights), str(weights))
     elif name in EMBEDDED_WEIGHTS:

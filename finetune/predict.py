@@ -25,7 +25,7 @@ from finetune.export import (
     read_torchscript,
 )
 from finetune.models import Classifier
-from finetune.transforms import Preprocessing, eval_transform
+from finetune.transforms import Preprocessing, TestTimeViews
 
 if TYPE_CHECKING:
     from finetune.evaluate import Evaluation
@@ -82,7 +82,14 @@ class Predictor:
         self.model = model.eval().to(self.device)
         self.classes = tuple(classes)
         self.preprocessing = preprocessing
-        self._transform = eval_transform(preprocessing)
+        self._views: dict[str, TestTimeViews] = {}
+
+    def views(self, tta: str = "none") -> TestTimeViews:
+        """The test-time views for ``tta`` ("none": the evaluation centre crop, "flip",
+        "10crop")."""
+        if tta not in self._views:
+            self._views[tta] = TestTimeViews(self.preprocessing, tta)
+        return self._views[tta]
 
     def _decode(self, image: ImageInput) -> np.ndarray:
         if isinstance(image, Image.Image):
@@ -98,23 +105,32 @@ class Predictor:
             return image
         return load_image(image)
 
-    @torch.inference_mode()
-    def predict_proba(self, images: Iterable[ImageInput], batch_size: int = 32) -> np.ndarray:
+    def predict_proba(
+        self, images: Iterable[ImageInput], batch_size: int = 32, tta: str = "none"
+    ) -> np.ndarray:
         """Softmax probabilities, shape (N, num_classes), in ``self.classes`` order."""
-        rows = [p for _, p in self.iter_proba(images, batch_size)]
+        rows = [p for _, p in self.iter_proba(images, batch_size, tta)]
         return np.stack(rows) if rows else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     def iter_proba(
-        self, images: Iterable[ImageInput], batch_size: int = 32
+        self, images: Iterable[ImageInput], batch_size: int = 32, tta: str = "none"
     ) -> Iterator[tuple[ImageInput, np.ndarray]]:
         """Yield (input, softmax probabilities) as batches complete; undecodable inputs are
-        skipped with a warning."""
+        skipped with a warning.
+
+        Args:
+            tta: Test-time augmentation: "none" (the centre crop), "flip" (and its mirror
+                image) or "10crop" (four corners and centre, each also mirrored); the softmax
+                is averaged over the views. ``batch_size`` counts images, not views.
+        """
+        views = self.views(tta)
         batch: list[tuple[ImageInput, torch.Tensor]] = []
 
         def flush() -> Iterator[tuple[ImageInput, np.ndarray]]:
-            x = torch.stack([t for _, t in batch]).to(self.device)
+            x = torch.cat([t for _, t in batch]).to(self.device)  # (images * views, 3, H, W)
             with torch.inference_mode():
-                probs = self.model(x).float().softmax(1).cpu().numpy()
+                probs = self.model(x).float().softmax(1)
+            probs = probs.view(len(batch), views.count, -1).mean(1).cpu().numpy()
             yield from zip((src for src, _ in batch), probs, strict=True)
             batch.clear()
 
@@ -124,38 +140,50 @@ class Predictor:
             except (OSError, ValueError) as exc:
                 warnings.warn(f"Skipping {image}: cannot decode it ({exc})", stacklevel=3)
                 continue
-            batch.append((image, self._transform(image=array)["image"]))
+            batch.append((image, views(array)))
             if len(batch) == batch_size:
                 yield from flush()
         if batch:
             yield from flush()
 
     def iter_predict(
-        self, images: Iterable[ImageInput], top_k: int = 5, batch_size: int = 32
+        self,
+        images: Iterable[ImageInput],
+        top_k: int = 5,
+        batch_size: int = 32,
+        tta: str = "none",
     ) -> Iterator[Prediction]:
         """Yield a :class:`Prediction` per image as batches complete (streams large folders)."""
         k = max(1, min(top_k, len(self.classes)))
         with torch.inference_mode():
-            for source, probs in self.iter_proba(images, batch_size):
+            for source, probs in self.iter_proba(images, batch_size, tta):
                 order = np.argsort(-probs, kind="stable")[:k]
                 ranked = tuple((self.classes[i], float(probs[i])) for i in order)
                 path = str(source) if isinstance(source, (str, Path)) else None
                 yield Prediction(path, ranked[0][0], ranked[0][1], ranked)
 
     def predict(
-        self, images: Iterable[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32
+        self,
+        images: Iterable[ImageInput] | ImageInput,
+        top_k: int = 5,
+        batch_size: int = 32,
+        tta: str = "none",
     ) -> list[Prediction]:
-        """Classify images: paths, PIL images or uint8 RGB arrays (one, or an iterable of them)."""
+        """Classify images: paths, PIL images or uint8 RGB arrays (one, or an iterable of them).
+
+        ``tta``: "none", "flip" or "10crop" (see :meth:`iter_proba`)."""
         if isinstance(images, (str, Path, Image.Image, np.ndarray)):
             images = [images]
-        return list(self.iter_predict(images, top_k=top_k, batch_size=batch_size))
+        return list(self.iter_predict(images, top_k=top_k, batch_size=batch_size, tta=tta))
 
-    def evaluate(self, folder: str | Path, top_k: int = 5, batch_size: int = 32) -> Evaluation:
+    def evaluate(
+        self, folder: str | Path, top_k: int = 5, batch_size: int = 32, tta: str = "none"
+    ) -> Evaluation:
         """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder (one
         sub-folder per class); see :func:`finetune.evaluate.evaluate`."""
         from finetune.evaluate import evaluate
 
-        return evaluate(self, folder, top_k=top_k, batch_size=batch_size)
+        return evaluate(self, folder, top_k=top_k, batch_size=batch_size, tta=tta)
 
 
 def load(

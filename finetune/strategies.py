@@ -43,7 +43,13 @@ from finetune.models import (
 )
 from finetune.probe import fit_probe
 from finetune.train import EpochResult, Recorder, train
-from finetune.transforms import Preprocessing, eval_transform, train_transform
+from finetune.transforms import (
+    Augmentation,
+    Lighting,
+    Preprocessing,
+    eval_transform,
+    train_transform,
+)
 
 __all__ = [
     "STRATEGIES",
@@ -73,6 +79,8 @@ class FitContext:
     verbose: bool
     say: Callable[[str], None]  # prints a line for people (when verbose)
     on_epoch: Callable[[EpochResult], None]
+    augmentation: Augmentation  # the training augmentation (fine-tuning strategies)
+    lighting: Lighting | None  # PCA of the training images' colours, for PCA lighting
 
 
 class Strategy(ABC):
@@ -269,7 +277,7 @@ class _FineTune(Strategy):
             f"+ head, {trainable:,} of {total:,} parameters; head lr {config.lr:.1e}"
             + (f", top backbone lr {groups[-2]['lr']:.1e}" if backbone_groups else "")
         )
-        train_loader, val_loader = _loaders(ctx.split, ctx.pre, config, ctx.device)
+        train_loader, val_loader = _loaders(ctx)
         optimizer = _optimizer(groups, config)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(1, config.epochs * len(train_loader))
@@ -346,9 +354,8 @@ class Auto(Strategy):
 # --- data loading and optimizer for the fine-tuning strategies --------------------------------
 
 
-def _loaders(
-    split: DatasetSplit, pre: Preprocessing, config: FitConfig, device: torch.device
-) -> tuple[DataLoader, DataLoader]:
+def _loaders(ctx: FitContext) -> tuple[DataLoader, DataLoader]:
+    split, pre, config, device = ctx.split, ctx.pre, ctx.config, ctx.device
     workers = config.num_workers or 0
     common = {
         "batch_size": config.batch_size,
@@ -357,7 +364,8 @@ def _loaders(
         "pin_memory": device.type == "cuda",
         "persistent_workers": workers > 0,
     }
-    train_set = ImageDataset(split.train, train_transform(pre, seed=config.seed))
+    augment = train_transform(pre, ctx.augmentation, ctx.lighting, seed=config.seed)
+    train_set = ImageDataset(split.train, augment)
     train_loader = DataLoader(
         train_set,
         shuffle=True,

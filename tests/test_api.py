@@ -7,13 +7,17 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import finetune
+from finetune.data import scan_folder
 from finetune.errors import ConfigError
 from finetune.measure import LOTS_PER_CLASS
+from finetune.transforms import PRESETS
 
 from .conftest import noise_folder
 
@@ -143,4 +147,49 @@ def test_auto_records_every_hyperparameter_of_a_fine_tune(tmp_path: Path) -> Non
         "unfreeze": "all",
         "warmup_epochs": 0,
         "weight_decay": plan.config.weight_decay,
+        "augment": PRESETS["default"].to_dict(),  # 200 images per class: the default preset
     }
+
+
+def test_augmentation_is_chosen_recorded_and_tta_scores_val(
+    small_folder: Path, tmp_path: Path
+) -> None:
+    run = finetune.fit(
+        small_folder,
+        strategy="finetune-top",
+        epochs=1,
+        image_size=32,
+        vflip=True,
+        lighting=0.3,
+        tta="flip",
+        out=str(tmp_path / "aug"),
+        verbose=False,
+    )
+    assert run.config.augment == "strong"  # 16 training images per class: little data
+    saved = torch.load(run.best_checkpoint, weights_only=True)["augmentation"]
+    assert saved["preset"] == "strong" and saved["vflip"] and saved["lighting"] == 0.3
+    assert saved["crop_scale"] == list(PRESETS["strong"].crop_scale)
+    assert saved["pca_lighting"]["source"] == "training set (48 images)"
+    assert json.loads((run.dir / "config.json").read_text())["vflip"] is True
+    # tta.json holds the val accuracy of best.pt averaged over the flip views.
+    record = json.loads((run.dir / "tta.json").read_text())
+    predictor = finetune.load(run.dir)
+    data = scan_folder(small_folder)
+    probs = predictor.predict_proba([s.path for s in data.val], tta="flip")
+    expected = float(np.mean(probs.argmax(1) == [s.label for s in data.val]))
+    assert record == {"tta": "flip", "val_acc": expected, "val_images": len(data.val)}
+    assert run.tta_val_acc == expected
+    # The probes see each image once: nothing to augment, nothing recorded.
+    probe = finetune.fit(small_folder, strategy="linear", image_size=32, verbose=False,
+                         out=str(tmp_path / "probe"))  # fmt: skip
+    assert torch.load(probe.best_checkpoint, weights_only=True)["augmentation"] is None
+
+
+def test_augment_preview_draws_what_training_sees(small_folder: Path, tmp_path: Path) -> None:
+    out = finetune.augment_preview(
+        small_folder, tmp_path / "p" / "preview.png", images=3, versions=4, augment="strong"
+    )
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.width > 400 and img.height > 300
+        pixels = np.asarray(img.convert("L"), dtype=float)
+    assert pixels.std() > 20  # images, not a blank page

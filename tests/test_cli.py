@@ -71,6 +71,18 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
     assert evaluated.returncode == 0, evaluated.stderr
     assert evaluated.stdout.startswith("accuracy     ") and "confusion" in evaluated.stdout
     assert (out / "eval" / "confusion.png").is_file() and (out / "eval" / "mistakes.png").is_file()
+    with_tta = run("evaluate", str(out), str(small_folder), "--tta", "10crop", "--json",
+                   "-o", str(out / "eval-tta"))  # fmt: skip
+    assert with_tta.returncode == 0, with_tta.stderr
+    assert json.loads(with_tta.stdout)["tta"] == "10crop"
+    flipped = run("predict", str(out), str(small_folder / "bag"), "--tta", "flip")
+    assert flipped.returncode == 0 and len(flipped.stdout.strip().splitlines()) == 20
+    assert flipped.stdout != table.stdout  # probabilities averaged over two views
+    preview = run("augment-preview", str(small_folder), "-o", str(out / "preview.png"),
+                  "--augment", "strong", "--rotate90")  # fmt: skip
+    assert preview.returncode == 0, preview.stderr
+    assert preview.stdout.strip() == str(out / "preview.png")
+    assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     scripted = run("export", str(out), "--format", "torchscript")
     assert scripted.returncode == 0 and scripted.stdout.strip() == str(out / "model.torchscript.pt")
     from_script = run("predict", str(out / "model.torchscript.pt"), str(small_folder / "bag"))
@@ -96,6 +108,8 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
         (["fit", "{data}", "--unfreeze", "-1"], "unfreeze must be >= 0"),
         (["plan", "{data}", "--warmup-epochs", "12"], "warmup_epochs must be"),
         (["fit", "{data}", "--val-split", "1.5"], "val_split"),
+        (["fit", "{data}", "--crop-scale", "0.8", "0.2"], "crop_scale must satisfy"),
+        (["fit", "{data}", "--hue", "0.9"], "hue must be between 0 and 0.5"),
         (["fit", "{data}", "--model", "resnt18"], "Did you mean resnet18"),
         (["predict", "no/such/run", "x.png"], "does not exist"),
     ],

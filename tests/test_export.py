@@ -165,3 +165,47 @@ def test_onnx_passes_the_checker_runs_in_onnxruntime_and_gives_the_runs_answers(
     assert from_onnx.classes == run_predictor.classes
     top1 = [p.label for p in run_predictor.predict(images)]
     assert [p.label for p in from_onnx.predict(images)] == top1
+
+
+def test_class_names_that_look_like_paths_never_become_paths(
+    linear_run: finetune.FitResult, fashion: Path, tmp_path: Path
+) -> None:
+    """A checkpoint whose class names are crafted paths: export, predict and evaluate write only
+    their fixed file names inside their output folders."""
+    crafted = ["../../escaped", "/tmp/finetune-absolute", "back\\slash", "..", "a/../../b"]
+    crafted += [f"c{i}" for i in range(len(linear_run.classes) - len(crafted))]
+    run = tmp_path / "work" / "run"
+    run.mkdir(parents=True)
+    payload = torch.load(linear_run.best_checkpoint, weights_only=True)
+    payload["classes"] = crafted
+    torch.save(payload, run / "best.pt")
+    labelled = tmp_path / "work" / "labelled" / "back\\slash"  # a legal folder name on POSIX
+    labelled.mkdir(parents=True)
+    images = sorted((fashion / "test" / "bag").glob("*.png"))[:3]
+    for path in images:
+        (labelled / path.name).write_bytes(path.read_bytes())
+    before = set(tmp_path.rglob("*"))
+
+    outputs = [export(run, fmt) for fmt in ("safetensors", "torchscript", "onnx")]
+    for exported in [run, *outputs]:
+        predictor = finetune.load(exported)
+        assert predictor.classes == tuple(crafted)
+        predictor.predict(images)
+        predictor.evaluate(labelled.parent).save(run / "eval")
+
+    created = set(tmp_path.rglob("*")) - before
+    assert created and all(p.is_relative_to(run) for p in created), sorted(created)
+    names = {p.name for p in created}
+    assert names <= {
+        "bundle",
+        "model.json",
+        "model.safetensors",
+        "model.torchscript.pt",
+        "model.onnx",
+        "eval",
+        "evaluation.json",
+        "confusion.png",
+        "mistakes.png",
+    }
+    assert not Path("/tmp/finetune-absolute").exists()
+    assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import finetune
@@ -80,3 +81,29 @@ def test_unreadable_images_are_skipped_with_a_warning(
     with pytest.warns(UserWarning, match="bad.png"):
         predictions = predictor.predict([bad, good])
     assert [p.path for p in predictions] == [str(good)]
+
+
+def test_tta_averages_the_softmax_of_the_views(predictor: finetune.Predictor, fashion: Path):
+    paths = sorted((fashion / "test" / "sandal").glob("*.png"))[:6]
+    # 76 x 73: the short side is already the evaluation resize (64 / 0.875), and the centre
+    # crop leaves 6 columns on each side, so cropping and mirroring commute exactly.
+    arrays = [np.array(Image.open(p).convert("RGB").resize((76, 73))) for p in paths]
+    plain = predictor.predict_proba(arrays)
+    mirrored = predictor.predict_proba([a[:, ::-1].copy() for a in arrays])
+    flip = predictor.predict_proba(arrays, tta="flip")
+    assert flip == pytest.approx((plain + mirrored) / 2, abs=1e-5)
+    # 10 crops: the average of the ten views, each classified on its own.
+    views = predictor.views("10crop")
+    crops = [np.ascontiguousarray(c) for c in views.crops(arrays[0])]
+    model = predictor.model
+    with torch.inference_mode():
+        each = model(torch.stack([views.to_tensor(c) for c in crops])).softmax(1).numpy()
+    ten = predictor.predict_proba(arrays[:1], tta="10crop")[0]
+    assert ten == pytest.approx(each.mean(0), abs=1e-5)
+    assert not np.allclose(ten, plain[0], atol=1e-3)  # the views really differ
+    # batch_size counts images, whatever the number of views.
+    assert predictor.predict_proba(paths, batch_size=4, tta="10crop") == pytest.approx(
+        predictor.predict_proba(paths, batch_size=32, tta="10crop"), abs=1e-5
+    )
+    labels = [p.label for p in predictor.predict(paths, tta="10crop")]
+    assert len(labels) == 6
