@@ -292,6 +292,8 @@ def _given_options(options: dict[str, object]) -> list[str]:
 
 
 def _plan_text(plan: Plan, rerun: str) -> str:
+    from finetune.api import augmentation_of
+
     split, config, decision = plan.data, plan.config, plan.decision
     lines = [
         f"data       {split.root}: {len(split.classes)} classes, {len(split.train)} train / "
@@ -327,6 +329,7 @@ def _plan_text(plan: Plan, rerun: str) -> str:
             if decision is not None and plan.trains_backbone
             else []
         ),
+        *([f"augment    {augmentation_of(config).describe()}"] if plan.trains_backbone else []),
         f"estimate   about {_duration(plan.estimate_seconds)} of training on this machine",
         "",
         "Run it:",
@@ -336,6 +339,7 @@ def _plan_text(plan: Plan, rerun: str) -> str:
 
 
 def _settings(values: dict[str, object]) -> str:
+    values = {k: v for k, v in values.items() if k != "augment"}  # a line of its own
     return ", ".join(
         f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
     )
