@@ -1,7 +1,9 @@
-"""Training input pipeline speed, images per second per CPU core: finetune's (PIL decode to a
-numpy array, then the albumentations pipeline of ``train_transform``) against the same pipeline
-written with torchvision's ``transforms.v2`` (PIL decode, then PIL/tensor ops), side by side on
-the same images, same output size, in one run.
+"""Training input pipeline speed per CPU core: finetune's against torchvision.transforms.v2.
+
+Images per second of decode + augment + normalise + to-tensor: finetune's (PIL decode to a numpy
+array, then the albumentations pipeline of ``train_transform``) against the same pipeline written
+with torchvision's ``transforms.v2`` (PIL decode, then PIL or tensor ops), side by side on the
+same images, same output size, in one run.
 
     python benchmarks/augment.py [--repeats 3] [--images 200] [--workers 2]
 
@@ -34,11 +36,11 @@ is shrunk (the photos); it is part, not most, of why its crop is slower (for 340
 cv2 ~0.1 ms, torch uint8 with or without antialias ~0.35 ms, PIL ~1.3 ms).
 
 Rows: ``decode`` (file -> RGB image only; ours includes the copy into a numpy array, which
-torchvision leaves to ToImage), ``augment`` (on images decoded
-beforehand), ``decode+augment`` (the whole per-image work of a training loader), and the loader
-row. Each is the median of ``--repeats`` timed passes over all images after a warm-up; the passes
-of the pipelines alternate, so a background load hits them alike. ``ours/...`` above 1 means ours
-is faster. After the table, the time per op of the ``default`` preset (augment only,
+torchvision leaves to ToImage), ``augment`` (on images decoded beforehand), ``decode+augment``
+(the whole per-image work of a training loader), and the loader row. Each is the median of
+``--repeats`` timed passes over all images (looped to last at least 0.2 s) after a warm-up; the
+passes of the pipelines alternate, so a background load hits them alike. ``ours/...`` above 1
+means ours is faster. After the table, the time per op of the ``default`` preset (augment only,
 microseconds per image, median over the repeats; ``Compose (whole - ops)`` is the whole pipeline
 minus the sum of its ops called one by one: the pipeline's own overhead, plus timing noise).
 """
@@ -79,6 +81,7 @@ from finetune.transforms import (
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 32  # DataLoader batch size
 WARMUP = 20  # images run through each pipeline before timing
+MIN_PASS_S = 0.2  # shortest timed pass (seconds); passes over tiny images loop
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -181,17 +184,24 @@ Case = tuple[Callable[[Any], Any], Sequence[Any]]  # (per-image function, its in
 
 
 def images_per_second(cases: dict[str, Case], repeats: int) -> dict[str, float]:
-    """Median images/s of each case over ``repeats`` passes; the cases' passes alternate."""
-    for fn, items in cases.values():
+    """Median images/s of each case over ``repeats`` passes; the cases' passes alternate. A pass
+    goes over the images as many times as it takes to last ``MIN_PASS_S`` (tiny images)."""
+    loops = {}
+    for name, (fn, items) in cases.items():
         for item in items[:WARMUP]:
             fn(item)
+        start = time.perf_counter()
+        for item in items:
+            fn(item)
+        loops[name] = max(1, math.ceil(MIN_PASS_S / (time.perf_counter() - start)))
     rates: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, (fn, items) in cases.items():
             start = time.perf_counter()
-            for item in items:
-                fn(item)
-            rates[name].append(len(items) / (time.perf_counter() - start))
+            for _ in range(loops[name]):
+                for item in items:
+                    fn(item)
+            rates[name].append(loops[name] * len(items) / (time.perf_counter() - start))
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
@@ -247,7 +257,7 @@ def per_op_micros(
             image = op(image)
     totals = np.zeros((repeats, len(ops) + 1))
     for r in range(repeats):
-        for image in images:  # image by image, so that a background load hits both alike
+        for image in images:  # image by image: a background load hits the whole and ops alike
             start = time.perf_counter()
             whole(image)
             totals[r, -1] += time.perf_counter() - start
@@ -299,8 +309,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed passes; the median counts")
     parser.add_argument("--images", type=int, default=200, help="images per dataset")
-    parser.add_argument("--presets", nargs="*", default=["default", "strong", "none"])
-    parser.add_argument("--datasets", nargs="*", default=["fashion", "photos"])
+    parser.add_argument(
+        "--presets", nargs="*", choices=list(PRESETS), default=["default", "strong", "none"]
+    )
+    parser.add_argument(
+        "--datasets", nargs="*", choices=["fashion", "photos"], default=["fashion", "photos"]
+    )
     parser.add_argument(
         "--tv-backends",
         nargs="*",
@@ -324,7 +338,7 @@ def main() -> None:
     loader = f"; loader rows: {args.workers} worker processes in all" if args.workers else ""
     print(
         f"images/s per core (1 thread), median of {args.repeats} passes over {args.images} images"
-        f"{loader}; tv = torchvision v2 with crop/flip/jitter on PIL images or uint8 tensors"
+        f"{loader}\ntv = torchvision v2 with crop/flip/jitter on PIL images or on uint8 tensors"
     )
     header = f"{'dataset':<22}{'preset':<9}{'stage':<17}{'ours':>8}"
     header += "".join(f"{name:>11}" for name in tvs)
