@@ -52,9 +52,9 @@ WARMUP = 2  # passes before timing; TorchScript's profiling executor optimises o
 def build_paths(data: Path, image_size: int | None, tmp: str) -> dict[str, Path]:
     """Train a linear-probe run and export it; the three things ``finetune.load`` is given.
 
-    ``finetune.export`` is the *module* once ``finetune.export`` has been imported as one (by
-    ``finetune.predict``, hence by ``finetune.load``) before the lazy attribute was first read:
-    the submodule shadows the function of the same name. So the function is imported directly.
+    The function is imported from its module: ``finetune.export`` is the *module* when the
+    submodule was imported (``finetune.predict`` imports it, so ``finetune.load`` does) before
+    the lazy attribute was first read, since the submodule shadows the function of its name.
     """
     options = {"image_size": image_size} if image_size else {}
     run = finetune.fit(
@@ -119,6 +119,7 @@ def main() -> None:
     test = args.data / "test"
     paths = expand_inputs([test if test.is_dir() else args.data])
     n = len(paths)
+    load = os.getloadavg()[0]  # other work on the machine skews every number; say so
 
     with tempfile.TemporaryDirectory() as tmp:
         print("training and exporting...", file=sys.stderr, flush=True)
@@ -149,7 +150,8 @@ def main() -> None:
     print(
         f"\n{n} images of {args.data}, input {pre.input_size}x{pre.input_size}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"onnxruntime {onnxruntime.__version__}, median of {args.repeats} repeats\n"
+        f"onnxruntime {onnxruntime.__version__}, median of {args.repeats} repeats, "
+        f"load average {load:.1f} at start on {os.cpu_count()} CPUs\n"
     )
     print(
         f"{'path':<13}{'batch':>6}{'model img/s':>13}{'±%':>5}{'vs eager':>10}"

@@ -20,8 +20,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "fit": "finetune.api",
     "augment_preview": "finetune.api",
+    "check": "finetune.api",
     "FitResult": "finetune.api",
     "plan": "finetune.api",
+    "resume": "finetune.api",
     "Plan": "finetune.api",
     "FitConfig": "finetune.config",
     "Augmentation": "finetune.transforms",
@@ -44,14 +46,16 @@ __all__ = [
     "Predictor",
     "__version__",
     "augment_preview",
+    "check",
     "export",
     "fit",
     "load",
     "plan",
+    "resume",
 ]
 
 if TYPE_CHECKING:
-    from finetune.api import FitResult, Plan, augment_preview, fit, plan
+    from finetune.api import FitResult, Plan, augment_preview, check, fit, plan, resume
     from finetune.config import FitConfig
     from finetune.errors import FinetuneError
     from finetune.export import export

@@ -5,12 +5,14 @@ Read ``fit`` top to bottom to follow a run; each step is one call into its own m
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,15 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune.checkpoint import load_checkpoint, preprocessing_of
 from finetune.config import AUGMENT_FIELDS, DEFAULT_EPOCHS, FitConfig
-from finetune.data import DatasetSplit, load_image, scan_folder
-from finetune.errors import ConfigError
-from finetune.measure import Decision, measure_size, pass_seconds, training_epoch_seconds
+from finetune.data import DatasetSplit, ScanReport, load_image, scan_folder
+from finetune.errors import CheckpointError, ConfigError, DataError
+from finetune.measure import DataSize, Decision, measure_size, pass_seconds, training_epoch_seconds
 from finetune.models import EMBEDDED_WEIGHTS, create_backbone, create_classifier
 from finetune.strategies import FitContext, Strategy, get_strategy
 from finetune.train import EpochResult
 from finetune.transforms import (
     Augmentation,
+    Lighting,
     Preprocessing,
     augmentation_ops,
     choose_image_size,
@@ -37,7 +41,7 @@ from finetune.transforms import (
     preview_figure,
 )
 
-__all__ = ["FitResult", "Plan", "augment_preview", "fit", "plan"]
+__all__ = ["FitResult", "Plan", "augment_preview", "check", "fit", "plan", "resume"]
 
 _DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
 
@@ -157,13 +161,18 @@ def _resolve(
     """Steps shared by fit and plan: scan, backbone, strategy (auto decides), settings."""
     strategy = get_strategy(config.strategy)
     _seed_everything(config.seed)
-    split = scan_folder(data, val_split=config.val_split, seed=config.seed)
+    split = scan_folder(data, val_split=config.val_split, seed=config.seed, progress=verbose)
     _say(
         verbose,
         f"data      {split.root}: {len(split.classes)} classes, {len(split.train)} train / "
-        f"{len(split.val)} val images ({split.layout})"
-        + (f", {len(split.skipped)} files skipped" if split.skipped else ""),
+        f"{len(split.val)} val images ({split.layout})",
     )
+    report = split.report
+    if report.skipped or report.notes or report.leaks or report.imbalance >= 5:
+        if verbose:
+            _say(verbose, f"check     {report.summary()} (finetune check {split.root})")
+        else:
+            warnings.warn(f"{split.root}: {report.summary()}", stacklevel=3)
     backbone = create_backbone(config.model, config.weights)
     device = _device(config.device)
     backbone.to(device)
@@ -279,6 +288,7 @@ def fit(
     config = dataclasses.replace(config, out=str(run_dir))
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     (run_dir / "classes.json").write_text(json.dumps(list(split.classes), indent=2) + "\n")
+    (run_dir / "scan.json").write_text(json.dumps(split.report.to_dict(), indent=2) + "\n")
     if decision is not None:
         (run_dir / "decision.json").write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
     describe = {
@@ -288,6 +298,7 @@ def fit(
             "head": "linear" if head is None else f"custom:{type(head).__qualname__}",
             "stage": None,
         },
+        "data": str(split.root.resolve()),
         "classes": list(split.classes),
         "preprocessing": pre.to_dict(),
         "config": config.to_dict(),
@@ -314,26 +325,118 @@ def fit(
         augmentation=augmentation,
         lighting=lighting,
     )
-    model, history = strategy.fit(ctx)
+    return _train(ctx, strategy, decision, started)
+
+
+def _train(ctx: FitContext, strategy: Strategy, decision: Decision | None, started: float):
+    """Run the strategy, then the optional TTA scoring; the :class:`FitResult`."""
+    _, history = strategy.fit(ctx)
+    if ctx.resumed is not None:  # the epochs before the resume, as metrics.csv holds them
+        history = _history(ctx.run_dir)
+    config, run_dir = ctx.config, ctx.run_dir
     tta_val_acc = None
     if config.tta != "none":
-        tta_val_acc = _tta_val_accuracy(run_dir, split, config)
+        tta_val_acc = _tta_val_accuracy(run_dir, ctx.split, config)
         best = [r for r in history if r.best][-1]
-        _say(
-            verbose,
-            f"tta       {config.tta}: val acc {tta_val_acc:.3f} (centre crop {best.val_acc:.3f})",
+        ctx.say(
+            f"tta       {config.tta}: val acc {tta_val_acc:.3f} (centre crop {best.val_acc:.3f})"
         )
     return FitResult(
         dir=run_dir,
-        classes=split.classes,
+        classes=ctx.split.classes,
         strategy=strategy.name,
         config=config,
         history=tuple(history),
         seconds=time.perf_counter() - started,
-        skipped=split.skipped,
+        skipped=ctx.split.skipped,
         decision=decision,
         tta_val_acc=tta_val_acc,
     )
+
+
+def _history(run_dir: Path) -> list[EpochResult]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    kinds = {f.name: f.type for f in dataclasses.fields(EpochResult)}
+    convert = {"int": int, "float": float, "bool": lambda v: v == "True"}
+    return [EpochResult(**{k: convert[kinds[k]](v) for k, v in row.items()}) for row in rows]
+
+
+def resume(
+    run_dir: str | Path, *, head: nn.Module | None = None, verbose: bool = True
+) -> FitResult:
+    """Continue a fine-tune that stopped (killed, Ctrl-C, a crash) from its ``last.pt``.
+
+    The run's own ``config.json`` and data folder are used; weights, optimizer, scheduler, RNG
+    and epoch come from ``last.pt``, and every epoch reseeds shuffling and augmentation from
+    (seed, epoch), so the result is the one an uninterrupted run would have given.
+
+    Raises:
+        CheckpointError: ``run_dir`` has no ``last.pt`` (nothing was saved to resume from).
+        ConfigError: The run is complete, or was a probe (one pass, nothing to resume).
+        DataError: The data folder is gone or its classes changed.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / "last.pt").is_file():
+        raise CheckpointError(
+            f"{run_dir} holds no last.pt: no epoch finished, so there is nothing to resume. "
+            "Start the run again with finetune fit."
+        )
+    last = load_checkpoint(run_dir / "last.pt")
+    config = FitConfig(**json.loads((run_dir / "config.json").read_text()))
+    strategy = get_strategy(config.strategy)
+    if not strategy.trains_backbone:
+        raise ConfigError(f"{run_dir} is a {strategy.name} run: one pass, nothing to resume.")
+    if last["epoch"] >= config.epochs:
+        raise ConfigError(
+            f"{run_dir} is complete ({last['epoch']}/{config.epochs} epochs); nothing to resume."
+        )
+    _seed_everything(config.seed)
+    split = scan_folder(last["data"], val_split=config.val_split, seed=config.seed)
+    if list(split.classes) != list(last["classes"]):
+        raise DataError(
+            f"The classes in {split.root} changed since {run_dir} started "
+            f"({', '.join(last['classes'])}); resume needs the same folder."
+        )
+    _say(verbose, f"resume    {run_dir}: epoch {last['epoch']}/{config.epochs} done, continuing")
+    device = _device(config.device)
+    backbone = create_backbone(config.model, config.weights)
+    model = create_classifier(backbone, len(split.classes), head)
+    model.load_state_dict(last["state_dict"])
+    model.to(device)
+    saved = last.get("augmentation") or {}
+    lighting = saved.get("pca_lighting")
+    describe = {k: last[k] for k in _DESCRIBE_KEYS if k in last}
+    ctx = FitContext(
+        model=model,
+        split=split,
+        pre=preprocessing_of(last),
+        config=config,
+        device=device,
+        run_dir=run_dir,
+        describe=describe,
+        verbose=verbose,
+        say=lambda message: _say(verbose, message),
+        on_epoch=lambda r: _say(verbose, _epoch_line(r, config.epochs)),
+        augmentation=augmentation_of(config),
+        lighting=Lighting.from_dict(lighting) if lighting else None,
+        resumed=last,
+    )
+    decision = None
+    if (run_dir / "decision.json").is_file():
+        decision = last.get("decision")  # kept as recorded; auto does not decide again
+    return _train(ctx, strategy, None if decision is None else _decision(decision), started)
+
+
+# What fit puts in every checkpoint besides weights and training state (resume copies it).
+_DESCRIBE_KEYS = ("model", "data", "classes", "preprocessing", "config", "strategy", "decision",
+                  "augmentation")  # fmt: skip
+
+
+def _decision(data: dict[str, Any]) -> Decision:
+    size = DataSize(**{k: v for k, v in data["size"].items() if k != "imbalance"})
+    return Decision(**{**data, "size": size, "reasons": tuple(data["reasons"])})
 
 
 def _tta_val_accuracy(run_dir: Path, split: DatasetSplit, config: FitConfig) -> float:
@@ -348,6 +451,17 @@ def _tta_val_accuracy(run_dir: Path, split: DatasetSplit, config: FitConfig) -> 
     record = {"tta": config.tta, "val_acc": accuracy, "val_images": len(paths)}
     (run_dir / "tta.json").write_text(json.dumps(record, indent=2) + "\n")
     return accuracy
+
+
+def check(data: str | Path, val_split: float = 0.2, seed: int = 0) -> ScanReport:
+    """Scan ``data`` as ``fit`` would, without training: every file checked by content, the
+    bad ones listed with the reason, tiny images and symlinks noted, identical files in train
+    and val or in two classes reported. Nothing in the folder is written.
+
+    Raises:
+        DataError: The folder cannot be used at all (missing, one class, a class too small).
+    """
+    return scan_folder(data, val_split=val_split, seed=seed, progress=True).report
 
 
 def augment_preview(

@@ -197,15 +197,23 @@ _fit_options = _decorate_with(_fit_option_list)
 
 
 @cli.command("fit")
-@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path), required=False)
 @_fit_options
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     help="Run directory [default: runs/<data>-<strategy>-<time>].",
 )
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path),
+    help="Continue the stopped run in this directory from its last.pt (DATA and the other "
+    "options come from the run).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary.")
-def fit_command(data: Path, quiet: bool, out: Path | None, **options) -> None:
+def fit_command(
+    data: Path | None, quiet: bool, out: Path | None, resume: Path | None, **options
+) -> None:
     """Train a classifier on DATA, a folder with one sub-folder of images per class.
 
     If DATA holds train/ and val/ folders they are used as they are; otherwise a seeded,
@@ -215,10 +223,25 @@ def fit_command(data: Path, quiet: bool, out: Path | None, **options) -> None:
     similar it is to ImageNet, picks one of the four strategies and says why
     (`finetune plan DATA` shows that decision without training).
 
+    A stopped run (Ctrl-C, killed, crashed) continues with `finetune fit --resume RUN_DIR`.
+
     Example:
 
         finetune fit sample_data/fashion
     """
+    if resume is not None:
+        from finetune.api import resume as resume_run
+
+        given = _given_options(options)
+        if data is not None or out is not None or given:
+            raise click.UsageError(
+                "--resume continues a run with its own data and options; give only the run "
+                "directory: finetune fit --resume RUN_DIR"
+            )
+        click.echo(_summary(resume_run(resume, verbose=not quiet)))
+        return
+    if data is None:
+        raise click.UsageError("Give DATA, the image folder (or --resume RUN_DIR).")
     from finetune.api import fit
 
     config = FitConfig.from_kwargs(out=str(out) if out else None, **options)
@@ -244,7 +267,9 @@ def _summary(result: FitResult) -> str:
         f"  checkpoints  {result.best_checkpoint} (best), {result.last_checkpoint} (last)",
     ]
     if result.skipped:
-        lines.append(f"  skipped      {len(result.skipped)} unusable files (see warnings above)")
+        lines.append(
+            f"  skipped      {len(result.skipped)} files, listed in {result.dir / 'scan.json'}"
+        )
     lines += ["", "Next:", f"  finetune predict {result.dir} IMAGES_OR_FOLDERS..."]
     return "\n".join(lines)
 
@@ -593,6 +618,32 @@ def augment_preview_command(data: Path, out: Path, images: int, versions: int, *
 
     config = FitConfig.from_kwargs(**options)
     click.echo(str(augment_preview(data, out, config, images=images, versions=versions)))
+
+
+@cli.command("check")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "--val-split",
+    type=float,
+    default=FitConfig.val_split,
+    show_default=True,
+    help="As in fit: the split in which train/val leakage is looked for.",
+)
+@click.option("--seed", type=int, default=FitConfig.seed, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check_command(data: Path, val_split: float, seed: int, as_json: bool) -> None:
+    """Check every file of DATA as `finetune fit DATA` would, without training: unreadable,
+    truncated, empty and non-image files, hidden folders, decompression bombs, tiny images,
+    symlinks, and identical images in train and val or in two classes. Nothing is written.
+
+    Example:
+
+        finetune check sample_data/fashion
+    """
+    from finetune.api import check
+
+    report = check(data, val_split=val_split, seed=seed)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.text())
 
 
 @cli.command("strategies")

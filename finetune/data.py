@@ -5,32 +5,51 @@ Layouts understood (class folders may hold images at any depth):
     root/<class>/*.png                      seeded, stratified train/val split (val_split)
     root/train/<class>/..., root/val/<class>/...   (``valid/`` works too; ``test/`` is left alone)
 
-Hidden files and folders (``.name``) are never classes or images. Files that are not images,
-and images that cannot be opened, are skipped with a warning that names them.
+Every file is checked by content before use (:func:`check_files`: decoded in full, in parallel
+threads, the result cached by path, size and modification time): empty, truncated or corrupt
+files, files that are not images, decompression bombs (over Pillow's pixel limit), hidden files
+and folders (``.DS_Store``, ``.ipynb_checkpoints/``...) are skipped and listed in a
+:class:`ScanReport` with the reason; tiny images and symlinks are kept and noted; identical files
+(by SHA-1 of the content) in train and val, or in two classes, are reported as leakage. Nothing in
+the user's folder is ever written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import os
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from finetune.errors import DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "TINY_SIDE",
     "DatasetSplit",
+    "FileCheck",
     "ImageDataset",
     "Sample",
+    "ScanReport",
+    "cache_root",
+    "check_file",
+    "check_files",
     "collate_skipping_failed",
     "iter_image_files",
     "load_image",
+    "pil_to_rgb",
     "scan_folder",
 ]
 
@@ -38,6 +57,17 @@ IMAGE_EXTENSIONS = frozenset(
     {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 )
 _VAL_NAMES = ("val", "valid", "validation")
+_EXIF_ORIENTATION = 0x0112
+TINY_SIDE = 16  # images with a side below this many pixels are noted (kept, upscaled)
+_SCAN_VERSION = 1  # bump when check_file's verdicts change, to invalidate cached scans
+
+
+def cache_root() -> Path:
+    """Where finetune caches things: ``$FINETUNE_CACHE_DIR``, else ``~/.cache/finetune``."""
+    root = os.environ.get("FINETUNE_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,162 @@ class Sample:
 
     path: Path
     label: int
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """What checking one file found."""
+
+    path: Path
+    problem: str | None = None  # why it cannot be used; None: a usable image
+    width: int = 0
+    height: int = 0
+    digest: str = ""  # SHA-1 of the content ("" when it could not be read)
+    note: str | None = None  # usable, but worth knowing: tiny, a symlink
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    """Everything scanning a folder found that a person should know."""
+
+    root: Path
+    files: int = 0  # files looked at (hidden ones included)
+    images: int = 0  # usable images
+    skipped: tuple[tuple[Path, str], ...] = ()  # (file or folder, why it is not used)
+    notes: tuple[tuple[Path, str], ...] = ()  # (file, remark) for usable images
+    leaks: tuple[tuple[str, tuple[Path, ...]], ...] = ()  # (what, identical files)
+    imbalance: float = 1.0  # largest class / smallest class, training images
+    cached: int = 0  # files whose check came from the scan cache
+
+    def summary(self) -> str:
+        """One line for the screen."""
+        parts = [f"checked {self.files} files: {self.images} images"]
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped")
+        if self.notes:
+            parts.append(f"{len(self.notes)} noted")
+        if self.leaks:
+            parts.append(f"{len(self.leaks)} identical-file group(s) (leakage)")
+        if self.imbalance >= 5:
+            parts.append(f"classes imbalanced {self.imbalance:.1f}x")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "files": self.files,
+            "images": self.images,
+            "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped],
+            "notes": [{"path": str(p), "note": n} for p, n in self.notes],
+            "leaks": [{"what": w, "paths": [str(p) for p in ps]} for w, ps in self.leaks],
+            "imbalance": self.imbalance,
+        }
+
+    def text(self) -> str:
+        """The full report, for ``finetune check`` and people."""
+        lines = [self.summary()]
+        if self.skipped:
+            lines += ["", "skipped:"] + [f"  {p}  ({r})" for p, r in self.skipped]
+        if self.notes:
+            lines += ["", "noted (used):"] + [f"  {p}  ({n})" for p, n in self.notes]
+        if self.leaks:
+            lines += ["", "identical files (leakage):"]
+            for what, paths in self.leaks:
+                lines.append(f"  {what}: " + ", ".join(str(p) for p in paths))
+        return "\n".join(lines)
+
+
+def check_file(path: str | Path) -> FileCheck:
+    """Decode ``path`` in full (never trusting its extension) and say whether it is a usable image.
+
+    A truncated image, a file of zero bytes, a file Pillow cannot read and an image whose pixel
+    count is over Pillow's decompression-bomb limit are problems; a side under
+    :data:`TINY_SIDE` pixels and a symlink are notes.
+    """
+    path = Path(path)
+    note = f"symlink to {os.path.realpath(path)}" if path.is_symlink() else None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return FileCheck(path, f"cannot be read ({exc.strerror or exc})")
+    if not data:
+        return FileCheck(path, "empty file (0 bytes)")
+    digest = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return FileCheck(path, f"decompression bomb: {exc}", digest=digest)
+    except UnidentifiedImageError:
+        return FileCheck(
+            path, "not an image (Pillow does not recognise its content)", digest=digest
+        )
+    except (OSError, ValueError, SyntaxError) as exc:
+        return FileCheck(path, f"truncated or corrupt image ({exc})", digest=digest)
+    if min(width, height) < TINY_SIDE:
+        tiny = f"tiny image ({width}x{height} px), upscaled to the input size"
+        note = f"{note}; {tiny}" if note else tiny
+    return FileCheck(path, None, width, height, digest, note)
+
+
+def check_files(paths: Sequence[Path], progress: bool = False) -> tuple[list[FileCheck], int]:
+    """:func:`check_file` over ``paths`` in parallel threads (decoders release the GIL), with
+    results cached under :func:`cache_root` by path, size and modification time.
+
+    Returns:
+        The checks in ``paths`` order, and how many came from the cache.
+    """
+    cache_file = cache_root() / "scan" / f"v{_SCAN_VERSION}.json"
+    try:
+        cache: dict[str, Any] = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    results: dict[int, FileCheck] = {}
+    todo: list[int] = []
+    keys: list[str] = []
+    for i, path in enumerate(paths):
+        try:
+            stat = path.stat()
+            key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{path.is_symlink()}"
+        except OSError:
+            key = ""
+        keys.append(key)
+        hit = cache.get(key) if key else None
+        if hit is not None:
+            results[i] = FileCheck(path, **{k: v for k, v in hit.items() if k != "path"})
+        else:
+            todo.append(i)
+    workers = min(16, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        checked = pool.map(check_file, [paths[i] for i in todo])
+        bar = tqdm(checked, total=len(todo), desc="checking images", unit="file", leave=False,
+                   disable=None if progress else True)  # fmt: skip
+        for i, check in zip(todo, bar, strict=True):
+            results[i] = check
+    if todo:
+        for i in todo:
+            if keys[i]:
+                cache[keys[i]] = {k: v for k, v in asdict(results[i]).items() if k != "path"}
+        _write_json_atomically(cache_file, cache)
+    return [results[i] for i in range(len(paths))], len(paths) - len(todo)
+
+
+def _write_json_atomically(file: Path, data: Any) -> None:
+    """Best effort: a cache that cannot be written is only a slower next time."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        staged = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        staged.write_text(json.dumps(data))
+        os.replace(staged, file)
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -59,6 +245,7 @@ class DatasetSplit:
     layout: str  # "train/val folders" or "random split"
     skipped: tuple[tuple[Path, str], ...]  # (file, reason) for files that are not usable images
     median_side: int  # median of min(width, height) over the training images, in pixels
+    report: ScanReport = field(default_factory=lambda: ScanReport(Path(".")))
 
     def counts(self, split: str) -> dict[str, int]:
         """Images per class in ``"train"`` or ``"val"``."""
@@ -89,60 +276,116 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p))
 
 
-def _probe(path: Path) -> tuple[int, int] | str:
-    """(width, height) of a readable image, or the reason it cannot be used."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        return f"not a readable image ({type(exc).__name__}: {exc})"
-
-
-def _collect(folder: Path, classes: Sequence[str]) -> tuple[list[Sample], list, list[int]]:
-    samples: list[Sample] = []
-    skipped: list[tuple[Path, str]] = []
-    sides: list[int] = []
-    for label, name in enumerate(classes):
-        class_dir = folder / name
-        if not class_dir.is_dir():
+def _class_files(class_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The candidate image files below ``class_dir``, and the entries passed over, with why."""
+    candidates: list[Path] = []
+    passed: list[tuple[Path, str]] = []
+    hidden_dirs: set[Path] = set()
+    for path in sorted(class_dir.rglob("*")):
+        rel = path.relative_to(class_dir)
+        if any(parent in hidden_dirs for parent in path.parents):
             continue
-        for path in iter_image_files(class_dir):
-            probed = _probe(path)
-            if isinstance(probed, str):
-                skipped.append((path, probed))
-                continue
-            sides.append(min(probed))
-            samples.append(Sample(path, label))
-        for path in sorted(class_dir.rglob("*")):
-            if (
-                path.is_file()
-                and path.suffix.lower() not in IMAGE_EXTENSIONS
-                and not any(p.startswith(".") for p in path.relative_to(class_dir).parts)
-            ):
-                skipped.append((path, "not an image file (unknown extension)"))
-    return samples, skipped, sides
-
-
-def _non_empty_classes(folder: Path) -> list[str]:
-    names = []
-    for class_dir in _class_folders(folder):
-        if iter_image_files(class_dir):
-            names.append(class_dir.name)
+        if any(part.startswith(".") or part == "__MACOSX" for part in rel.parts):
+            if path.is_dir():
+                hidden_dirs.add(path)
+                passed.append((path, "hidden folder, not read"))
+            else:
+                passed.append((path, "hidden file, not read"))
+            continue
+        if path.is_dir():
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            candidates.append(path)
+        elif path.name.lower() in {"thumbs.db", "desktop.ini"}:
+            passed.append((path, "system file, not an image"))
         else:
-            warnings.warn(
-                f"Class folder {class_dir} holds no images; it is not used as a class.",
-                stacklevel=3,
-            )
-    return names
+            kind = f"extension {path.suffix}" if path.suffix else "no extension"
+            passed.append((path, f"not an image file ({kind})"))
+    return candidates, passed
 
 
-def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0) -> DatasetSplit:
-    """Find the classes and images under ``root`` and split them into train and val.
+def _class_folders_of(folder: Path) -> tuple[list[str], list[tuple[Path, str]]]:
+    """Class names (non-hidden sub-folders with image files) and what was passed over."""
+    names: list[str] = []
+    passed: list[tuple[Path, str]] = []
+    for entry in sorted(folder.iterdir()):
+        if _is_hidden(entry):
+            passed.append((entry, f"hidden {'folder' if entry.is_dir() else 'file'}, not read"))
+        elif entry.is_dir():
+            if iter_image_files(entry):
+                names.append(entry.name)
+            else:
+                passed.append((entry, "class folder without images: not a class"))
+        elif folder.name not in ("train", *_VAL_NAMES):
+            passed.append((entry, "a file beside the class folders, not in any class"))
+    return names, passed
+
+
+@dataclass
+class _Scan:
+    """What scanning collects on its way through the folders."""
+
+    samples: dict[str, list[Sample]] = field(default_factory=dict)  # "train"/"val"/"all"
+    checks: dict[Path, FileCheck] = field(default_factory=dict)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    files: int = 0
+    cached: int = 0
+
+    def collect(self, part: str, folder: Path, classes: Sequence[str], progress: bool) -> None:
+        found: list[tuple[Path, int]] = []
+        for label, name in enumerate(classes):
+            if not (folder / name).is_dir():
+                continue
+            candidates, passed = _class_files(folder / name)
+            self.skipped += passed
+            self.files += len(candidates) + len(passed)
+            found += [(path, label) for path in candidates]
+        checks, cached = check_files([path for path, _ in found], progress)
+        self.cached += cached
+        samples = []
+        for (path, label), check in zip(found, checks, strict=True):
+            self.checks[path] = check
+            if check.ok:
+                samples.append(Sample(path, label))
+            else:
+                self.skipped.append((path, check.problem))
+        self.samples[part] = samples
+
+
+def _leaks(
+    parts: dict[str, list[Sample]], checks: dict[Path, FileCheck], classes: Sequence[str]
+) -> list[tuple[str, tuple[Path, ...]]]:
+    """Groups of identical files (same SHA-1) that sit in train and val, or in two classes."""
+    groups: dict[str, list[tuple[str, Sample]]] = {}
+    for part, samples in parts.items():
+        for sample in samples:
+            groups.setdefault(checks[sample.path].digest, []).append((part, sample))
+    leaks = []
+    for members in groups.values():
+        where = {part for part, _ in members}
+        labels = sorted({s.label for _, s in members})
+        paths = tuple(sorted(s.path for _, s in members))
+        if len(labels) > 1:
+            names = " and ".join(classes[i] for i in labels)
+            leaks.append((f"the same image in classes {names}", paths))
+        elif len(where) > 1:
+            leaks.append(("the same image in train and val", paths))
+    return sorted(leaks, key=lambda leak: leak[1])
+
+
+def scan_folder(
+    root: str | Path, val_split: float = 0.2, seed: int = 0, progress: bool = False
+) -> DatasetSplit:
+    """Find the classes and images under ``root``, check every file, split train and val.
 
     Args:
         root: A folder-per-class tree, or a folder holding ``train/`` and ``val/`` trees.
         val_split: Fraction of each class held out for validation when there is no ``val/``.
         seed: Seed of the stratified split.
+        progress: Show a progress bar while files are checked.
+
+    Returns:
+        The split; its ``report`` lists skipped files, notes and leakage.
 
     Raises:
         DataError: The folder is missing, has fewer than two classes, or a class is too small.
@@ -150,40 +393,57 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0) -> Data
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root} is not a folder. Give a folder with one sub-folder per class.")
+    scan = _Scan()
     val_dir = next((root / n for n in _VAL_NAMES if (root / n).is_dir()), None)
     if (root / "train").is_dir() and val_dir is not None:
-        classes = _non_empty_classes(root / "train")
+        classes, passed = _class_folders_of(root / "train")
+        scan.skipped += passed
+        scan.files += len(passed)
         _check_classes(root / "train", classes)
-        train, skipped, sides = _collect(root / "train", classes)
-        val, val_skipped, _ = _collect(val_dir, classes)
-        extra = sorted(
-            p.name for p in _class_folders(val_dir) if p.name not in classes and iter_image_files(p)
-        )
+        val_classes, val_passed = _class_folders_of(val_dir)
+        extra = sorted(set(val_classes) - set(classes))
         if extra:
             raise DataError(
                 f"{val_dir} has class folders that {root / 'train'} lacks: {', '.join(extra)}. "
                 "Every validation class needs training images: add them to train/ or remove them."
             )
-        skipped += val_skipped
+        scan.skipped += val_passed
+        scan.files += len(val_passed)
+        scan.collect("train", root / "train", classes, progress)
+        scan.collect("val", val_dir, classes, progress)
+        train, val = scan.samples["train"], scan.samples["val"]
         layout = "train/val folders"
     else:
-        classes = _non_empty_classes(root)
+        classes, passed = _class_folders_of(root)
+        scan.skipped += passed
+        scan.files += len(passed)
         _check_classes(root, classes)
-        samples, skipped, sides = _collect(root, classes)
-        train, val = _split(root, samples, classes, val_split, seed)
+        scan.collect("all", root, classes, progress)
+        train, val = _split(root, scan.samples["all"], classes, val_split, seed)
         layout = "random split"
-    for path, reason in skipped:
-        warnings.warn(f"Skipping {path}: {reason}", stacklevel=2)
     if not val:
         raise DataError(f"{val_dir or root} has no usable validation images.")
+    counts = np.bincount([s.label for s in train], minlength=len(classes))
+    report = ScanReport(
+        root=root,
+        files=scan.files,
+        images=len(train) + len(val),
+        skipped=tuple(scan.skipped),
+        notes=tuple((p, c.note) for p, c in scan.checks.items() if c.ok and c.note),
+        leaks=tuple(_leaks({"train": train, "val": val}, scan.checks, classes)),
+        imbalance=float(counts.max() / max(counts.min(), 1)),
+        cached=scan.cached,
+    )
+    sides = [min(scan.checks[s.path].width, scan.checks[s.path].height) for s in train]
     return DatasetSplit(
         root=root,
         classes=tuple(classes),
         train=tuple(train),
         val=tuple(val),
         layout=layout,
-        skipped=tuple(skipped),
+        skipped=tuple(scan.skipped),
         median_side=int(statistics.median(sides)) if sides else 0,
+        report=report,
     )
 
 
@@ -231,7 +491,10 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def pil_to_rgb(img: Image.Image) -> np.ndarray:
-    """Convert a PIL image of any mode to an RGB ``uint8`` array."""
+    """Convert a PIL image of any mode to an RGB ``uint8`` array, upright (EXIF orientation
+    applied), alpha composited on white, 16-bit scaled (not clamped) to 8 bits."""
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -14,6 +14,7 @@ __all__ = [
     "FinetuneError",
     "ModelError",
     "NotAvailableError",
+    "TrainingError",
 ]
 
 
@@ -39,3 +40,7 @@ class CheckpointError(FinetuneError):
 
 class NotAvailableError(FinetuneError):
     """A documented feature that this version does not provide yet."""
+
+
+class TrainingError(FinetuneError):
+    """Training stopped: interrupted (the message says how to resume) or diverged."""

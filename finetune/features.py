@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune.data import ImageDataset, Sample, collate_skipping_failed
+from finetune.data import ImageDataset, Sample, cache_root, collate_skipping_failed
 from finetune.transforms import Preprocessing, eval_transform
 
 __all__ = ["HEAD", "cache_dir", "extract_features", "probe_points", "weights_fingerprint"]
@@ -35,12 +35,8 @@ _MEMORY_ENTRIES = 8
 
 
 def cache_dir() -> Path:
-    """Where feature caches live: ``$FINETUNE_CACHE_DIR`` or ``~/.cache/finetune/features``."""
-    root = os.environ.get("FINETUNE_CACHE_DIR")
-    if root:
-        return Path(root).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "finetune" / "features"
+    """Where feature caches live: ``features/`` under :func:`finetune.data.cache_root`."""
+    return cache_root() / "features"
 
 
 def probe_points(backbone: nn.Module) -> list[str]:

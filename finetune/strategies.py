@@ -81,6 +81,7 @@ class FitContext:
     on_epoch: Callable[[EpochResult], None]
     augmentation: Augmentation  # the training augmentation (fine-tuning strategies)
     lighting: Lighting | None  # PCA of the training images' colours, for PCA lighting
+    resumed: dict[str, Any] | None = None  # last.pt of the run being resumed
 
 
 class Strategy(ABC):
@@ -282,6 +283,17 @@ class _FineTune(Strategy):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(1, config.epochs * len(train_loader))
         )
+        first_epoch = 1
+        if ctx.resumed is not None:
+            optimizer.load_state_dict(ctx.resumed["optimizer"])
+            scheduler.load_state_dict(ctx.resumed["scheduler"])
+            torch.set_rng_state(ctx.resumed["torch_rng"])
+            first_epoch = ctx.resumed["epoch"] + 1
+
+        def reseed(epoch: int) -> None:  # the same stream whether or not the run was resumed
+            train_loader.generator.manual_seed(config.seed * 100_003 + epoch)
+            train_loader.dataset.transform.set_random_seed(config.seed * 100_003 + epoch)
+
         history = train(
             model,
             optimizer,
@@ -290,10 +302,12 @@ class _FineTune(Strategy):
             val_loader,
             epochs=config.epochs,
             device=ctx.device,
-            recorder=Recorder(ctx.run_dir, ctx.describe),
+            recorder=Recorder(ctx.run_dir, ctx.describe, ctx.resumed),
             progress=ctx.verbose,
             before_epoch=lambda epoch: self.before_epoch(model, config, epoch),
             on_epoch=ctx.on_epoch,
+            first_epoch=first_epoch,
+            reseed=reseed,
         )
         return model, history
 
@@ -362,7 +376,9 @@ def _loaders(ctx: FitContext) -> tuple[DataLoader, DataLoader]:
         "num_workers": workers,
         "collate_fn": collate_skipping_failed,
         "pin_memory": device.type == "cuda",
-        "persistent_workers": workers > 0,
+        # Not persistent: workers restart each epoch and take their augmentation seeds from
+        # the loader's generator, which reseed() sets per epoch (so --resume is exact).
+        "persistent_workers": False,
     }
     augment = train_transform(pre, ctx.augmentation, ctx.lighting, seed=config.seed)
     train_set = ImageDataset(split.train, augment)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import finetune
 from finetune.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,3 +153,79 @@ def test_every_command_has_help_with_an_example_and_is_in_the_readme() -> None:
     for name, command in cli.commands.items():
         assert command.help and "Example" in command.help, name
         assert f"finetune {name}" in readme, name
+
+
+def test_check_lists_bad_files_and_leaks_without_touching_anything(small_folder: Path) -> None:
+    (small_folder / "bag" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    first_bag = sorted((small_folder / "bag").glob("*.png"))[0]
+    (small_folder / "trouser" / "copy.png").write_bytes(first_bag.read_bytes())
+    before = sorted(p.name for p in small_folder.rglob("*"))
+    result = run("check", str(small_folder))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("checked 62 files: 61 images, 1 skipped")
+    assert "broken.jpg" in result.stdout and "truncated or corrupt" in result.stdout
+    assert "the same image in classes bag and trouser" in result.stdout
+    as_json = json.loads(run("check", str(small_folder), "--json").stdout)
+    assert [s["reason"][:9] for s in as_json["skipped"]] == ["truncated"]
+    assert sorted(p.name for p in small_folder.rglob("*")) == before
+
+
+def _start_fit(small_folder: Path, out: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("finetune")
+    return subprocess.Popen(
+        [str(exe), "fit", str(small_folder), *_RESUMABLE, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+_RESUMABLE = ["--strategy", "finetune-all", "--epochs", "3", "--image-size", "32",
+              "--batch-size", "8"]  # fmt: skip
+
+
+def _wait_for_epoch_1(process: subprocess.Popen, out: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not (out / "last.pt").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.1)
+    time.sleep(0.5)  # into epoch 2
+
+
+def _metrics(run_dir: Path) -> list[tuple[str, ...]]:
+    rows = list(csv.reader((run_dir / "metrics.csv").open()))
+    return [tuple(r[:6]) for r in rows]  # all but seconds and best
+
+
+def test_killed_then_resumed_ends_like_an_uninterrupted_run(
+    small_folder: Path, tmp_path: Path
+) -> None:
+    whole = run("fit", str(small_folder), *_RESUMABLE, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    process = _start_fit(small_folder, tmp_path / "killed")
+    _wait_for_epoch_1(process, tmp_path / "killed")
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert len(_metrics(tmp_path / "killed")) < 4  # header + fewer than 3 epochs
+    resumed = run("fit", "--resume", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume    " in resumed.stderr and "continuing" in resumed.stderr
+    assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "whole")
+    again = run("fit", "--resume", str(tmp_path / "killed"))
+    assert again.returncode != 0 and "is complete (3/3 epochs)" in again.stderr
+    mixed = run("fit", str(small_folder), "--resume", str(tmp_path / "killed"))
+    assert mixed.returncode != 0 and "give only the run directory" in mixed.stderr
+
+
+def test_ctrl_c_leaves_a_loadable_last_checkpoint_and_says_how_to_resume(
+    small_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "stopped"
+    process = _start_fit(small_folder, out)
+    _wait_for_epoch_1(process, out)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert f"finetune fit --resume {out}" in stderr and "Traceback" not in stderr
+    assert finetune.load(out / "last.pt").classes == ("bag", "sneaker", "trouser")
+    assert not list(out.glob(".*.tmp"))  # no half-written checkpoint left behind

@@ -21,7 +21,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "cache"
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(folder))
     features._MEMORY.clear()
-    return folder
+    return folder / "features"
 
 
 def test_features_match_the_backbone_and_are_cached_by_content(
