@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from finetune.checkpoint import load_checkpoint, preprocessing_of
-from finetune.config import AUGMENT_FIELDS, DEFAULT_EPOCHS, FitConfig
+from finetune.config import AUGMENT_FIELDS, DEFAULT_EPOCHS, IMBALANCED_FROM, FitConfig
 from finetune.data import DatasetSplit, ScanReport, load_image, scan_folder
 from finetune.errors import CheckpointError, ConfigError, DataError
 from finetune.measure import DataSize, Decision, measure_size, pass_seconds, training_epoch_seconds
@@ -183,10 +183,20 @@ def _resolve(
             _say(verbose, f"          - {reason}")
     native = Preprocessing.from_model(backbone).input_size
     preset, _ = preset_for(measure_size(split).per_class_median)
+    balance = config.balance
+    if balance is None:
+        balance = "weighted-loss" if split.report.imbalance >= IMBALANCED_FROM else "none"
+        if balance != "none":
+            _say(
+                verbose,
+                f"balance   weighted-loss: the largest class has {split.report.imbalance:.1f}x "
+                f"the images of the smallest (>= {IMBALANCED_FROM:g}x); --balance to change",
+            )
     config = dataclasses.replace(
         config,
         strategy=strategy.name,
         augment=config.augment or preset,
+        balance=balance,
         lr=config.lr or _DEFAULT_LR[config.optimizer],
         epochs=(config.epochs or DEFAULT_EPOCHS) if strategy.trains_backbone else 1,
         image_size=config.image_size or choose_image_size(native, split.median_side),
@@ -203,7 +213,11 @@ def _resolve(
 
 def _hyperparameters(config: FitConfig, strategy: Strategy) -> dict[str, Any]:
     """The settings that matter for ``strategy``, as ``decision.json`` records them."""
-    chosen: dict[str, Any] = {"image_size": config.image_size, "batch_size": config.batch_size}
+    chosen: dict[str, Any] = {
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "balance": config.balance,
+    }
     if not strategy.trains_backbone:
         return {**chosen, "head": "logistic regression, C by 3-fold cross-validation"}
     return {

@@ -18,7 +18,14 @@ import click
 from click.core import ParameterSource
 
 from finetune import __version__
-from finetune.config import DEFAULT_EPOCHS, DEFAULT_MODEL, PRESET_NAMES, TTA_MODES, FitConfig
+from finetune.config import (
+    BALANCE_MODES,
+    DEFAULT_EPOCHS,
+    DEFAULT_MODEL,
+    PRESET_NAMES,
+    TTA_MODES,
+    FitConfig,
+)
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
@@ -128,6 +135,12 @@ def _fit_option_list() -> list:
             flag_value=False,
             default=None,
             help="linear/stage-probe: recompute features instead of reusing cached ones.",
+        ),
+        click.option(
+            "--balance",
+            type=click.Choice(BALANCE_MODES),
+            help="Imbalanced classes: weight the loss by 1/frequency, or oversample the rare "
+            "ones [default: weighted-loss when the largest class is 5x the smallest, else none].",
         ),
         *_augment_options(),
         click.option(

@@ -14,8 +14,10 @@ from finetune.errors import ConfigError
 
 __all__ = [
     "AUGMENT_FIELDS",
+    "BALANCE_MODES",
     "DEFAULT_EPOCHS",
     "DEFAULT_MODEL",
+    "IMBALANCED_FROM",
     "OPTIMIZERS",
     "PRESET_NAMES",
     "TTA_MODES",
@@ -28,6 +30,8 @@ OPTIMIZERS = ("adamw", "sgd")
 DEFAULT_EPOCHS = 10  # when neither the user nor auto chose
 PRESET_NAMES = ("none", "light", "default", "strong")  # finetune.transforms.PRESETS
 TTA_MODES = ("none", "flip", "10crop")  # finetune.transforms.TestTimeViews
+BALANCE_MODES = ("none", "weighted-loss", "oversample")
+IMBALANCED_FROM = 5.0  # largest / smallest training class from which auto balances
 # FitConfig fields that override single fields of the augmentation preset.
 AUGMENT_FIELDS = (
     "crop_scale",
@@ -81,6 +85,10 @@ class FitConfig:
     hue: float | None = None  # hue shift, fraction of the colour circle (<= 0.5)
     lighting: float | None = None  # sigma of AlexNet PCA lighting (0 turns it off)
     tta: str = "none"  # after training, also score val with test-time augmentation: flip, 10crop
+    # Class imbalance: weighted-loss (each class's loss weighted by 1/frequency; the probes use
+    # balanced class weights) or oversample (rarer classes drawn more often; fine-tunes only).
+    # None: weighted-loss when the largest class is >= IMBALANCED_FROM x the smallest, else none.
+    balance: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -122,6 +130,10 @@ class FitConfig:
             raise ConfigError(
                 f"Unknown augmentation preset {self.augment!r}; choose one of "
                 f"{', '.join(PRESET_NAMES)}."
+            )
+        if self.balance is not None and self.balance not in BALANCE_MODES:
+            raise ConfigError(
+                f"Unknown balance {self.balance!r}; choose one of {', '.join(BALANCE_MODES)}."
             )
         if self.tta not in TTA_MODES:
             raise ConfigError(

@@ -527,7 +527,13 @@ class ImageDataset(torch.utils.data.Dataset):
             warnings.warn(f"Skipping {sample.path}: cannot decode it ({exc})", stacklevel=2)
             return None
         if self.transform is not None:
-            image = self.transform(image=image)["image"]
+            try:
+                image = self.transform(image=image)["image"]
+            except Exception as exc:  # in a DataLoader worker the file would otherwise be lost
+                raise DataError(
+                    f"Preparing {sample.path} ({image.shape[1]}x{image.shape[0]} px) failed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
         return image, sample.label
 
 

@@ -48,8 +48,15 @@ class ProbeResult:
         return features @ self.weight.T + self.bias
 
 
-def _model(C: float, seed: int) -> LogisticRegression:
-    return LogisticRegression(C=C, max_iter=300, tol=1e-3, random_state=seed, warm_start=True)
+def _model(C: float, seed: int, balanced: bool = False) -> LogisticRegression:
+    return LogisticRegression(
+        C=C,
+        max_iter=300,
+        tol=1e-3,
+        random_state=seed,
+        warm_start=True,
+        class_weight="balanced" if balanced else None,
+    )
 
 
 def fit_probe(
@@ -59,6 +66,7 @@ def fit_probe(
     seed: int = 0,
     grid: tuple[float, ...] = C_GRID,
     folds: int = 3,
+    balanced: bool = False,
 ) -> ProbeResult:
     """Fit a logistic-regression probe, choosing C by stratified k-fold CV accuracy.
 
@@ -67,6 +75,7 @@ def fit_probe(
         labels: (N,) class indices in ``range(num_classes)``.
         num_classes: Number of classes of the model (labels may not cover all of them).
         folds: CV folds (fewer when the smallest class has fewer images).
+        balanced: Weight each class's loss by the inverse of its frequency (imbalanced data).
     """
     mean = features.mean(0)
     std = features.std(0) + 1e-6
@@ -79,7 +88,7 @@ def fit_probe(
     def path(train: np.ndarray, test: np.ndarray) -> list[float]:
         # One regularisation path per fold, weakest C first, each fit warm-started from the
         # last: a fraction of the iterations of independent fits.
-        clf = _model(grid[0], seed)
+        clf = _model(grid[0], seed, balanced)
         scores = []
         for C in grid:
             clf.set_params(C=C).fit(x[train], labels[train])
@@ -98,7 +107,7 @@ def fit_probe(
                         cv_by_C[C].append(score)
         scores = {C: float(np.mean(v)) if v else float("nan") for C, v in cv_by_C.items()}
         best_C = max(grid, key=lambda c: (np.nan_to_num(scores[c], nan=-1.0), -abs(np.log10(c))))
-        clf = _model(best_C, seed).fit(x, labels)
+        clf = _model(best_C, seed, balanced).fit(x, labels)
     coef = np.zeros((num_classes, x.shape[1]))
     intercept = np.zeros(num_classes)
     if len(clf.classes_) == 2:  # sklearn's binary form: one logit for classes_[1]

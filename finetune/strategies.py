@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from finetune.config import FitConfig
 from finetune.data import DatasetSplit, ImageDataset, collate_skipping_failed
@@ -154,7 +154,13 @@ class _Probe(Strategy):
         )
         num_classes = len(ctx.split.classes)
         results = {
-            p: fit_probe(train_f[p], train_f["label"], num_classes, seed=config.seed)
+            p: fit_probe(
+                train_f[p],
+                train_f["label"],
+                num_classes,
+                seed=config.seed,
+                balanced=config.balance not in (None, "none"),
+            )
             for p in points
         }
         best = max(points, key=lambda p: (results[p].cv_accuracy, p == HEAD))
@@ -294,12 +300,20 @@ class _FineTune(Strategy):
             train_loader.generator.manual_seed(config.seed * 100_003 + epoch)
             train_loader.dataset.transform.set_random_seed(config.seed * 100_003 + epoch)
 
+        class_weights = None
+        if config.balance == "weighted-loss":
+            counts = np.bincount(
+                [s.label for s in ctx.split.train], minlength=len(ctx.split.classes)
+            )
+            weights = len(ctx.split.train) / (len(counts) * np.maximum(counts, 1))
+            class_weights = torch.tensor(weights, dtype=torch.float32, device=ctx.device)
         history = train(
             model,
             optimizer,
             scheduler,
             train_loader,
             val_loader,
+            class_weights=class_weights,
             epochs=config.epochs,
             device=ctx.device,
             recorder=Recorder(ctx.run_dir, ctx.describe, ctx.resumed),
@@ -382,11 +396,20 @@ def _loaders(ctx: FitContext) -> tuple[DataLoader, DataLoader]:
     }
     augment = train_transform(pre, ctx.augmentation, ctx.lighting, seed=config.seed)
     train_set = ImageDataset(split.train, augment)
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = None
+    if config.balance == "oversample":  # each class drawn equally often, with replacement
+        labels = [s.label for s in split.train]
+        counts = np.bincount(labels, minlength=len(split.classes))
+        sampler = WeightedRandomSampler(
+            [1.0 / counts[label] for label in labels], len(labels), generator=generator
+        )
     train_loader = DataLoader(
         train_set,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         drop_last=len(split.train) > config.batch_size,
-        generator=torch.Generator().manual_seed(config.seed),
+        generator=generator,
         worker_init_fn=_seed_worker_augmentation,
         **common,
     )

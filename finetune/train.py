@@ -171,6 +171,7 @@ def train(
     on_epoch: Callable[[EpochResult], None] | None = None,
     first_epoch: int = 1,
     reseed: Callable[[int], None] | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` for epochs ``first_epoch``..``epochs``; one :class:`EpochResult` each.
 
@@ -181,6 +182,7 @@ def train(
         on_epoch: Called with each epoch's result once its checkpoints are written.
         first_epoch: Where a resumed run starts (model, optimizer and scheduler already loaded).
         reseed: Called with the epoch before it starts: seeds shuffling and augmentation.
+        class_weights: Per-class weights of the training loss (imbalanced classes).
 
     Raises:
         TrainingError: Ctrl-C / SIGTERM (``last.pt`` holds the last whole epoch), or the loss
@@ -194,7 +196,8 @@ def train(
             good = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
                     copy.deepcopy(scheduler.state_dict()), torch.get_rng_state())  # fmt: skip
             result = _epoch(model, optimizer, scheduler, train_loader, val_loader, epoch, epochs,
-                            device, recorder, progress, before_epoch, reseed, stop)  # fmt: skip
+                            device, recorder, progress, before_epoch, reseed, stop,
+                            class_weights)  # fmt: skip
             if stop:
                 raise TrainingError(_interrupted(stop[0], recorder.run_dir, epoch))
             if result is None:  # non-finite: back to the last good state, half the LR
@@ -258,6 +261,7 @@ def _epoch(
     before_epoch: Callable[[int], None] | None,
     reseed: Callable[[int], None] | None,
     stop: list[str],
+    class_weights: torch.Tensor | None = None,
 ) -> EpochResult | None:
     """One epoch of training and validation; ``None`` when the loss or weights went non-finite
     (or a stop was requested, which ``stop`` then says)."""
@@ -275,7 +279,7 @@ def _epoch(
             if stop:
                 return None
             logits = model(images)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, weight=class_weights)
             if not torch.isfinite(loss):
                 return None
             optimizer.zero_grad(set_to_none=True)

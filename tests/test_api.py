@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,12 +15,14 @@ from PIL import Image
 from torch import nn
 
 import finetune
+from finetune.config import FitConfig
 from finetune.data import scan_folder
 from finetune.errors import ConfigError
 from finetune.measure import LOTS_PER_CLASS
-from finetune.transforms import PRESETS
+from finetune.strategies import _loaders
+from finetune.transforms import PRESETS, Preprocessing
 
-from .conftest import noise_folder
+from .conftest import copy_classes, noise_folder
 
 
 def test_fit_writes_a_complete_run_directory(linear_run: finetune.FitResult, fashion) -> None:
@@ -141,6 +144,7 @@ def test_auto_records_every_hyperparameter_of_a_fine_tune(tmp_path: Path) -> Non
     assert plan.decision.hyperparameters == {
         "image_size": 32,
         "batch_size": plan.config.batch_size,
+        "balance": "none",
         "epochs": 2,
         "optimizer": plan.config.optimizer,
         "head_lr": 1e-3,
@@ -195,3 +199,29 @@ def test_augment_preview_draws_what_training_sees(small_folder: Path, tmp_path: 
         assert img.format == "PNG" and img.width > 400 and img.height > 300
         pixels = np.asarray(img.convert("L"), dtype=float)
     assert pixels.std() > 20  # images, not a blank page
+
+
+def test_imbalanced_classes_are_balanced_and_it_is_said(tmp_path: Path) -> None:
+    folder = copy_classes(tmp_path / "data", ["bag"], 40)
+    copy_classes(folder, ["sneaker", "trouser"], 6)
+    split = scan_folder(folder)
+    assert split.report.imbalance == pytest.approx(32 / 5)
+    run = finetune.fit(folder, strategy="linear", image_size=32, out=str(tmp_path / "r"),
+                       verbose=False)  # fmt: skip
+    assert run.config.balance == "weighted-loss"
+    assert json.loads((run.dir / "config.json").read_text())["balance"] == "weighted-loss"
+    kept = finetune.fit(folder, strategy="linear", image_size=32, balance="none",
+                        out=str(tmp_path / "n"), verbose=False)  # fmt: skip
+    assert kept.config.balance == "none"
+    # Oversampling: one epoch of the training loader draws every class about equally often.
+    ctx = SimpleNamespace(
+        split=split,
+        pre=Preprocessing(32, (0.5,) * 3, (0.5,) * 3, 0.875, "bicubic"),
+        config=FitConfig(balance="oversample", num_workers=0, batch_size=8),
+        device=torch.device("cpu"),
+        augmentation=PRESETS["none"],
+        lighting=None,
+    )
+    train_loader, _ = _loaders(ctx)
+    drawn = np.bincount(torch.cat([labels for _, labels in train_loader]).numpy(), minlength=3)
+    assert drawn.sum() == 40 and drawn.min() >= 7  # plain shuffling: 32, 4, 4
