@@ -168,7 +168,7 @@ def _resolve(
         f"{len(split.val)} val images ({split.layout})",
     )
     report = split.report
-    if report.skipped or report.notes or report.leaks or report.imbalance >= 5:
+    if report.skipped or report.notes or report.leaks or report.imbalance >= IMBALANCED_FROM:
         if verbose:
             _say(verbose, f"check     {report.summary()} (finetune check {split.root})")
         else:
@@ -398,7 +398,7 @@ def resume(
             "Start the run again with finetune fit."
         )
     last = load_checkpoint(run_dir / "last.pt")
-    config = FitConfig(**json.loads((run_dir / "config.json").read_text()))
+    config = FitConfig.from_kwargs(**json.loads((run_dir / "config.json").read_text()))
     strategy = get_strategy(config.strategy)
     if not strategy.trains_backbone:
         raise ConfigError(f"{run_dir} is a {strategy.name} run: one pass, nothing to resume.")
@@ -415,7 +415,7 @@ def resume(
         )
     _say(verbose, f"resume    {run_dir}: epoch {last['epoch']}/{config.epochs} done, continuing")
     device = _device(config.device)
-    backbone = create_backbone(config.model, config.weights)
+    backbone = create_backbone(config.model, pretrained=False)  # last.pt has the weights
     model = create_classifier(backbone, len(split.classes), head)
     model.load_state_dict(last["state_dict"])
     model.to(device)
@@ -437,10 +437,8 @@ def resume(
         lighting=Lighting.from_dict(lighting) if lighting else None,
         resumed=last,
     )
-    decision = None
-    if (run_dir / "decision.json").is_file():
-        decision = last.get("decision")  # kept as recorded; auto does not decide again
-    return _train(ctx, strategy, None if decision is None else _decision(decision), started)
+    decision = last.get("decision")  # as recorded: auto does not decide again
+    return _train(ctx, strategy, _decision(decision) if decision else None, started)
 
 
 # What fit puts in every checkpoint besides weights and training state (resume copies it).

@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from finetune.config import IMBALANCED_FROM
 from finetune.errors import DataError
 
 __all__ = [
@@ -116,7 +117,7 @@ class ScanReport:
             parts.append(f"{len(self.notes)} noted")
         if self.leaks:
             parts.append(f"{len(self.leaks)} identical-file group(s) (leakage)")
-        if self.imbalance >= 5:
+        if self.imbalance >= IMBALANCED_FROM:
             parts.append(f"classes imbalanced {self.imbalance:.1f}x")
         return ", ".join(parts)
 
@@ -270,10 +271,6 @@ def iter_image_files(folder: Path) -> list[Path]:
         if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
             found.append(path)
     return found
-
-
-def _class_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p))
 
 
 def _class_files(class_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
