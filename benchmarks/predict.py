@@ -15,9 +15,11 @@ Two measurements per path and batch size, both over all the images in batches of
   softmax/top-k, what a user sees.
 
 Each timing is the median over ``--repeats`` passes after two warm-up passes; the three paths
-take turns within each repeat, so background load hits them alike. ``±%`` is half the range of
-the repeats over the median; ``vs eager`` is the path's median over the eager one; ``model
-share`` is the part of the end-to-end time spent in the model (e2e img/s over model img/s).
+take turns within each repeat, so background load hits them alike, with a short pause before
+each pass so that the previous path's spinning worker threads do not slow the next. ``±%`` is
+half the range of the repeats over the median; ``vs eager`` is the path's median over the eager
+one; ``model share`` is the part of the end-to-end time spent in the model (e2e img/s over
+model img/s). Other work on the machine skews all of it: the header gives the load average.
 The parity table checks that the top-1 class of every image agrees with eager (and gives the
 largest difference in any class probability) for each path and batch size.
 """
@@ -47,6 +49,9 @@ from finetune.transforms import eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 2  # passes before timing; TorchScript's profiling executor optimises on the 2nd call
+# Pause before each timed pass: OpenMP (torch) and onnxruntime keep their worker threads
+# spinning for a while after a call, and on 2 cores that slowed the path timed next by 10-45%.
+SETTLE_S = 0.3
 
 
 def build_paths(data: Path, image_size: int | None, tmp: str) -> dict[str, Path]:
@@ -77,6 +82,7 @@ def timed(
     seconds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             fn()
             seconds[name].append(time.perf_counter() - start)
