@@ -206,12 +206,14 @@ def test_imbalanced_classes_are_balanced_and_it_is_said(tmp_path: Path) -> None:
     copy_classes(folder, ["sneaker", "trouser"], 6)
     split = scan_folder(folder)
     assert split.report.imbalance == pytest.approx(32 / 5)
-    run = finetune.fit(folder, strategy="linear", image_size=32, out=str(tmp_path / "r"),
-                       verbose=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="classes imbalanced 6.4x"):  # said, even when quiet
+        run = finetune.fit(folder, strategy="linear", image_size=32, out=str(tmp_path / "r"),
+                           verbose=False)  # fmt: skip
     assert run.config.balance == "weighted-loss"
     assert json.loads((run.dir / "config.json").read_text())["balance"] == "weighted-loss"
-    kept = finetune.fit(folder, strategy="linear", image_size=32, balance="none",
-                        out=str(tmp_path / "n"), verbose=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="imbalanced"):
+        kept = finetune.fit(folder, strategy="linear", image_size=32, balance="none",
+                            out=str(tmp_path / "n"), verbose=False)  # fmt: skip
     assert kept.config.balance == "none"
     # Oversampling: one epoch of the training loader draws every class about equally often.
     ctx = SimpleNamespace(
