@@ -263,14 +263,7 @@ def _is_hidden(path: Path) -> bool:
 
 def iter_image_files(folder: Path) -> list[Path]:
     """All files below ``folder`` with an image extension, sorted, hidden entries excluded."""
-    found: list[Path] = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") or part == "__MACOSX" for part in rel.parts):
-            continue
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            found.append(path)
-    return found
+    return _class_files(folder)[0]
 
 
 def _class_files(class_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
