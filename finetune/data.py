@@ -306,7 +306,7 @@ def _class_folders_of(folder: Path) -> tuple[list[str], list[tuple[Path, str]]]:
                 names.append(entry.name)
             else:
                 passed.append((entry, "class folder without images: not a class"))
-        elif folder.name not in ("train", *_VAL_NAMES):
+        else:
             passed.append((entry, "a file beside the class folders, not in any class"))
     return names, passed
 

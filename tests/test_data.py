@@ -81,6 +81,7 @@ def _messy_folder(root: Path, fashion: Path) -> Path:
     (root / ".ipynb_checkpoints").mkdir()
     (root / ".ipynb_checkpoints" / "x.png").write_bytes(good)
     (root / "empty-class").mkdir()
+    (root / "labels.csv").write_text("a stray file beside the class folders")
     Image.new("CMYK", (30, 30), (0, 255, 255, 0)).save(sneaker / "cmyk.jpg")
     Image.new("RGBA", (30, 30), (255, 0, 0, 128)).save(sneaker / "rgba.png")
     palette = Image.new("P", (30, 30), 1)
@@ -120,7 +121,7 @@ def test_a_messy_folder_is_scanned_right_and_left_untouched(
     reasons = {p.name: r for p, r in report.skipped}
     assert set(reasons) == {
         "truncated.jpg", "zero.png", "notes.txt", "text-as.png", "bomb.png", ".DS_Store",
-        "Thumbs.db", ".ipynb_checkpoints", "empty-class",
+        "Thumbs.db", ".ipynb_checkpoints", "empty-class", "labels.csv",
     }  # fmt: skip
     assert "truncated" in reasons["truncated.jpg"] and "0 bytes" in reasons["zero.png"]
     assert "decompression bomb" in reasons["bomb.png"] and "not an image" in reasons["text-as.png"]
