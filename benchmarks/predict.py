@@ -19,7 +19,10 @@ take turns within each repeat, so background load hits them alike, with a short 
 each pass so that the previous path's spinning worker threads do not slow the next. ``±%`` is
 half the range of the repeats over the median; ``vs eager`` is the path's median over the eager
 one; ``model share`` is the part of the end-to-end time spent in the model (e2e img/s over
-model img/s). Other work on the machine skews all of it: the header gives the load average.
+model img/s). Other work on the machine skews all of it, wildly (with a test suite running beside
+it on 2 cores the eager model ran up to 70x slower at batch 1): the header says how much of the
+CPUs other processes used during the run.
+
 The parity table checks that the top-1 class of every image agrees with eager (and gives the
 largest difference in any class probability) for each path and batch size.
 """
@@ -70,6 +73,30 @@ def build_paths(data: Path, image_size: int | None, tmp: str) -> dict[str, Path]
         "torchscript": export(run.dir, "torchscript", out=f"{tmp}/model.torchscript.pt"),
         "onnx": export(run.dir, "onnx", out=f"{tmp}/model.onnx"),
     }
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds used by every process since boot, by this one), or None off Linux."""
+    try:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    ours = os.times()
+    return (
+        (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"),
+        ours.user + ours.system,
+    )
+
+
+def others_share(start: tuple[float, float] | None, wall: float) -> str:
+    """What share of the machine other processes (and the hypervisor) took since ``start``."""
+    end = cpu_seconds()
+    if start is None or end is None:
+        return "CPU use of other processes unknown"
+    share = ((end[0] - start[0]) - (end[1] - start[1])) / (wall * (os.cpu_count() or 1))
+    verdict = "; rerun on an idle machine" if share > 0.05 else ""
+    return f"other processes used {max(share, 0):.0%} of the CPUs{verdict}"
 
 
 def timed(
@@ -125,7 +152,7 @@ def main() -> None:
     test = args.data / "test"
     paths = expand_inputs([test if test.is_dir() else args.data])
     n = len(paths)
-    load = os.getloadavg()[0]  # other work on the machine skews every number; say so
+    started, usage = time.perf_counter(), cpu_seconds()
 
     with tempfile.TemporaryDirectory() as tmp:
         print("training and exporting...", file=sys.stderr, flush=True)
@@ -152,12 +179,13 @@ def main() -> None:
                 rows[name, bs] = {"model": model[name], "e2e": e2e[name]}
                 probs[name, bs] = predictor.predict_proba(paths, batch_size=bs)
 
+    others = others_share(usage, time.perf_counter() - started)
     pre = eager.preprocessing
     print(
         f"\n{n} images of {args.data}, input {pre.input_size}x{pre.input_size}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"onnxruntime {onnxruntime.__version__}, median of {args.repeats} repeats, "
-        f"load average {load:.1f} at start on {os.cpu_count()} CPUs\n"
+        f"onnxruntime {onnxruntime.__version__}, median of {args.repeats} repeats;\n"
+        f"{others}\n"
     )
     print(
         f"{'path':<13}{'batch':>6}{'model img/s':>13}{'±%':>5}{'vs eager':>10}"
