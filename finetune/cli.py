@@ -209,6 +209,25 @@ def _augment_options() -> list:
 _fit_options = _decorate_with(_fit_option_list)
 
 
+def _inference_option_list() -> list:
+    """The options shared by `predict` and `evaluate`."""
+    return [
+        click.option(
+            "--tta",
+            type=click.Choice(TTA_MODES),
+            default="none",
+            show_default=True,
+            help="Test-time augmentation: average the softmax over the mirror image (flip) or 4 "
+            "corner + centre crops and their mirrors (10crop).",
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available]."),
+    ]
+
+
+_inference_options = _decorate_with(_inference_option_list)
+
+
 @cli.command("fit")
 @click.argument("data", type=click.Path(path_type=Path), required=False)
 @_fit_options
@@ -402,16 +421,7 @@ def _duration(seconds: float) -> str:
     help="Where the report and plots go [default: MODEL's folder/eval-FOLDER].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option(
-    "--tta",
-    type=click.Choice(TTA_MODES),
-    default="none",
-    show_default=True,
-    help="Test-time augmentation: average the softmax over the mirror image (flip) or 4 corner "
-    "+ centre crops and their mirrors (10crop).",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
+@_inference_options
 def evaluate_command(
     model: Path,
     folder: Path,
@@ -523,16 +533,7 @@ def export_command(model: Path, fmt: str, out: Path | None) -> None:
     "image. All stream: each batch prints as it completes.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option(
-    "--tta",
-    type=click.Choice(TTA_MODES),
-    default="none",
-    show_default=True,
-    help="Test-time augmentation: average the softmax over the mirror image (flip) or 4 corner "
-    "+ centre crops and their mirrors (10crop).",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
+@_inference_options
 def predict_command(
     model: Path,
     inputs: tuple[Path, ...],
