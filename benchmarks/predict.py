@@ -46,7 +46,7 @@ import torch
 
 import finetune
 from finetune.data import load_image
-from finetune.export import export  # not finetune.export: see the note in build_paths
+from finetune.exports import export
 from finetune.predict import Predictor, expand_inputs
 from finetune.transforms import eval_transform
 
@@ -58,12 +58,7 @@ SETTLE_S = 0.3
 
 
 def build_paths(data: Path, image_size: int | None, tmp: str) -> dict[str, Path]:
-    """Train a linear-probe run and export it; the three things ``finetune.load`` is given.
-
-    The function is imported from its module: ``finetune.export`` is the *module* when the
-    submodule was imported (``finetune.predict`` imports it, so ``finetune.load`` does) before
-    the lazy attribute was first read, since the submodule shadows the function of its name.
-    """
+    """Train a linear-probe run and export it; the three things ``finetune.load`` is given."""
     options = {"image_size": image_size} if image_size else {}
     run = finetune.fit(
         data, strategy="linear", out=f"{tmp}/run", verbose=False, feature_cache=False, **options

@@ -28,7 +28,7 @@ _EXPORTS = {
     "FitConfig": "finetune.config",
     "Augmentation": "finetune.transforms",
     "FinetuneError": "finetune.errors",
-    "export": "finetune.export",
+    "export": "finetune.exports",
     "load": "finetune.predict",
     "Prediction": "finetune.predict",
     "Predictor": "finetune.predict",
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from finetune.api import FitResult, Plan, augment_preview, check, fit, plan, resume
     from finetune.config import FitConfig
     from finetune.errors import FinetuneError
-    from finetune.export import export
+    from finetune.exports import export
     from finetune.predict import Prediction, Predictor, load
     from finetune.strategies import STRATEGIES
     from finetune.transforms import Augmentation

@@ -508,7 +508,7 @@ def export_command(model: Path, fmt: str, out: Path | None) -> None:
 
         finetune export runs/fashion-stage-probe-20261123-092021
     """
-    from finetune.export import export
+    from finetune.exports import export
 
     click.echo(str(export(model, fmt, out)))
 

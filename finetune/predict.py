@@ -16,7 +16,7 @@ from torch import nn
 from finetune.checkpoint import load_checkpoint, preprocessing_of, rebuild_model
 from finetune.data import iter_image_files, load_image, pil_to_rgb
 from finetune.errors import DataError
-from finetune.export import (
+from finetune.exports import (
     is_bundle,
     is_onnx,
     is_torchscript,

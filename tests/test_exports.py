@@ -15,7 +15,7 @@ import finetune
 from finetune.checkpoint import file_mode
 from finetune.data import load_image
 from finetune.errors import CheckpointError, NotAvailableError
-from finetune.export import export, is_bundle, is_torchscript, read_bundle
+from finetune.exports import export, is_bundle, is_torchscript, read_bundle
 from finetune.predict import expand_inputs
 from finetune.transforms import eval_transform
 
@@ -209,3 +209,12 @@ def test_class_names_that_look_like_paths_never_become_paths(
     }
     assert not Path("/tmp/finetune-absolute").exists()
     assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+def test_finetune_export_is_the_function_whatever_was_imported_first() -> None:
+    """The module is ``finetune.exports``: importing it (``finetune.load`` does) must not turn
+    ``finetune.export`` into a module, as a submodule named ``export`` did."""
+    import finetune.predict  # imports the exports module
+
+    assert callable(finetune.load) and callable(finetune.export)
+    assert finetune.export is export
