@@ -22,6 +22,7 @@ from finetune.config import (
     BALANCE_MODES,
     DEFAULT_EPOCHS,
     DEFAULT_MODEL,
+    IMBALANCED_FROM,
     PRESET_NAMES,
     TTA_MODES,
     FitConfig,
@@ -140,7 +141,8 @@ def _fit_option_list() -> list:
             "--balance",
             type=click.Choice(BALANCE_MODES),
             help="Imbalanced classes: weight the loss by 1/frequency, or oversample the rare "
-            "ones [default: weighted-loss when the largest class is 5x the smallest, else none].",
+            f"ones [default: weighted-loss when the largest class is {IMBALANCED_FROM:g}x the "
+            "smallest, else none].",
         ),
         *_augment_options(),
         click.option(
