@@ -24,6 +24,7 @@ _EXPORTS = {
     "FitResult": "finetune.api",
     "plan": "finetune.api",
     "resume": "finetune.api",
+    "lr_find": "finetune.api",
     "Plan": "finetune.api",
     "FitConfig": "finetune.config",
     "Augmentation": "finetune.transforms",
@@ -50,12 +51,22 @@ __all__ = [
     "export",
     "fit",
     "load",
+    "lr_find",
     "plan",
     "resume",
 ]
 
 if TYPE_CHECKING:
-    from finetune.api import FitResult, Plan, augment_preview, check, fit, plan, resume
+    from finetune.api import (
+        FitResult,
+        Plan,
+        augment_preview,
+        check,
+        fit,
+        lr_find,
+        plan,
+        resume,
+    )
     from finetune.config import FitConfig
     from finetune.errors import FinetuneError
     from finetune.exports import export

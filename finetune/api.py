@@ -5,7 +5,6 @@ Read ``fit`` top to bottom to follow a run; each step is one call into its own m
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -15,11 +14,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from finetune.checkpoint import load_checkpoint, preprocessing_of
@@ -32,10 +33,12 @@ from finetune.config import (
 )
 from finetune.data import DatasetSplit, ScanReport, load_image, scan_folder
 from finetune.errors import CheckpointError, ConfigError, DataError
+from finetune.lr_range import LRFinding, find_lr, plot_lr_finding
 from finetune.measure import DataSize, Decision, measure_size, pass_seconds, training_epoch_seconds
 from finetune.models import EMBEDDED_WEIGHTS, create_backbone, create_classifier
-from finetune.strategies import FitContext, Strategy, get_strategy
-from finetune.train import EpochResult
+from finetune.optim import create_optimizer
+from finetune.strategies import FitContext, Strategy, get_strategy, training_loaders
+from finetune.train import EpochResult, read_metrics
 from finetune.transforms import (
     Augmentation,
     Lighting,
@@ -47,7 +50,16 @@ from finetune.transforms import (
     preview_figure,
 )
 
-__all__ = ["FitResult", "Plan", "augment_preview", "check", "fit", "plan", "resume"]
+__all__ = [
+    "FitResult",
+    "Plan",
+    "augment_preview",
+    "check",
+    "fit",
+    "lr_find",
+    "plan",
+    "resume",
+]
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,18 @@ class FitResult:
     def best_metric(self) -> float:
         """Best validation accuracy."""
         return self.best.val_acc
+
+    @property
+    def best_ema(self) -> EpochResult | None:
+        """The epoch whose moving-average weights are in ``ema.pt`` (None: no EMA)."""
+        best = [r for r in self.history if r.ema_best]
+        return best[-1] if best else None
+
+    @property
+    def snapshots(self) -> tuple[Path, ...]:
+        """The snapshot checkpoints (one per LR cycle of ``schedule="restarts"``)."""
+        found = self.dir.glob("snapshot-*.pt")
+        return tuple(sorted(found, key=lambda p: int(p.stem.removeprefix("snapshot-"))))
 
     @property
     def best_checkpoint(self) -> Path:
@@ -177,7 +201,7 @@ def _resolve(
             _say(verbose, f"check     {report.summary()} (finetune check {split.root})")
         else:
             warnings.warn(f"{split.root}: {report.summary()}", stacklevel=3)
-    backbone = create_backbone(config.model, config.weights)
+    backbone = create_backbone(config.model, config.weights, drop_path_rate=config.drop_path)
     device = _device(config.device)
     backbone.to(device)
     strategy, config, decision = strategy.resolve(split, backbone, config, device)
@@ -235,6 +259,8 @@ def _hyperparameters(config: FitConfig, strategy: Strategy) -> dict[str, Any]:
         "unfreeze": config.unfreeze if strategy.name == "finetune-top" else "all",
         "warmup_epochs": config.warmup_epochs,
         "weight_decay": config.weight_decay,
+        "schedule": config.schedule,
+        "ema": config.ema,
     }
 
 
@@ -285,7 +311,8 @@ def fit(
             "strategy='finetune-top' or 'finetune-all' to train a custom head."
         )
     pre = Preprocessing.from_model(backbone, config.image_size)
-    model = create_classifier(backbone, len(split.classes), head)
+    dropout = config.dropout if strategy.trains_backbone else 0.0
+    model = create_classifier(backbone, len(split.classes), head, dropout)
     _check_head(model, len(split.classes))
     model.to(device)
     augmentation, lighting = augmentation_of(config), None
@@ -350,7 +377,7 @@ def _train(ctx: FitContext, strategy: Strategy, decision: Decision | None, start
     """Run the strategy, then the optional TTA scoring; the :class:`FitResult`."""
     _, history = strategy.fit(ctx)
     if ctx.resumed is not None:  # the epochs before the resume, as metrics.csv holds them
-        history = _history(ctx.run_dir)
+        history = read_metrics(ctx.run_dir / "metrics.csv")
     config, run_dir = ctx.config, ctx.run_dir
     tta_val_acc = None
     if config.tta != "none":
@@ -370,14 +397,6 @@ def _train(ctx: FitContext, strategy: Strategy, decision: Decision | None, start
         decision=decision,
         tta_val_acc=tta_val_acc,
     )
-
-
-def _history(run_dir: Path) -> list[EpochResult]:
-    with (run_dir / "metrics.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    kinds = {f.name: f.type for f in dataclasses.fields(EpochResult)}
-    convert = {"int": int, "float": float, "bool": lambda v: v == "True"}
-    return [EpochResult(**{k: convert[kinds[k]](v) for k, v in row.items()}) for row in rows]
 
 
 def resume(
@@ -406,9 +425,11 @@ def resume(
     strategy = get_strategy(config.strategy)
     if not strategy.trains_backbone:
         raise ConfigError(f"{run_dir} is a {strategy.name} run: one pass, nothing to resume.")
-    if last["epoch"] >= config.epochs:
+    if last["epoch"] >= config.epochs or last.get("stopped_early"):
+        early = " (stopped early)" if last.get("stopped_early") else ""
         raise ConfigError(
-            f"{run_dir} is complete ({last['epoch']}/{config.epochs} epochs); nothing to resume."
+            f"{run_dir} is complete ({last['epoch']}/{config.epochs} epochs{early}); "
+            "nothing to resume."
         )
     _seed_everything(config.seed)
     split = scan_folder(last["data"], val_split=config.val_split, seed=config.seed)
@@ -419,8 +440,9 @@ def resume(
         )
     _say(verbose, f"resume    {run_dir}: epoch {last['epoch']}/{config.epochs} done, continuing")
     device = _device(config.device)
-    backbone = create_backbone(config.model, pretrained=False)  # last.pt has the weights
-    model = create_classifier(backbone, len(split.classes), head)
+    # last.pt has the weights
+    backbone = create_backbone(config.model, pretrained=False, drop_path_rate=config.drop_path)
+    model = create_classifier(backbone, len(split.classes), head, config.dropout)
     model.load_state_dict(last["state_dict"])
     model.to(device)
     saved = last.get("augmentation") or {}
@@ -545,6 +567,49 @@ def plan(
     return Plan(split, strategy.name, config, decision, seconds, strategy.trains_backbone)
 
 
+def lr_find(
+    data: str | Path,
+    config: FitConfig | None = None,
+    *,
+    out: str | Path = "lr-find.png",
+    steps: int = 100,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    verbose: bool = True,
+    **options: Any,
+) -> LRFinding:
+    """The learning-rate range test on ``data`` with the model, layer groups, optimizer,
+    augmentation and loss ``fit`` would use (same options); nothing is saved but the plot.
+
+    Returns:
+        An :class:`~finetune.lr_range.LRFinding`: the loss per LR, the suggested head LR
+        (``.suggestion``) and the plot's path (``.plot``; ``lr-find.json`` is written beside).
+
+    Raises:
+        ConfigError: The strategy (or auto's choice) is a probe, which has no LR to find.
+    """
+    config = FitConfig.from_kwargs(config, **options)
+    split, backbone, strategy, config, _, device = _resolve(data, config, verbose)
+    if not strategy.trains_backbone:
+        raise ConfigError(
+            f"{strategy.name} fits a logistic-regression head, which has no learning rate to "
+            "find; pass --strategy finetune-top or finetune-all."
+        )
+    pre = Preprocessing.from_model(backbone, config.image_size)
+    model = create_classifier(backbone, len(split.classes), dropout=config.dropout).to(device)
+    optimizer = create_optimizer(strategy.param_groups(model, config, config.lr), config)
+    loader, _ = training_loaders(split, pre, config, device, augmentation_of(config), None)
+    loss = partial(F.cross_entropy, label_smoothing=config.label_smoothing)
+    finding = find_lr(
+        model, optimizer, loader, device, start_lr=start_lr, end_lr=end_lr, steps=steps,
+        loss_fn=loss, progress=verbose,
+    )  # fmt: skip
+    title = f"{split.root.name}: {strategy.name}, {config.model}, {config.optimizer}"
+    plot = plot_lr_finding(finding, out, title)
+    plot.with_suffix(".json").write_text(json.dumps(finding.to_dict(), indent=2) + "\n")
+    return dataclasses.replace(finding, plot=plot)
+
+
 def _check_head(model: nn.Module, num_classes: int) -> None:
     probe = torch.zeros(2, model.num_features)
     was_training = model.head.training
@@ -566,9 +631,12 @@ def _check_head(model: nn.Module, num_classes: int) -> None:
 
 
 def _epoch_line(r: EpochResult, epochs: int) -> str:
+    ema = r.ema_val_acc == r.ema_val_acc  # not nan
     return (
         f"epoch {r.epoch:>{len(str(epochs))}}/{epochs}  train loss {r.train_loss:.3f} "
         f"acc {r.train_acc:.3f}  val loss {r.val_loss:.3f} acc {r.val_acc:.3f}  "
+        f"gap {r.gap:+.3f}  "
+        + (f"ema acc {r.ema_val_acc:.3f}{'*' if r.ema_best else ' '}  " if ema else "")
         + (f"lr {r.lr:.2e}  " if r.lr > 0 else "")
         + f"{r.seconds:.1f}s"
         + ("  *" if r.best else "")

@@ -21,9 +21,12 @@ from finetune import __version__
 from finetune.config import (
     BALANCE_MODES,
     DEFAULT_EPOCHS,
+    DEFAULT_LR,
     DEFAULT_MODEL,
     IMBALANCED_FROM,
+    OPTIMIZERS,
     PRESET_NAMES,
+    SCHEDULES,
     TTA_MODES,
     FitConfig,
 )
@@ -108,12 +111,7 @@ def _fit_option_list() -> list:
             type=int,
             help="finetune-all: first epochs train only the head [default: auto's choice, else 0].",
         ),
-        click.option(
-            "--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True
-        ),
-        click.option(
-            "--weight-decay", type=float, default=FitConfig.weight_decay, show_default=True
-        ),
+        *_training_kit_options(),
         click.option(
             "--image-size",
             type=int,
@@ -165,6 +163,87 @@ def _decorate_with(options_of):
         return command
 
     return decorate
+
+
+def _training_kit_options() -> list:
+    """Optimizer, LR schedule, regularisation and weight averaging."""
+    lrs = ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
+    return [
+        click.option(
+            "--optimizer",
+            type=click.Choice(OPTIMIZERS),
+            default=FitConfig.optimizer,
+            show_default=True,
+            help=f"Default head LRs: {lrs}. Weight decay never applies to norms and biases.",
+        ),
+        click.option(
+            "--momentum",
+            type=float,
+            default=FitConfig.momentum,
+            show_default=True,
+            help="Momentum of --optimizer momentum / nesterov.",
+        ),
+        click.option(
+            "--weight-decay", type=float, default=FitConfig.weight_decay, show_default=True
+        ),
+        click.option(
+            "--schedule",
+            type=click.Choice(SCHEDULES),
+            default=FitConfig.schedule,
+            show_default=True,
+            help="LR schedule, per step. restarts: cosine cycles (--cycles) with a snapshot "
+            "saved after each, for a snapshot ensemble.",
+        ),
+        click.option(
+            "--lr-warmup-epochs",
+            type=float,
+            default=FitConfig.lr_warmup_epochs,
+            show_default=True,
+            help="Linear LR warm-up from ~0 before the schedule (fractions allowed).",
+        ),
+        click.option(
+            "--lr-step-epochs",
+            type=int,
+            help="--schedule step: decay every N epochs [default: a third of the epochs].",
+        ),
+        click.option(
+            "--lr-gamma",
+            type=float,
+            help="Decay factor: per step of --schedule step [0.1]; per epoch of exponential "
+            "[default: the LR ends at 1%].",
+        ),
+        click.option("--cycles", type=int, help="--schedule restarts: cosine cycles [default: 3]."),
+        click.option(
+            "--dropout",
+            type=float,
+            default=FitConfig.dropout,
+            show_default=True,
+            help="Dropout on the features before the head.",
+        ),
+        click.option(
+            "--drop-path",
+            type=float,
+            default=FitConfig.drop_path,
+            show_default=True,
+            help="Stochastic depth: timm drop_path_rate of the backbone's residual blocks.",
+        ),
+        click.option(
+            "--label-smoothing", type=float, default=FitConfig.label_smoothing, show_default=True
+        ),
+        click.option(
+            "--patience",
+            type=int,
+            help="Early stopping: stop after N epochs without a better val accuracy.",
+        ),
+        click.option(
+            "--ema",
+            flag_value=True,
+            default=None,
+            help="Keep an exponential moving average of the weights, evaluated every epoch and "
+            "saved as ema.pt.",
+        ),
+        click.option("--ema-decay", type=float, default=FitConfig.ema_decay, show_default=True),
+    ]
 
 
 def _augment_options() -> list:
@@ -291,7 +370,25 @@ def _summary(result: FitResult) -> str:
         f"  strategy     {result.strategy}",
         f"  classes      {len(result.classes)}: {', '.join(result.classes)}",
         f"  best epoch   {best.epoch}/{len(result.history)}: val acc {best.val_acc:.3f}, "
-        f"val loss {best.val_loss:.3f} (train acc {best.train_acc:.3f})",
+        f"val loss {best.val_loss:.3f} (train acc {best.train_acc:.3f})"
+        + (
+            f"; stopped early (patience {result.config.patience})"
+            if len(result.history) < result.config.epochs
+            else ""
+        ),
+        *(
+            [
+                f"  ema          best val acc {result.best_ema.ema_val_acc:.3f} "
+                f"(epoch {result.best_ema.epoch}) in {result.dir / 'ema.pt'}"
+            ]
+            if result.best_ema is not None
+            else []
+        ),
+        *(
+            [f"  snapshots    {len(result.snapshots)}: predict with --checkpoint snapshots"]
+            if result.snapshots
+            else []
+        ),
         *(
             [f"  tta          {result.config.tta}: val acc {result.tta_val_acc:.3f}"]
             if result.tta_val_acc is not None
@@ -634,6 +731,61 @@ def augment_preview_command(data: Path, out: Path, images: int, versions: int, *
 
     config = FitConfig.from_kwargs(**options)
     click.echo(str(augment_preview(data, out, config, images=images, versions=versions)))
+
+
+@cli.command("lr-find")
+@click.argument("data", type=click.Path(path_type=Path))
+@_fit_options
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("lr-find.png"),
+    show_default=True,
+    help="The plot (lr-find.json with the numbers is written beside it).",
+)
+@click.option(
+    "--steps", type=click.IntRange(min=10), default=100, show_default=True, help="Training steps."
+)
+@click.option("--start-lr", type=float, default=1e-7, show_default=True)
+@click.option("--end-lr", type=float, default=10.0, show_default=True)
+def lr_find_command(
+    data: Path, out: Path, steps: int, start_lr: float, end_lr: float, **options
+) -> None:
+    """Find a learning rate: train a fresh model on DATA for --steps steps while the head LR
+    grows exponentially from --start-lr to --end-lr (the backbone groups keep their ratios to
+    it), and plot the loss. The suggestion is the LR of the lowest loss divided by 10.
+
+    Takes the same options as `fit` (strategy, optimizer, image size...); nothing is trained
+    for keeps.
+
+    Example:
+
+        finetune lr-find sample_data/fashion --strategy finetune-top -o lr-find.png
+    """
+    from finetune.api import lr_find
+
+    finding = lr_find(
+        data, FitConfig.from_kwargs(**options), out=out, steps=steps, start_lr=start_lr,
+        end_lr=end_lr,
+    )  # fmt: skip
+    given = _given_options({k: v for k, v in options.items() if k != "lr"})
+    rerun = shlex.join(["finetune", "fit", str(data), *given, "--lr", f"{finding.suggestion:.1e}"])
+    click.echo(
+        "\n".join(
+            [
+                f"suggested lr  {finding.suggestion:.1e} (the loss was lowest at "
+                f"{finding.minimum:.1e}; divided by 10)",
+                f"steepest      {finding.steepest:.1e} (where the loss fell fastest)",
+                f"steps         {len(finding.lrs)}"
+                + (" (stopped: the loss diverged)" if finding.diverged else ""),
+                f"plot          {finding.plot}",
+                "",
+                "Next:",
+                f"  {rerun}",
+            ]
+        )
+    )
 
 
 @cli.command("check")

@@ -63,11 +63,16 @@ EMBEDDED_WEIGHTS: dict[str, EmbeddedWeights] = {
 
 
 class Classifier(nn.Module):
-    """A timm backbone (classifier removed) followed by a head on its pooled features."""
+    """A timm backbone (classifier removed) followed by a head on its pooled features.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    ``dropout`` zeroes that share of the features before the head while training (it has no
+    weights, so checkpoints do not depend on it).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, dropout: float = 0.0) -> None:
         super().__init__()
         self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
         self.head = head
 
     @property
@@ -79,7 +84,7 @@ class Classifier(nn.Module):
         return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.head(self.dropout(self.forward_features(x)))
 
 
 def _unknown_model(name: str) -> ModelError:
@@ -168,6 +173,7 @@ def create_backbone(
     weights: str | Path | None = None,
     keep_classifier: bool = False,
     pretrained: bool = True,
+    drop_path_rate: float = 0.0,
 ) -> nn.Module:
     """Create timm model ``name`` with pretrained weights.
 
@@ -179,6 +185,8 @@ def create_backbone(
             ``reset_classifier(0)`` so the model returns pooled features.
         pretrained: False: random weights (when only the architecture and its pretrained
             config, e.g. mean/std and input size, are needed).
+        drop_path_rate: Stochastic depth: the largest probability of skipping a residual block
+            in training (timm's ``drop_path_rate``; the blocks near the input skip less).
 
     Raises:
         ModelError: Unknown model, or weights that cannot be had or do not fit.
@@ -186,16 +194,18 @@ def create_backbone(
     if not timm.list_models(name) and not timm.is_model(name):
         raise _unknown_model(name)
     if not pretrained:
-        model = timm.create_model(name, pretrained=False)
+        model = _create(name, pretrained=False, drop_path_rate=drop_path_rate)
     elif weights is not None:
-        model = timm.create_model(name, pretrained=False)
+        model = _create(name, pretrained=False, drop_path_rate=drop_path_rate)
         _load_into(model, load_weights_file(weights), str(weights))
     elif name in EMBEDDED_WEIGHTS:
-        model = timm.create_model(name, pretrained=False)
+        model = _create(name, pretrained=False, drop_path_rate=drop_path_rate)
         model.load_state_dict(_embedded_state(name, model))
     else:
         try:
-            model = timm.create_model(name, pretrained=True)
+            model = _create(name, pretrained=True, drop_path_rate=drop_path_rate)
+        except ModelError:
+            raise
         except Exception as exc:  # hub/network/cache errors come in many types
             raise ModelError(
                 f"Could not get pretrained weights for {name!r} ({type(exc).__name__}: "
@@ -209,13 +219,26 @@ def create_backbone(
     return model
 
 
+def _create(name: str, pretrained: bool, drop_path_rate: float) -> nn.Module:
+    """``timm.create_model``; timm ignores ``None`` kwargs, so no rate means the model's own."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, drop_path_rate=drop_path_rate or None)
+    except TypeError as exc:
+        if not drop_path_rate:
+            raise
+        raise ModelError(
+            f"{name} has no stochastic depth (timm drop_path_rate): {exc}. Leave --drop-path at 0."
+        ) from exc
+
+
 def create_classifier(
-    backbone: nn.Module, num_classes: int, head: nn.Module | None = None
+    backbone: nn.Module, num_classes: int, head: nn.Module | None = None, dropout: float = 0.0
 ) -> Classifier:
-    """Put ``head`` (default: ``nn.Linear``) on a backbone whose classifier was reset."""
+    """Put ``head`` (default: ``nn.Linear``) on a backbone whose classifier was reset, with
+    ``dropout`` on the features before it."""
     if head is None:
         head = nn.Linear(backbone.num_features, num_classes)
-    return Classifier(backbone, head)
+    return Classifier(backbone, head, dropout)
 
 
 def prune_to_stage(backbone: nn.Module, stage: int) -> nn.Module:
@@ -238,14 +261,14 @@ def freeze(module: nn.Module, frozen: bool = True) -> None:
 
 
 def set_train_mode(model: nn.Module) -> None:
-    """``model.train()``, except normalisation layers whose parameters are all frozen stay in
-    eval mode, so their running statistics do not move."""
+    """``model.train()``, except modules whose parameters are all frozen stay in eval mode: the
+    running statistics of frozen BatchNorm layers do not move, and a frozen block skips no
+    stochastic-depth paths (it computes the features it was pretrained to compute)."""
     model.train()
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -41,8 +42,9 @@ from finetune.models import (
     param_groups,
     prune_to_stage,
 )
+from finetune.optim import create_optimizer, create_scheduler, cycle_ends
 from finetune.probe import fit_probe
-from finetune.train import EpochResult, Recorder, train
+from finetune.train import EpochResult, Recorder, Training, train
 from finetune.transforms import (
     Augmentation,
     Lighting,
@@ -62,6 +64,7 @@ __all__ = [
     "Strategy",
     "get_strategy",
     "register",
+    "training_loaders",
 ]
 
 
@@ -199,6 +202,7 @@ class _Probe(Strategy):
             lr=0.0,
             seconds=time.perf_counter() - start,
             best=True,
+            gap=metrics[0][1] - metrics[1][1],
         )
         recorder = Recorder(ctx.run_dir, ctx.describe)
         recorder.record(result, model)
@@ -284,46 +288,83 @@ class _FineTune(Strategy):
             f"+ head, {trainable:,} of {total:,} parameters; head lr {config.lr:.1e}"
             + (f", top backbone lr {groups[-2]['lr']:.1e}" if backbone_groups else "")
         )
+        ctx.say(f"optimise  {_describe_training(config)}")
         train_loader, val_loader = _loaders(ctx)
-        optimizer = _optimizer(groups, config)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(1, config.epochs * len(train_loader))
-        )
+        optimizer = create_optimizer(groups, config)
+        scheduler = create_scheduler(optimizer, config, len(train_loader))
+        ema = None
+        if config.ema:  # warmed-up decay: early steps average over few weights (timm)
+            ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True, device=ctx.device)
         first_epoch = 1
         if ctx.resumed is not None:
             optimizer.load_state_dict(ctx.resumed["optimizer"])
             scheduler.load_state_dict(ctx.resumed["scheduler"])
             torch.set_rng_state(ctx.resumed["torch_rng"])
+            if ema is not None:
+                ema.module.load_state_dict(ctx.resumed["ema_state_dict"])
             first_epoch = ctx.resumed["epoch"] + 1
 
         def reseed(epoch: int) -> None:  # the same stream whether or not the run was resumed
             train_loader.generator.manual_seed(config.seed * 100_003 + epoch)
             train_loader.dataset.transform.set_random_seed(config.seed * 100_003 + epoch)
 
-        class_weights = None
-        if config.balance == "weighted-loss":
-            counts = np.bincount(
-                [s.label for s in ctx.split.train], minlength=len(ctx.split.classes)
-            )
-            weights = len(ctx.split.train) / (len(counts) * np.maximum(counts, 1))
-            class_weights = torch.tensor(weights, dtype=torch.float32, device=ctx.device)
-        history = train(
-            model,
-            optimizer,
-            scheduler,
-            train_loader,
-            val_loader,
-            class_weights=class_weights,
+        training = Training(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_loader=train_loader,
+            val_loader=val_loader,
             epochs=config.epochs,
             device=ctx.device,
-            recorder=Recorder(ctx.run_dir, ctx.describe, ctx.resumed),
-            progress=ctx.verbose,
+            class_weights=_class_weights(ctx) if config.balance == "weighted-loss" else None,
+            label_smoothing=config.label_smoothing,
+            ema=ema,
+            patience=config.patience,
+            snapshot_epochs=tuple(cycle_ends(config)) if config.schedule == "restarts" else (),
             before_epoch=lambda epoch: self.before_epoch(model, config, epoch),
+            reseed=reseed,
+            say=ctx.say,
+        )
+        history = train(
+            model,
+            training,
+            Recorder(ctx.run_dir, ctx.describe, ctx.resumed),
+            progress=ctx.verbose,
             on_epoch=ctx.on_epoch,
             first_epoch=first_epoch,
-            reseed=reseed,
         )
         return model, history
+
+
+def _class_weights(ctx: FitContext) -> torch.Tensor:
+    """Each class's loss weighted by 1/frequency (scikit-learn's "balanced")."""
+    counts = np.bincount([s.label for s in ctx.split.train], minlength=len(ctx.split.classes))
+    weights = len(ctx.split.train) / (len(counts) * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32, device=ctx.device)
+
+
+def _describe_training(config: FitConfig) -> str:
+    """One line: optimizer, schedule, regularisation, averaging."""
+    parts = [config.optimizer]
+    if config.optimizer in ("momentum", "nesterov"):
+        parts[0] += f" {config.momentum:g}"
+    schedule = config.schedule
+    if schedule == "restarts":
+        ends = cycle_ends(config)
+        schedule = (
+            f"cosine in {len(ends)} cycles (snapshots after epochs {', '.join(map(str, ends))})"
+        )
+    if config.lr_warmup_epochs and config.schedule != "onecycle":
+        schedule += f" after {config.lr_warmup_epochs:g} warm-up epochs"
+    parts.append(f"{schedule} schedule")
+    parts.append(f"weight decay {config.weight_decay:g}")
+    for name in ("dropout", "drop_path", "label_smoothing"):
+        if getattr(config, name):
+            parts.append(f"{name.replace('_', ' ')} {getattr(config, name):g}")
+    if config.ema:
+        parts.append(f"EMA (decay {config.ema_decay:g})")
+    if config.patience:
+        parts.append(f"early stopping after {config.patience} epochs")
+    return ", ".join(parts)
 
 
 @register
@@ -379,11 +420,25 @@ class Auto(Strategy):
         raise ConfigError("auto runs the strategy it resolves to; call resolve() first.")
 
 
-# --- data loading and optimizer for the fine-tuning strategies --------------------------------
+# --- data loading for the fine-tuning strategies --------------------------------
 
 
 def _loaders(ctx: FitContext) -> tuple[DataLoader, DataLoader]:
-    split, pre, config, device = ctx.split, ctx.pre, ctx.config, ctx.device
+    return training_loaders(
+        ctx.split, ctx.pre, ctx.config, ctx.device, ctx.augmentation, ctx.lighting
+    )
+
+
+def training_loaders(
+    split: DatasetSplit,
+    pre: Preprocessing,
+    config: FitConfig,
+    device: torch.device,
+    augmentation: Augmentation,
+    lighting: Lighting | None,
+) -> tuple[DataLoader, DataLoader]:
+    """The training loader (augmented, shuffled by a seeded generator, or oversampling rarer
+    classes with ``balance="oversample"``) and the validation loader (centre crop)."""
     workers = config.num_workers or 0
     common = {
         "batch_size": config.batch_size,
@@ -394,7 +449,7 @@ def _loaders(ctx: FitContext) -> tuple[DataLoader, DataLoader]:
         # the loader's generator, which reseed() sets per epoch (so --resume is exact).
         "persistent_workers": False,
     }
-    augment = train_transform(pre, ctx.augmentation, ctx.lighting, seed=config.seed)
+    augment = train_transform(pre, augmentation, lighting, seed=config.seed)
     train_set = ImageDataset(split.train, augment)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = None
@@ -421,17 +476,3 @@ def _seed_worker_augmentation(worker_id: int) -> None:
     """Give each DataLoader worker its own, reproducible augmentation stream."""
     info = torch.utils.data.get_worker_info()
     info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
-
-
-def _optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.optim.Optimizer:
-    """Split each group into decayed weights and undecayed norms/biases (ndim <= 1)."""
-    param_groups_ = []
-    for group in groups:
-        decay = [p for p in group["params"] if p.ndim > 1]
-        no_decay = [p for p in group["params"] if p.ndim <= 1]
-        for params, wd in ((decay, config.weight_decay), (no_decay, 0.0)):
-            if params:
-                param_groups_.append({**group, "params": params, "weight_decay": wd})
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(param_groups_, lr=config.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(param_groups_, lr=config.lr)

@@ -1,18 +1,22 @@
 """The training loop: one function, readable top to bottom.
 
-Each epoch trains on the training loader (frozen BatchNorm layers kept in eval mode), evaluates
-on the validation loader, and hands the result to a :class:`Recorder`, which appends a row to
-``metrics.csv``, writes ``last.pt`` and, when the validation accuracy improved, ``best.pt``.
-Callers observe progress through ``on_epoch``.
+Each epoch trains on the training loader (frozen layers kept in eval mode), evaluates the raw
+weights on the validation loader (and their moving average, when EMA is on), and hands the
+result to a :class:`Recorder`, which appends a row to ``metrics.csv`` and writes the
+checkpoints: ``last.pt`` always, ``best.pt`` when the validation accuracy improved, ``ema.pt``
+when the average's did, ``snapshot-K.pt`` at the end of each LR cycle. Callers observe progress
+through ``on_epoch``. The loop watches the train/val gap (:func:`overfitting`) and stops early
+after ``patience`` epochs without a better validation accuracy.
 
 Faults: a non-finite loss (or non-finite weights after an epoch) abandons the epoch, restores the
-weights, optimizer and scheduler of the last good epoch and halves every learning rate, at most
-:data:`MAX_RETRIES` times; nothing non-finite is ever written. SIGINT (Ctrl-C) and SIGTERM stop
-at the next batch: the half-done epoch is dropped, ``last.pt`` (written atomically after every
-epoch) stays valid, and :class:`~finetune.errors.TrainingError` says how to resume.
+weights, optimizer, scheduler and average of the last good epoch and halves every learning rate,
+at most :data:`MAX_RETRIES` times; nothing non-finite is ever written. SIGINT (Ctrl-C) and
+SIGTERM stop at the next batch: the half-done epoch is dropped, ``last.pt`` (written atomically
+after every epoch) stays valid, and :class:`~finetune.errors.TrainingError` says how to resume.
 
-Resume: every epoch reseeds the loader's shuffling and the augmentation from (seed, epoch), so
-``--resume`` continues from ``last.pt`` exactly as an uninterrupted run would have.
+Resume: every epoch reseeds the loader's shuffling and the augmentation from (seed, epoch), and
+``last.pt`` holds the optimizer, scheduler, average and RNG, so ``--resume`` continues exactly as
+an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -40,9 +45,22 @@ from finetune.checkpoint import save_checkpoint
 from finetune.errors import TrainingError
 from finetune.models import set_train_mode
 
-__all__ = ["MAX_RETRIES", "EpochResult", "Recorder", "evaluate", "train"]
+__all__ = [
+    "MAX_RETRIES",
+    "OVERFIT_GAP",
+    "OVERFIT_WINDOW",
+    "EpochResult",
+    "Recorder",
+    "Training",
+    "evaluate",
+    "overfitting",
+    "read_metrics",
+    "train",
+]
 
 MAX_RETRIES = 3  # epochs restarted at half the LR after a non-finite loss, before giving up
+OVERFIT_WINDOW = 3  # epochs without a better val acc while the train/val gap grows: a warning
+OVERFIT_GAP = 0.05  # ... by at least this much (accuracy), to at least this much
 
 
 @dataclass(frozen=True)
@@ -50,13 +68,68 @@ class EpochResult:
     """What one epoch measured (one row of metrics.csv)."""
 
     epoch: int  # 1-based
-    train_loss: float
+    train_loss: float  # on the augmented training images, in train mode (dropout on)
     train_acc: float
     val_loss: float
     val_acc: float
-    lr: float  # head learning rate at the end of the epoch
+    lr: float  # head learning rate of the epoch's last step
     seconds: float
     best: bool  # val_acc improved on every earlier epoch
+    gap: float = math.nan  # train_acc - val_acc: grows when the model starts to overfit
+    ema_val_loss: float = math.nan  # the weights' moving average on val (nan: no EMA)
+    ema_val_acc: float = math.nan
+    ema_best: bool = False  # ema_val_acc improved on every earlier epoch
+
+
+def read_metrics(path: Path) -> list[EpochResult]:
+    """The rows of a ``metrics.csv`` as :class:`EpochResult` s."""
+    kinds = {f.name: f.type for f in fields(EpochResult)}
+    convert = {"int": int, "float": float, "bool": lambda v: v == "True"}
+    with path.open(newline="") as f:
+        return [
+            EpochResult(**{k: convert[kinds[k]](v) for k, v in row.items() if k in kinds})
+            for row in csv.DictReader(f)
+        ]
+
+
+def overfitting(history: list[EpochResult], window: int = OVERFIT_WINDOW) -> str | None:
+    """A warning when the validation accuracy has not improved for ``window`` epochs while the
+    train/val accuracy gap grew over them by at least :data:`OVERFIT_GAP` to at least that
+    much; ``None`` otherwise."""
+    if len(history) <= window:
+        return None
+    recent = history[-window - 1 :]
+    then, now = recent[0].gap, recent[-1].gap
+    if any(r.best for r in recent[1:]) or now - then < OVERFIT_GAP or now < OVERFIT_GAP:
+        return None
+    best = [r for r in history if r.best]
+    since = f" (best {best[-1].val_acc:.3f} at epoch {best[-1].epoch})" if best else ""
+    return (
+        f"epoch {recent[-1].epoch}: the train/val accuracy gap grew from {then:+.3f} to "
+        f"{now:+.3f} in {window} epochs while val acc stopped improving{since}: the model is "
+        "overfitting. Try stronger --augment, more --weight-decay or --dropout, fewer --epochs, "
+        "or --patience to stop early."
+    )
+
+
+@dataclass
+class Training:
+    """What the loop needs besides the model; built by the fine-tuning strategies."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped after every optimizer step
+    train_loader: DataLoader
+    val_loader: DataLoader
+    epochs: int
+    device: torch.device
+    class_weights: torch.Tensor | None = None  # per-class loss weights (imbalanced classes)
+    label_smoothing: float = 0.0
+    ema: ModelEmaV3 | None = None  # moving average of the weights, updated every step
+    patience: int | None = None  # early stopping: epochs without a better val acc
+    snapshot_epochs: tuple[int, ...] = ()  # after these epochs, snapshot-K.pt (LR cycle ends)
+    before_epoch: Callable[[int], None] | None = None  # e.g. unfreeze after a warm-up
+    reseed: Callable[[int], None] | None = None  # seeds shuffling and augmentation per epoch
+    say: Callable[[str], None] = lambda message: None  # a line for people (early stopping)
 
 
 def _batches(loader: DataLoader, device: torch.device):
@@ -81,12 +154,16 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
 
 
 class Recorder:
-    """Writes a run's ``metrics.csv`` rows and its ``best.pt`` / ``last.pt`` checkpoints.
+    """Writes a run's ``metrics.csv`` rows and its checkpoints: ``last.pt`` every epoch,
+    ``best.pt`` / ``ema.pt`` when the raw / averaged weights scored their best val accuracy,
+    ``snapshot-K.pt`` when asked.
 
     Args:
         run_dir: The run directory.
         describe: What the checkpoints say about the model besides its weights (model spec,
             classes, preprocessing, config, strategy); see :mod:`finetune.checkpoint`.
+        resumed: ``last.pt`` of the run being resumed: its rows of metrics.csv are kept (any
+            later ones dropped) and its best scores carry on.
     """
 
     def __init__(
@@ -94,29 +171,51 @@ class Recorder:
     ) -> None:
         self.run_dir = run_dir
         self.describe = describe
-        self.best_acc, self.best_loss = -1.0, math.inf
+        self.best_acc, self.best_loss, self.best_epoch = -1.0, math.inf, 0
+        self.ema_best_acc, self.ema_best_loss = -1.0, math.inf
         self.metrics_path = run_dir / "metrics.csv"
-        rows: list[list[str]] = []
+        self.history: list[EpochResult] = []
         if resumed is not None:  # keep the rows of the epochs last.pt holds, drop any later
+            self.history = [
+                r for r in read_metrics(self.metrics_path) if r.epoch <= resumed["epoch"]
+            ]
             self.best_acc = float(resumed["best_metric"])
             self.best_loss = float(resumed.get("best_loss", math.inf))
-            with self.metrics_path.open(newline="") as f:
-                rows = [r for r in list(csv.reader(f))[1:] if int(r[0]) <= resumed["epoch"]]
+            self.best_epoch = max((r.epoch for r in self.history if r.best), default=0)
+            self.ema_best_acc = float(resumed.get("ema_best_metric", -1.0))
+            self.ema_best_loss = float(resumed.get("ema_best_loss", math.inf))
         with self.metrics_path.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow([f.name for f in fields(EpochResult)])
-            writer.writerows(rows)
+            writer.writerows(asdict(r).values() for r in self.history)
 
     def is_best(self, val_acc: float, val_loss: float) -> bool:
         """Would this epoch beat every earlier one (accuracy first, then loss)?"""
         return val_acc > self.best_acc or (val_acc == self.best_acc and val_loss < self.best_loss)
 
+    def is_ema_best(self, val_acc: float, val_loss: float) -> bool:
+        """Would the average's score beat its every earlier one?"""
+        return val_acc > self.ema_best_acc or (
+            val_acc == self.ema_best_acc and val_loss < self.ema_best_loss
+        )
+
     def record(
-        self, result: EpochResult, model: nn.Module, resume_state: dict[str, Any] | None = None
+        self,
+        result: EpochResult,
+        model: nn.Module,
+        resume_state: dict[str, Any] | None = None,
+        *,
+        ema_model: nn.Module | None = None,
+        snapshot: int | None = None,
     ) -> None:
-        """Append ``result`` to metrics.csv; write best.pt if it is best, and always last.pt."""
+        """Append ``result`` to metrics.csv; write best.pt if it is best, ema.pt if the
+        average's is, ``snapshot-{snapshot}.pt`` if asked, and always last.pt."""
         if result.best:
-            self.best_acc, self.best_loss = result.val_acc, result.val_loss
+            self.best_acc, self.best_loss, self.best_epoch = (
+                result.val_acc, result.val_loss, result.epoch)  # fmt: skip
+        if result.ema_best:
+            self.ema_best_acc, self.ema_best_loss = result.ema_val_acc, result.ema_val_loss
+        self.history.append(result)
         with self.metrics_path.open("a", newline="") as f:
             csv.writer(f).writerow(asdict(result).values())
         state = {
@@ -129,7 +228,23 @@ class Recorder:
         }
         if result.best:
             save_checkpoint(self.run_dir / "best.pt", state)
-        save_checkpoint(self.run_dir / "last.pt", {**state, **(resume_state or {})})
+        if ema_model is not None and result.ema_best:
+            save_checkpoint(
+                self.run_dir / "ema.pt",
+                {**state, "weights": "ema", "best_metric": self.ema_best_acc,
+                 "best_loss": self.ema_best_loss, "state_dict": ema_model.state_dict()},
+            )  # fmt: skip
+        if snapshot is not None:
+            save_checkpoint(
+                self.run_dir / f"snapshot-{snapshot}.pt", {**state, "snapshot": snapshot}
+            )
+        resume = {
+            "ema_best_metric": self.ema_best_acc,
+            "ema_best_loss": self.ema_best_loss,
+            **({"ema_state_dict": ema_model.state_dict()} if ema_model is not None else {}),
+            **(resume_state or {}),
+        }
+        save_checkpoint(self.run_dir / "last.pt", {**state, **resume})
 
 
 @contextmanager
@@ -158,46 +273,35 @@ def _finite(model: nn.Module) -> bool:
 
 def train(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
-    *,
-    epochs: int,
-    device: torch.device,
+    training: Training,
     recorder: Recorder,
+    *,
     progress: bool = True,
-    before_epoch: Callable[[int], None] | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
     first_epoch: int = 1,
-    reseed: Callable[[int], None] | None = None,
-    class_weights: torch.Tensor | None = None,
 ) -> list[EpochResult]:
-    """Train ``model`` for epochs ``first_epoch``..``epochs``; one :class:`EpochResult` each.
+    """Train ``model`` for epochs ``first_epoch``..``training.epochs``; one
+    :class:`EpochResult` each (fewer when early stopping ends the run).
 
     Args:
+        training: Optimizer, scheduler, loaders and the options of the loop.
         recorder: Writes metrics.csv and the checkpoints after each epoch.
         progress: Show a progress bar per epoch (only when stderr is a terminal).
-        before_epoch: Called with the 1-based epoch before it starts (e.g. to unfreeze layers).
         on_epoch: Called with each epoch's result once its checkpoints are written.
-        first_epoch: Where a resumed run starts (model, optimizer and scheduler already loaded).
-        reseed: Called with the epoch before it starts: seeds shuffling and augmentation.
-        class_weights: Per-class weights of the training loss (imbalanced classes).
+        first_epoch: Where a resumed run starts (model, optimizer, scheduler, EMA loaded).
 
     Raises:
         TrainingError: Ctrl-C / SIGTERM (``last.pt`` holds the last whole epoch), or the loss
             stayed non-finite after :data:`MAX_RETRIES` halvings of the learning rate.
     """
+    t = training
     history: list[EpochResult] = []
-    retries = 0
+    retries, warned = 0, False
     with _stop_requests() as stop:
         epoch = first_epoch
-        while epoch <= epochs:
-            good = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
-                    copy.deepcopy(scheduler.state_dict()), torch.get_rng_state())  # fmt: skip
-            result = _epoch(model, optimizer, scheduler, train_loader, val_loader, epoch, epochs,
-                            device, recorder, progress, before_epoch, reseed, stop,
-                            class_weights)  # fmt: skip
+        while epoch <= t.epochs:
+            good = _state(model, t)
+            result = _epoch(model, t, recorder, epoch, progress, stop)
             if stop:
                 raise TrainingError(_interrupted(stop[0], recorder.run_dir, epoch))
             if result is None:  # non-finite: back to the last good state, half the LR
@@ -209,33 +313,65 @@ def train(
                         f"{recorder.run_dir / 'last.pt'} holds the last good epoch. Try a lower "
                         "--lr, or check the images for extreme values."
                     )
-                model.load_state_dict(good[0])
-                optimizer.load_state_dict(good[1])
-                scheduler.load_state_dict(good[2])
-                torch.set_rng_state(good[3])
-                for group in optimizer.param_groups:
+                _restore(model, t, good)
+                for group in t.optimizer.param_groups:
                     group["lr"] *= 0.5
-                scheduler.base_lrs = [lr * 0.5 for lr in scheduler.base_lrs]
+                t.scheduler.base_lrs = [lr * 0.5 for lr in t.scheduler.base_lrs]
                 warnings.warn(
                     f"epoch {epoch}: the loss became non-finite; restarting the epoch from the "
                     f"last good state at half the learning rate (retry {retries}/{MAX_RETRIES})",
                     stacklevel=2,
                 )
                 continue
+            best_epoch = epoch if result.best else recorder.best_epoch
+            stopping = t.patience is not None and epoch - best_epoch >= t.patience
             history.append(result)
             recorder.record(
                 result,
                 model,
                 {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
+                    "optimizer": t.optimizer.state_dict(),
+                    "scheduler": t.scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
+                    **({"stopped_early": epoch} if stopping else {}),
                 },
+                ema_model=t.ema.module if t.ema is not None else None,
+                snapshot=t.snapshot_epochs.index(epoch) + 1 if epoch in t.snapshot_epochs else None,
             )
             if on_epoch is not None:
                 on_epoch(result)
+            warning = overfitting(recorder.history)
+            if warning and not warned:
+                warnings.warn(warning, stacklevel=2)
+                warned = True
+            if stopping:
+                t.say(
+                    f"early stop: no better val acc in the {t.patience} epochs since epoch "
+                    f"{best_epoch}; best.pt holds that epoch"
+                )
+                break
             epoch += 1
     return history
+
+
+def _state(model: nn.Module, t: Training) -> dict[str, Any]:
+    """Everything an epoch changes, to return to after a non-finite loss."""
+    return {
+        "model": copy.deepcopy(model.state_dict()),
+        "optimizer": copy.deepcopy(t.optimizer.state_dict()),
+        "scheduler": copy.deepcopy(t.scheduler.state_dict()),
+        "ema": copy.deepcopy(t.ema.module.state_dict()) if t.ema is not None else None,
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _restore(model: nn.Module, t: Training, good: dict[str, Any]) -> None:
+    model.load_state_dict(good["model"])
+    t.optimizer.load_state_dict(good["optimizer"])
+    t.scheduler.load_state_dict(good["scheduler"])
+    if t.ema is not None:
+        t.ema.module.load_state_dict(good["ema"])
+    torch.set_rng_state(good["rng"])
 
 
 def _interrupted(signal_name: str, run_dir: Path, epoch: int) -> str:
@@ -249,43 +385,42 @@ def _interrupted(signal_name: str, run_dir: Path, epoch: int) -> str:
 
 def _epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
-    epoch: int,
-    epochs: int,
-    device: torch.device,
+    t: Training,
     recorder: Recorder,
+    epoch: int,
     progress: bool,
-    before_epoch: Callable[[int], None] | None,
-    reseed: Callable[[int], None] | None,
     stop: list[str],
-    class_weights: torch.Tensor | None = None,
 ) -> EpochResult | None:
     """One epoch of training and validation; ``None`` when the loss or weights went non-finite
     (or a stop was requested, which ``stop`` then says)."""
     start = time.perf_counter()
-    if reseed is not None:
-        reseed(epoch)
-    if before_epoch is not None:
-        before_epoch(epoch)
+    if t.reseed is not None:
+        t.reseed(epoch)
+    if t.before_epoch is not None:
+        t.before_epoch(epoch)
     set_train_mode(model)
-    total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{epochs}", unit="batch",
+    total_loss, correct, seen, lr = 0.0, 0, 0, t.optimizer.param_groups[-1]["lr"]
+    step = t.scheduler.last_epoch  # optimizer steps so far (the scheduler counts them)
+    bar = tqdm(total=len(t.train_loader), desc=f"epoch {epoch}/{t.epochs}", unit="batch",
                leave=False, disable=None if progress else True)  # fmt: skip
     try:
-        for images, labels in _batches(train_loader, device):
+        for images, labels in _batches(t.train_loader, t.device):
             if stop:
                 return None
             logits = model(images)
-            loss = F.cross_entropy(logits, labels, weight=class_weights)
+            loss = F.cross_entropy(
+                logits, labels, weight=t.class_weights, label_smoothing=t.label_smoothing
+            )
             if not torch.isfinite(loss):
                 return None
-            optimizer.zero_grad(set_to_none=True)
+            t.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
+            t.optimizer.step()
+            lr = t.optimizer.param_groups[-1]["lr"]  # what this step used
+            t.scheduler.step()
+            step += 1
+            if t.ema is not None:
+                t.ema.update(model, step=step)
             total_loss += loss.item() * labels.numel()
             correct += (logits.argmax(1) == labels).sum().item()
             seen += labels.numel()
@@ -293,18 +428,26 @@ def _epoch(
             bar.update()
     finally:
         bar.close()
-    if stop or not _finite(model):
+    if stop or not _finite(model) or (t.ema is not None and not _finite(t.ema.module)):
         return None
-    val_loss, val_acc = evaluate(model, val_loader, device)
+    val_loss, val_acc = evaluate(model, t.val_loader, t.device)
+    ema_loss, ema_acc = (
+        evaluate(t.ema.module, t.val_loader, t.device) if t.ema is not None else (math.nan,) * 2
+    )
     if stop:
         return None
+    train_acc = correct / max(seen, 1)
     return EpochResult(
         epoch=epoch,
         train_loss=total_loss / max(seen, 1),
-        train_acc=correct / max(seen, 1),
+        train_acc=train_acc,
         val_loss=val_loss,
         val_acc=val_acc,
-        lr=optimizer.param_groups[-1]["lr"],
+        lr=lr,
         seconds=time.perf_counter() - start,
         best=recorder.is_best(val_acc, val_loss),
+        gap=train_acc - val_acc,
+        ema_val_loss=ema_loss,
+        ema_val_acc=ema_acc,
+        ema_best=t.ema is not None and recorder.is_ema_best(ema_acc, ema_loss),
     )

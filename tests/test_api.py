@@ -153,6 +153,8 @@ def test_auto_records_every_hyperparameter_of_a_fine_tune(tmp_path: Path) -> Non
         "unfreeze": "all",
         "warmup_epochs": 0,
         "weight_decay": plan.config.weight_decay,
+        "schedule": "cosine",
+        "ema": False,
         "augment": PRESETS["default"].to_dict(),  # 200 images per class: the default preset
     }
 

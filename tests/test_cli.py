@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import finetune
+from finetune.checkpoint import load_checkpoint
 from finetune.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,8 +182,9 @@ def _start_fit(small_folder: Path, out: Path) -> subprocess.Popen:
     )
 
 
+# Cosine restarts (a snapshot per epoch) and EMA: resume must carry the scheduler and the average.
 _RESUMABLE = ["--strategy", "finetune-all", "--epochs", "3", "--image-size", "32",
-              "--batch-size", "8"]  # fmt: skip
+              "--batch-size", "8", "--schedule", "restarts", "--ema"]  # fmt: skip
 
 
 def _wait_for_epoch_1(process: subprocess.Popen, out: Path) -> None:
@@ -194,7 +197,7 @@ def _wait_for_epoch_1(process: subprocess.Popen, out: Path) -> None:
 
 def _metrics(run_dir: Path) -> list[tuple[str, ...]]:
     rows = list(csv.reader((run_dir / "metrics.csv").open()))
-    return [tuple(r[:6]) for r in rows]  # all but seconds and best
+    return [tuple(r[:6] + r[7:]) for r in rows]  # all but seconds
 
 
 def test_killed_then_resumed_ends_like_an_uninterrupted_run(
@@ -211,6 +214,11 @@ def test_killed_then_resumed_ends_like_an_uninterrupted_run(
     assert resumed.returncode == 0, resumed.stderr
     assert "resume    " in resumed.stderr and "continuing" in resumed.stderr
     assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "whole")
+    for name in ("last.pt", "ema.pt", "snapshot-3.pt"):
+        resumed_state = load_checkpoint(tmp_path / "killed" / name)
+        whole_state = load_checkpoint(tmp_path / "whole" / name)
+        assert torch.equal(resumed_state["state_dict"]["head.weight"],
+                           whole_state["state_dict"]["head.weight"]), name  # fmt: skip
     again = run("fit", "--resume", str(tmp_path / "killed"))
     assert again.returncode != 0 and "is complete (3/3 epochs)" in again.stderr
     mixed = run("fit", str(small_folder), "--resume", str(tmp_path / "killed"))

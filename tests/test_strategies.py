@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import finetune
+from finetune.checkpoint import load_checkpoint, rebuild_model
 from finetune.config import FitConfig
 from finetune.data import scan_folder
 from finetune.errors import ConfigError
@@ -200,3 +201,53 @@ def test_auto_on_a_cpu_fits_the_budget_or_falls_back_to_the_probe(tmp_path: Path
     assert tight.strategy == "stage-probe" and "epochs" not in tight.settings
     assert tight.thresholds["cpu_budget_seconds"] == 1
     assert any("stage-probe instead" in r for r in tight.reasons)
+
+
+def test_a_fine_tune_with_the_training_kit_follows_its_schedule_and_saves_its_averages(
+    fashion, tmp_path: Path
+) -> None:
+    from finetune.optim import lr_factor
+    from finetune.train import read_metrics
+
+    run = finetune.fit(
+        fashion, strategy="finetune-top", epochs=4, image_size=32, ema=True, ema_decay=0.99,
+        schedule="restarts", cycles=2, lr=2e-3, dropout=0.2, drop_path=0.1,
+        label_smoothing=0.1, out=str(tmp_path / "kit"), verbose=False,
+    )  # fmt: skip
+    config = json.loads((run.dir / "config.json").read_text())
+    for key, value in {"schedule": "restarts", "cycles": 2, "ema": True, "dropout": 0.2,
+                       "drop_path": 0.1, "label_smoothing": 0.1}.items():  # fmt: skip
+        assert config[key] == value
+    # The LR of each epoch's last step is the schedule's: the head LR times its factor.
+    steps = 400 // 32  # 400 training images, batches of 32, the last incomplete one dropped
+    history = read_metrics(run.dir / "metrics.csv")
+    for r in history:
+        assert r.lr == pytest.approx(2e-3 * lr_factor(r.epoch * steps - 1, run.config, steps))
+    # One snapshot per cosine cycle, taken at the end of the cycle.
+    assert [p.name for p in run.snapshots] == ["snapshot-1.pt", "snapshot-2.pt"]
+    assert [load_checkpoint(p)["epoch"] for p in run.snapshots] == [2, 4]
+    # The average differs from the raw weights, and ema.pt is what scored ema_val_acc.
+    ema = load_checkpoint(run.dir / "ema.pt")
+    last = load_checkpoint(run.dir / "last.pt")
+    key = "head.weight"
+    assert not torch.allclose(ema["state_dict"][key], last["state_dict"][key])
+    scored = next(r for r in history if r.epoch == ema["epoch"])
+    accuracy = finetune.load(run.dir / "ema.pt", device="cpu").evaluate(fashion / "val").accuracy
+    assert accuracy == pytest.approx(scored.ema_val_acc)
+    assert run.best_ema is not None and run.best_ema.epoch == ema["epoch"]
+    # Stochastic depth reached the backbone; frozen blocks skip no paths.
+    model = rebuild_model(last)
+    assert model.dropout.p == 0.0  # inference never drops: the rebuilt model has no dropout
+    backbone = create_backbone("tf_efficientnet_lite0", pretrained=False, drop_path_rate=0.1)
+    rates = [m.drop_prob for m in backbone.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.1, abs=0.01)
+    classifier = create_classifier(backbone, 3, dropout=0.2)
+    get_strategy("finetune-top").param_groups(classifier, FitConfig(unfreeze=3), lr=1e-3)
+    set_train_mode(classifier)
+    blocks = [m for m in backbone.modules()
+              if any(type(c).__name__ == "DropPath" for c in m.children())]  # fmt: skip
+    trains = [any(p.requires_grad for p in b.parameters()) for b in blocks]
+    assert any(trains) and not all(trains)
+    for block, trained in zip(blocks, trains, strict=True):
+        assert block.drop_path.training == trained  # a frozen block computes its features
+    assert classifier.dropout.training and classifier.dropout.p == 0.2

@@ -13,11 +13,28 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.checkpoint import load_checkpoint
 from finetune.errors import TrainingError
-from finetune.train import Recorder, evaluate, train
+from finetune.train import EpochResult, Recorder, Training, evaluate, overfitting, train
+
+CPU = torch.device("cpu")
+DESCRIBE = {"model": {}, "classes": ["a", "b"], "preprocessing": {}}
 
 
-def _loader(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
-    return DataLoader(TensorDataset(x, y), batch_size=8)
+def _loader(x: torch.Tensor, y: torch.Tensor, shuffle: bool = False) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=shuffle)
+
+
+def _training(model: nn.Module, x, y, epochs: int, lr: float = 0.5, **options) -> Training:
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return Training(
+        optimizer=optimizer,
+        scheduler=options.pop("scheduler", None)
+        or torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * 8),
+        train_loader=_loader(x, y),
+        val_loader=_loader(x[:32], y[:32]),
+        epochs=epochs,
+        device=CPU,
+        **options,
+    )
 
 
 def test_loop_learns_records_every_epoch_and_keeps_the_best(tmp_path: Path) -> None:
@@ -25,18 +42,11 @@ def test_loop_learns_records_every_epoch_and_keeps_the_best(tmp_path: Path) -> N
     x = torch.randn(64, 5)
     y = (x[:, 0] > 0).long()  # learnable from one feature
     model = nn.Linear(5, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1000)
     seen = []
     history = train(
         model,
-        optimizer,
-        scheduler,
-        _loader(x, y),
-        _loader(x[:32], y[:32]),
-        epochs=4,
-        device=torch.device("cpu"),
-        recorder=Recorder(tmp_path, {"model": {}, "classes": ["a", "b"], "preprocessing": {}}),
+        _training(model, x, y, epochs=4),
+        Recorder(tmp_path, DESCRIBE),
         progress=False,
         on_epoch=seen.append,
     )
@@ -73,10 +83,10 @@ class _Poisoned(nn.Module):
 class _CheckingRecorder(Recorder):
     """Fails the test if a checkpoint with a non-finite tensor is ever about to be written."""
 
-    def record(self, result, model, resume_state=None) -> None:
+    def record(self, result, model, resume_state=None, **kwargs) -> None:
         assert all(torch.isfinite(t).all() for t in model.state_dict().values())
         assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
-        super().record(result, model, resume_state)
+        super().record(result, model, resume_state, **kwargs)
 
 
 def _fit(run_dir: Path, epochs: int = 4, **poison):
@@ -84,22 +94,10 @@ def _fit(run_dir: Path, epochs: int = 4, **poison):
     model = _Poisoned(**poison)
     x = torch.randn(64, 5)
     y = (x[:, 0] > 0).long()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * 8)
     run_dir.mkdir()
-    describe = {"model": {}, "classes": ["a", "b"], "preprocessing": {}}
-    history = train(
-        model,
-        optimizer,
-        scheduler,
-        _loader(x, y),
-        _loader(x[:32], y[:32]),
-        epochs=epochs,
-        device=torch.device("cpu"),
-        recorder=_CheckingRecorder(run_dir, describe),
-        progress=False,
-    )
-    return history, optimizer
+    training = _training(model, x, y, epochs)
+    history = train(model, training, _CheckingRecorder(run_dir, DESCRIBE), progress=False)
+    return history, training.optimizer
 
 
 def test_a_nan_loss_restarts_the_epoch_at_half_the_lr_and_never_reaches_a_checkpoint(
@@ -133,3 +131,140 @@ def test_a_loss_that_stays_nan_stops_with_a_clear_message_and_a_good_last_checkp
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
     rows = list(csv.DictReader((tmp_path / "nan" / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1"]
+
+
+def _separable(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=generator)
+    return x, (x[:, 0] > 0).long()
+
+
+def test_the_moving_average_differs_from_the_raw_weights_and_is_evaluated_and_saved(
+    tmp_path: Path,
+) -> None:
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    x, y = _separable()
+    model = nn.Linear(5, 2)
+    ema = ModelEmaV3(model, decay=0.9, use_warmup=True)
+    history = train(
+        model, _training(model, x, y, epochs=3, ema=ema), Recorder(tmp_path, DESCRIBE),
+        progress=False,
+    )  # fmt: skip
+    raw, averaged = model.state_dict(), ema.module.state_dict()
+    assert not torch.allclose(raw["weight"], averaged["weight"])
+    # What metrics.csv says about the average is the average evaluated, not the raw weights.
+    loss, acc = evaluate(ema.module, _loader(x[:32], y[:32]), CPU)
+    assert history[-1].ema_val_acc == acc and history[-1].ema_val_loss == pytest.approx(loss)
+    assert history[-1].ema_val_loss != pytest.approx(history[-1].val_loss)
+    saved = load_checkpoint(tmp_path / "ema.pt")
+    best_ema = [r for r in history if r.ema_best][-1]
+    assert saved["epoch"] == best_ema.epoch and saved["weights"] == "ema"
+    if best_ema.epoch == 3:
+        assert torch.equal(saved["state_dict"]["weight"], averaged["weight"])
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert torch.equal(last["ema_state_dict"]["weight"], averaged["weight"])
+    assert torch.equal(last["state_dict"]["weight"], raw["weight"])
+
+
+def test_the_average_follows_the_weights_at_the_timm_warmed_up_rate() -> None:
+    from timm.utils import ModelEmaV3
+
+    model = nn.Linear(1, 1, bias=False)
+    ema = ModelEmaV3(model, decay=0.9998, use_warmup=True)
+    values = []
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        ema.update(model, step=step)
+        values.append(ema.module.weight.item())
+    assert values[0] == 1.0  # the first update copies the weights
+    expected = 1.0
+    for step, value in zip(range(2, 6), values[1:], strict=True):
+        decay = 1 - (1 + (step - 1)) ** (-2 / 3)
+        expected = decay * expected + (1 - decay) * step
+        assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_snapshots_are_written_after_the_epochs_asked_for(tmp_path: Path) -> None:
+    x, y = _separable()
+    model = nn.Linear(5, 2)
+    train(
+        model, _training(model, x, y, epochs=4, snapshot_epochs=(2, 4)),
+        Recorder(tmp_path, DESCRIBE), progress=False,
+    )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.glob("snapshot-*.pt")) == [
+        "snapshot-1.pt", "snapshot-2.pt"]  # fmt: skip
+    assert load_checkpoint(tmp_path / "snapshot-1.pt")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "snapshot-2.pt")["snapshot"] == 2
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path: Path) -> None:
+    x, y = _separable()
+    model = nn.Linear(5, 2)
+    said: list[str] = []
+    # lr 0: the weights never move, so nothing improves after epoch 1.
+    history = train(
+        model, _training(model, x, y, epochs=10, lr=0.0, patience=2, say=said.append),
+        Recorder(tmp_path, DESCRIBE), progress=False,
+    )  # fmt: skip
+    assert [r.epoch for r in history] == [1, 2, 3]
+    assert said and "early stop" in said[0] and "since epoch 1" in said[0]
+    assert load_checkpoint(tmp_path / "last.pt")["stopped_early"] == 3
+
+
+def test_label_smoothing_reaches_the_loss(tmp_path: Path) -> None:
+    x, y = _separable()
+    losses = []
+    for i, smoothing in enumerate((0.0, 0.4)):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 2)
+        training = _training(model, x, y, epochs=1, label_smoothing=smoothing)
+        (tmp_path / str(i)).mkdir()
+        losses.append(train(model, training, Recorder(tmp_path / str(i), DESCRIBE),
+                            progress=False)[0].train_loss)  # fmt: skip
+    assert losses[1] > losses[0]  # smoothed targets cannot be fitted as closely
+
+
+def _row(epoch: int, train_acc: float, val_acc: float, best: bool) -> EpochResult:
+    return EpochResult(epoch, 0.0, train_acc, 0.0, val_acc, 0.1, 1.0, best, train_acc - val_acc)
+
+
+def test_overfitting_is_flagged_only_when_the_gap_grows_and_val_stalls() -> None:
+    rising = [_row(1, 0.6, 0.55, True), _row(2, 0.7, 0.6, True)]
+    overfit = [*rising, _row(3, 0.8, 0.6, False), _row(4, 0.9, 0.58, False),
+               _row(5, 0.97, 0.59, False)]  # fmt: skip
+    message = overfitting(overfit)
+    assert message and "epoch 5" in message and "+0.100 to +0.380" in message
+    assert "best 0.600 at epoch 2" in message
+    assert overfitting(overfit[:4]) is None  # only 2 epochs without a better val acc
+    still_improving = [*overfit[:4], _row(5, 0.97, 0.7, True)]
+    assert overfitting(still_improving) is None
+    flat_gap = [_row(1, 0.9, 0.6, True), *(_row(e, 0.9, 0.6, False) for e in (2, 3, 4))]
+    assert overfitting(flat_gap) is None  # a constant gap is not a growing one
+    catching_up = [_row(1, 0.8, 0.95, True), *(_row(e, 0.8 + e / 100, 0.94, False)
+                                               for e in (2, 3, 4))]  # fmt: skip
+    assert overfitting(catching_up) is None  # grew, but train is still below val
+
+
+def test_a_model_memorising_random_labels_gets_the_overfitting_warning(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 40)
+    y = torch.randint(0, 2, (64,))  # nothing to learn: val stays at chance
+    model = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    training = Training(
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        train_loader=_loader(x[:48], y[:48], shuffle=True),
+        val_loader=_loader(x[48:], y[48:]),
+        epochs=12,
+        device=CPU,
+    )
+    with pytest.warns(UserWarning, match="overfitting") as caught:
+        history = train(model, training, Recorder(tmp_path, DESCRIBE), progress=False)
+    assert len([w for w in caught if "overfitting" in str(w.message)]) == 1  # warned once
+    assert history[-1].gap > 0.3
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert float(rows[-1]["gap"]) == pytest.approx(history[-1].gap)
