@@ -26,6 +26,10 @@ _EXPORTS = {
     "resume": "finetune.api",
     "Plan": "finetune.api",
     "FitConfig": "finetune.config",
+    "load_recipe": "finetune.recipes",
+    "write_recipe": "finetune.recipes",
+    "tune": "finetune.tuning",
+    "TuneResult": "finetune.tuning",
     "Augmentation": "finetune.transforms",
     "FinetuneError": "finetune.errors",
     "export": "finetune.exports",
@@ -44,14 +48,18 @@ __all__ = [
     "Plan",
     "Prediction",
     "Predictor",
+    "TuneResult",
     "__version__",
     "augment_preview",
     "check",
     "export",
     "fit",
     "load",
+    "load_recipe",
     "plan",
     "resume",
+    "tune",
+    "write_recipe",
 ]
 
 if TYPE_CHECKING:
@@ -60,8 +68,10 @@ if TYPE_CHECKING:
     from finetune.errors import FinetuneError
     from finetune.exports import export
     from finetune.predict import Prediction, Predictor, load
+    from finetune.recipes import load_recipe, write_recipe
     from finetune.strategies import STRATEGIES
     from finetune.transforms import Augmentation
+    from finetune.tuning import TuneResult, tune
 
 
 def __getattr__(name: str) -> Any:

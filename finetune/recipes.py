@@ -213,8 +213,10 @@ def _checked(path: Path, key: str, value: Any, hint: Any) -> Any:
         kind = hint
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if typing.get_origin(kind) is tuple:
-        if isinstance(value, list) and len(value) == 2 and all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        if (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
         ):
             return (float(value[0]), float(value[1]))
         expected = "two numbers in brackets, e.g. [0.35, 1.0]"
