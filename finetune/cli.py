@@ -295,7 +295,7 @@ def fit_command(
     A stopped run (Ctrl-C, killed, crashed) continues with `finetune fit --resume RUN_DIR`.
 
     --recipe FILE starts from a recipe (a TOML file of FitConfig fields, e.g. the best.toml that
-    `finetune tune` writes); the options typed after it override its values.
+    `finetune tune` writes); options typed on the command line override its values.
 
     Example:
 
@@ -316,9 +316,9 @@ def fit_command(
         return
     if data is None:
         raise click.UsageError("Give DATA, the image folder (or --resume RUN_DIR).")
+    config = _config_from(options, recipe, out=str(out) if out else None)  # before torch loads
     from finetune.api import fit
 
-    config = _config_from(options, recipe, out=str(out) if out else None)
     if recipe is not None and not quiet:
         typed = shlex.join(_given_options(options))
         click.echo(f"recipe    {recipe}" + (f", overridden by {typed}" if typed else ""), err=True)
@@ -366,9 +366,10 @@ def plan_command(data: Path, as_json: bool, recipe: Path | None, **options) -> N
 
         finetune plan sample_data/fashion
     """
+    config = _config_from(options, recipe)  # a bad recipe fails before torch loads
     from finetune.api import plan
 
-    result = plan(data, _config_from(options, recipe))
+    result = plan(data, config)
     rerun = shlex.join(
         ["finetune", "fit", str(data), *_recipe_words(recipe), *_given_options(options)]
     )
@@ -506,13 +507,13 @@ def tune_command(
 
         finetune tune sample_data/fashion --strategy finetune-top --epochs 3 --trials 8
     """
-    from finetune.tuning import tune
-
     if _typed(options, "weight_decay"):
         raise click.UsageError(
             "tune searches the weight decay (1e-5..1e-1); leave out --weight-decay."
         )
-    config = _config_from(options, recipe)
+    config = _config_from(options, recipe)  # a bad recipe fails before torch loads
+    from finetune.tuning import tune
+
     result = tune(
         data,
         config,
@@ -535,7 +536,7 @@ def _tune_text(result: TuneResult) -> str:
         f"{best.weight_decay:.3g}, val acc {best.val_acc:.3f}",
         f"  strategy     {result.strategy}, {len(result.trials)} of {result.requested} trials "
         f"in {_duration(result.seconds)}",
-        *([f"  stopped      {result.stopped}"] if result.stopped else []),
+        *([f"  budget       {result.stopped}"] if result.stopped else []),
         f"  trials       {result.trials_csv}",
         f"  plot         {result.plot}",
         f"  recipe       {result.recipe}",
