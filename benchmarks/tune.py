@@ -85,7 +85,7 @@ def main() -> None:
     size = default.config.image_size
     print(
         f"\n{root}: Fashion-MNIST, {args.train} train / {args.val} val / 100 test images per "
-        f"class; {args.strategy}, {args.epochs} epochs per run, {size} px, "
+        f"class; {args.strategy}, {args.epochs} epoch(s) per run, {size} px, "
         f"{default.config.device}"
     )
     header = ("config", "lr", "wd", "epochs", "val acc", "test acc", "min")

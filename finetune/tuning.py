@@ -207,7 +207,7 @@ def tune(
             _say(
                 verbose,
                 f"fine      around trial {stage.around}: lr {_range(stage.lr)}, weight decay "
-                f"{_range(stage.weight_decay)}, {full} epochs",
+                f"{_range(stage.weight_decay)}, {full} epoch(s)",
             )
         lr, weight_decay = (_log_uniform(rng, *span) for span in (stage.lr, stage.weight_decay))
         if budget_minutes is not None and done:
