@@ -301,17 +301,17 @@ def fit_command(
 
         finetune fit sample_data/fashion
 
-        finetune fit sample_data/fashion --recipe recipes/fast-cpu.toml --epochs 2
+        finetune fit sample_data/fashion --recipe recipes/fast-cpu.toml
     """
     if resume is not None:
-        from finetune.api import resume as resume_run
-
         given = _given_options(options)
         if data is not None or out is not None or recipe is not None or given:
             raise click.UsageError(
                 "--resume continues a run with its own data and options; give only the run "
                 "directory: finetune fit --resume RUN_DIR"
             )
+        from finetune.api import resume as resume_run
+
         click.echo(_summary(resume_run(resume, verbose=not quiet)))
         return
     if data is None:
@@ -505,7 +505,7 @@ def tune_command(
 
     Example:
 
-        finetune tune sample_data/fashion --strategy finetune-top --epochs 3 --trials 8
+        finetune tune sample_data/fashion --strategy finetune-top --trials 8
     """
     if _typed(options, "weight_decay"):
         raise click.UsageError(
