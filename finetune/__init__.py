@@ -27,6 +27,10 @@ _EXPORTS = {
     "lr_find": "finetune.api",
     "Plan": "finetune.api",
     "FitConfig": "finetune.config",
+    "load_recipe": "finetune.recipes",
+    "write_recipe": "finetune.recipes",
+    "tune": "finetune.tuning",
+    "TuneResult": "finetune.tuning",
     "Augmentation": "finetune.transforms",
     "FinetuneError": "finetune.errors",
     "export": "finetune.exports",
@@ -45,15 +49,19 @@ __all__ = [
     "Plan",
     "Prediction",
     "Predictor",
+    "TuneResult",
     "__version__",
     "augment_preview",
     "check",
     "export",
     "fit",
     "load",
+    "load_recipe",
     "lr_find",
     "plan",
     "resume",
+    "tune",
+    "write_recipe",
 ]
 
 if TYPE_CHECKING:
@@ -71,8 +79,10 @@ if TYPE_CHECKING:
     from finetune.errors import FinetuneError
     from finetune.exports import export
     from finetune.predict import Prediction, Predictor, load
+    from finetune.recipes import load_recipe, write_recipe
     from finetune.strategies import STRATEGIES
     from finetune.transforms import Augmentation
+    from finetune.tuning import TuneResult, tune
 
 
 def __getattr__(name: str) -> Any:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from finetune.api import FitResult, Plan
     from finetune.evaluate import Evaluation
     from finetune.predict import Prediction
+    from finetune.tuning import TuneResult
 
 # The commands import the API inside their bodies: `finetune --help` stays instant instead of
 # waiting seconds for torch, timm and scikit-learn to load.
@@ -289,6 +290,34 @@ def _augment_options() -> list:
 
 _fit_options = _decorate_with(_fit_option_list)
 
+_recipe_option = click.option(
+    "--recipe",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A TOML file of FitConfig fields (recipes/ has examples) used as the base; options "
+    "typed here override it. The run's config.json records every value used.",
+)
+
+
+def _config_from(options: dict[str, object], recipe: Path | None, **fixed) -> FitConfig:
+    """The FitConfig the command line asks for: the recipe (if any) as the base, then only the
+    options the user typed: defaults never override a recipe."""
+    if recipe is None:
+        return FitConfig.from_kwargs(**fixed, **options)
+    from finetune.recipes import load_recipe
+
+    typed = {name: value for name, value in options.items() if _typed(options, name)}
+    return FitConfig.from_kwargs(load_recipe(recipe), **fixed, **typed)
+
+
+def _typed(options: dict[str, object], name: str) -> bool:
+    """Whether the user typed option ``name`` on the command line."""
+    ctx = click.get_current_context()
+    return name in options and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+
+
+def _recipe_words(recipe: Path | None) -> list[str]:
+    return ["--recipe", str(recipe)] if recipe is not None else []
+
 
 def _inference_option_list() -> list:
     """The options shared by `predict` and `evaluate`."""
@@ -311,6 +340,7 @@ _inference_options = _decorate_with(_inference_option_list)
 
 @cli.command("fit")
 @click.argument("data", type=click.Path(path_type=Path), required=False)
+@_recipe_option
 @_fit_options
 @click.option(
     "--out",
@@ -325,7 +355,12 @@ _inference_options = _decorate_with(_inference_option_list)
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary.")
 def fit_command(
-    data: Path | None, quiet: bool, out: Path | None, resume: Path | None, **options
+    data: Path | None,
+    quiet: bool,
+    out: Path | None,
+    resume: Path | None,
+    recipe: Path | None,
+    **options,
 ) -> None:
     """Train a classifier on DATA, a folder with one sub-folder of images per class.
 
@@ -338,26 +373,34 @@ def fit_command(
 
     A stopped run (Ctrl-C, killed, crashed) continues with `finetune fit --resume RUN_DIR`.
 
+    --recipe FILE starts from a recipe (a TOML file of FitConfig fields, e.g. the best.toml that
+    `finetune tune` writes); options typed on the command line override its values.
+
     Example:
 
         finetune fit sample_data/fashion
+
+        finetune fit sample_data/fashion --recipe recipes/fast-cpu.toml
     """
     if resume is not None:
-        from finetune.api import resume as resume_run
-
         given = _given_options(options)
-        if data is not None or out is not None or given:
+        if data is not None or out is not None or recipe is not None or given:
             raise click.UsageError(
                 "--resume continues a run with its own data and options; give only the run "
                 "directory: finetune fit --resume RUN_DIR"
             )
+        from finetune.api import resume as resume_run
+
         click.echo(_summary(resume_run(resume, verbose=not quiet)))
         return
     if data is None:
         raise click.UsageError("Give DATA, the image folder (or --resume RUN_DIR).")
+    config = _config_from(options, recipe, out=str(out) if out else None)  # before torch loads
     from finetune.api import fit
 
-    config = FitConfig.from_kwargs(out=str(out) if out else None, **options)
+    if recipe is not None and not quiet:
+        typed = shlex.join(_given_options(options))
+        click.echo(f"recipe    {recipe}" + (f", overridden by {typed}" if typed else ""), err=True)
     result = fit(data, config, verbose=not quiet)
     click.echo(_summary(result))
 
@@ -407,22 +450,26 @@ def _summary(result: FitResult) -> str:
 
 @cli.command("plan")
 @click.argument("data", type=click.Path(path_type=Path))
+@_recipe_option
 @_fit_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_command(data: Path, as_json: bool, **options) -> None:
+def plan_command(data: Path, as_json: bool, recipe: Path | None, **options) -> None:
     """Show what `fit DATA` would do, without training: the measurements, the strategy chosen
     and why, and how long training should take on this machine.
 
-    Takes the same options as `fit`.
+    Takes the same options as `fit`, --recipe included.
 
     Example:
 
         finetune plan sample_data/fashion
     """
+    config = _config_from(options, recipe)  # a bad recipe fails before torch loads
     from finetune.api import plan
 
-    result = plan(data, FitConfig.from_kwargs(**options))
-    rerun = shlex.join(["finetune", "fit", str(data), *_given_options(options)])
+    result = plan(data, config)
+    rerun = shlex.join(
+        ["finetune", "fit", str(data), *_recipe_words(recipe), *_given_options(options)]
+    )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else _plan_text(result, rerun))
 
 
@@ -507,6 +554,94 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+@cli.command("tune")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Training runs: about 2/3 coarse (a third of the epochs, wide ranges), the rest fine "
+    "(full epochs, around the best coarse trial).",
+)
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Minutes: launch no trial expected to end later (estimated from the trials so far; "
+    "the first always runs) [default: no limit].",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Tune directory: trials.csv, tune.png, best.toml, trial-NN/ "
+    "[default: runs/<data>-tune-<time>].",
+)
+@_recipe_option
+@_fit_options
+@click.option("-q", "--quiet", is_flag=True, help="Print only the final table.")
+def tune_command(
+    data: Path,
+    trials: int,
+    budget: float | None,
+    out: Path | None,
+    recipe: Path | None,
+    quiet: bool,
+    **options,
+) -> None:
+    """Search the learning rate and weight decay of a fine-tune on DATA by random search on log
+    scales: a coarse stage over lr /10..x10 around --lr (default: the optimizer's) and weight
+    decay 1e-5..1e-1 with a third of the epochs, then a fine stage /3..x3 around the best
+    coarse trial with all of them. Each trial is a real fit; --seed seeds the search and the
+    trials, so a tune is reproducible.
+
+    Takes fit's options and --recipe as the base of every trial (--strategy auto is decided
+    once, before the first trial; the probes have no LR to tune). Writes trials.csv, tune.png
+    and best.toml, a recipe for `finetune fit DATA --recipe best.toml`.
+
+    Example:
+
+        finetune tune sample_data/fashion --strategy finetune-top --trials 8
+    """
+    if _typed(options, "weight_decay"):
+        raise click.UsageError(
+            "tune searches the weight decay (1e-5..1e-1); leave out --weight-decay."
+        )
+    config = _config_from(options, recipe)  # a bad recipe fails before torch loads
+    from finetune.tuning import tune
+
+    result = tune(
+        data,
+        config,
+        trials=trials,
+        budget_minutes=budget,
+        out=out,
+        seed=config.seed,
+        verbose=not quiet,
+    )
+    click.echo(_tune_text(result))
+
+
+def _tune_text(result: TuneResult) -> str:
+    best = result.best
+    lines = [
+        "",
+        result.table(),
+        "",
+        f"  best         trial {best.trial} ({best.stage}): lr {best.lr:.3g}, weight decay "
+        f"{best.weight_decay:.3g}, val acc {best.val_acc:.3f}",
+        f"  strategy     {result.strategy}, {len(result.trials)} of {result.requested} trials "
+        f"in {_duration(result.seconds)}",
+        *([f"  budget       {result.stopped}"] if result.stopped else []),
+        f"  trials       {result.trials_csv}",
+        f"  plot         {result.plot}",
+        f"  recipe       {result.recipe}",
+        "",
+        "Next:",
+        f"  {shlex.join(['finetune', 'fit', str(result.data), '--recipe', str(result.recipe)])}",
+    ]
+    return "\n".join(lines)
 
 
 @cli.command("evaluate")

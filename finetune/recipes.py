@@ -1,0 +1,271 @@
+"""Recipes: small commented TOML files whose top-level keys are :class:`FitConfig` fields.
+
+A recipe is a base configuration that ``finetune fit --recipe FILE`` (and ``plan``, ``tune``)
+starts from; options typed on the command line override it. In Python::
+
+    config = finetune.load_recipe("recipes/finetune-top.toml")
+    run = finetune.fit("sample_data/fashion", config, epochs=3)  # keyword options override it
+
+``write_recipe`` writes one back: only the fields that differ from the defaults, each with the
+comment its field carries in ``finetune/config.py``. ``recipes/`` at the top of the repository
+holds one recipe per cell of the strategy matrix and two for speed and accuracy.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import io
+import json
+import math
+import re
+import tokenize
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from finetune import config as _config_module
+from finetune.config import FitConfig
+from finetune.errors import ConfigError, NotAvailableError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: writing recipes works, reading needs 3.11
+    tomllib = None  # type: ignore[assignment]
+
+__all__ = ["field_comments", "load_recipe", "write_recipe"]
+
+_WHERE_LISTED = (
+    "a recipe's keys are the fields of finetune.FitConfig, each explained in finetune/config.py "
+    "(the same names as the `finetune fit --help` options, with _ for -)"
+)
+
+
+def load_recipe(path: str | Path) -> FitConfig:
+    """Read a recipe: a TOML file whose top-level keys are :class:`FitConfig` fields.
+
+    Args:
+        path: The ``.toml`` file. Keys left out keep their defaults; TOML has no null, so a
+            field cannot be set back to ``None`` from a recipe (leave its key out).
+
+    Returns:
+        The :class:`FitConfig` the recipe describes (validated as any FitConfig is).
+
+    Raises:
+        ConfigError: The file is missing or is not valid TOML (the message has the line), a
+            key is not a FitConfig field (with the closest name), or a value has the wrong
+            type or is out of range; every message starts with the file.
+
+    Example:
+        >>> config = finetune.load_recipe("recipes/fast-cpu.toml")
+        >>> config.image_size
+        64
+    """
+    if tomllib is None:
+        raise NotAvailableError("Reading a recipe needs Python 3.11 or later (tomllib).")
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"Recipe {path} not found; recipes/ in the finetune repository has examples."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Recipe {path} cannot be read: {exc}.") from exc
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
+        raise ConfigError(f"{path}: not valid TOML: {exc}.") from exc
+    hints = _field_types()
+    unknown = [key for key in values if key not in hints]
+    if unknown:
+        described = []
+        for key in unknown:
+            close = difflib.get_close_matches(key.replace("-", "_"), list(hints), n=1)
+            described.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(
+            f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(described)}; "
+            f"{_WHERE_LISTED}."
+        )
+    checked = {key: _checked(path, key, value, hints[key]) for key, value in values.items()}
+    try:
+        return FitConfig(**checked)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def write_recipe(
+    path: str | Path, config: FitConfig | Mapping[str, Any], header_comment: str = ""
+) -> Path:
+    """Write ``config`` as a recipe: the fields that differ from the defaults, one per line,
+    each followed by the comment its field has in ``finetune/config.py``.
+
+    Args:
+        path: The ``.toml`` file to write (its folder is created).
+        config: A :class:`FitConfig`, or a mapping of its fields (``None`` values are left
+            out, unknown names raise).
+        header_comment: Text for the top of the file, written as ``#`` comment lines.
+
+    Returns:
+        ``path``, which :func:`load_recipe` reads back into the same configuration.
+
+    Raises:
+        ConfigError: The mapping has an unknown field or an invalid value.
+    """
+    if not isinstance(config, FitConfig):
+        config = FitConfig.from_kwargs(**dict(config))
+    defaults, comments = FitConfig(), field_comments()
+    lines = [f"# {line}".rstrip() for line in header_comment.strip().splitlines()]
+    if lines:
+        lines.append("")
+    for field in dataclasses.fields(FitConfig):
+        value = getattr(config, field.name)
+        if value == getattr(defaults, field.name):
+            continue
+        line = f"{field.name} = {_toml_value(value)}"
+        comment = comments.get(field.name)
+        lines.append(f"{line}  # {comment}" if comment else line)
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@functools.cache
+def field_comments() -> dict[str, str]:
+    """Each :class:`FitConfig` field's comment, read from the source of ``finetune/config.py``.
+
+    A field's comment is the one on its own lines; else the comment block just above it
+    (``ema``, ``balance``); a comment line right below that starts with ``(`` or a lower-case
+    letter continues the field above (``lr_gamma``); a field with no comment of its own shares
+    the one of the field before it (``contrast`` and ``saturation``, after ``brightness``).
+    Empty when the source is not available (a zipped install).
+    """
+    try:
+        source = inspect.getsource(_config_module)
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}
+    code_lines: set[int] = set()
+    layout = {tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+        elif token.type not in layout:
+            code_lines.update(range(token.start[0], token.end[0] + 1))
+    own_line = {line for line in comments if line not in code_lines}  # comment-only lines
+    tree = ast.parse(source)
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FitConfig").body
+    result: dict[str, str] = {}
+    previous = ""
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        end = node.end_lineno or node.lineno
+        parts = [comments[n] for n in range(node.lineno, end + 1) if n in comments]
+        if not parts:
+            above = node.lineno - 1
+            while above in own_line:
+                above -= 1
+            parts = [comments[n] for n in range(above + 1, node.lineno)]
+        below = end + 1
+        while below in own_line and comments[below][:1] in ("(", *"abcdefghijklmnopqrstuvwxyz"):
+            parts.append(comments[below])
+            below += 1
+        text = " ".join(p for p in parts if p) or previous
+        result[node.target.id] = previous = text
+    return {name: _constants_spelled_out(text) for name, text in result.items()}
+
+
+def _constants_spelled_out(comment: str) -> str:
+    """``one of OPTIMIZERS`` -> ``one of sgd, momentum, ...``: a recipe reader has no config.py
+    open beside it."""
+
+    def spelled(match: re.Match[str]) -> str:
+        value = getattr(_config_module, match.group(0), None)
+        if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            return ", ".join(value)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return f"{value:g}"
+        return match.group(0)
+
+    return re.sub(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b|\b[A-Z]{4,}\b", spelled, comment)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(FitConfig)
+
+
+def _checked(path: Path, key: str, value: Any, hint: Any) -> Any:
+    """``value`` as field ``key`` takes it; a ConfigError naming the file if it cannot be."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        kind = next(a for a in typing.get_args(hint) if a is not type(None))
+    else:
+        kind = hint
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if typing.get_origin(kind) is tuple:
+        if (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            return (float(value[0]), float(value[1]))
+        expected = "two numbers in brackets, e.g. [0.35, 1.0]"
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "a whole number"
+    elif kind is float:
+        if number:
+            return float(value)
+        expected = "a number"
+    else:  # str
+        if isinstance(value, str):
+            return value
+        expected = "a string in quotes"
+    raise ConfigError(
+        f"{path}: {key} must be {expected}, got {_shown(value)}; "
+        "leave the key out to use the default."
+    )
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, bool | int | float | str | list):
+        return _toml_value(tuple(value) if isinstance(value, list) else value)
+    return repr(value)
+
+
+def _toml_value(value: Any) -> str:
+    """``value`` (a scalar, a string or a pair of numbers) written as TOML."""
+    if value is None:  # TOML has no null; write_recipe only writes fields that differ
+        raise ConfigError("A recipe cannot hold None: leave the key out to use the default.")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)  # the shortest text that reads back as the same float
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's escapes are TOML basic-string escapes
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"A recipe cannot hold {value!r} ({type(value).__name__}).")

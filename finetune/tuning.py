@@ -1,0 +1,518 @@
+"""``finetune.tune``: random search of the learning rate and weight decay, coarse then fine.
+
+The search CS231n (lecture 6) recommends: random rather than grid points, sampled on log
+scales, in two stages. The coarse stage (about 2/3 of the trials, a third of the epochs) spans
+two decades of LR around the optimizer's default and four of weight decay; the fine stage
+(the rest, full epochs) samples a narrowed range, /3 to x3, around the best coarse trial.
+Every trial is an ordinary ``finetune.fit`` run in ``<tune dir>/trial-NN``, with the same
+strategy (``auto`` is resolved once, before the first trial), split and seed.
+
+Outputs: ``trials.csv``, ``tune.png`` (val acc against LR, coloured by weight decay) and
+``best.toml``, a recipe for ``finetune fit --recipe``.
+
+(The module is ``tuning``, not ``tune``: importing a submodule ``finetune.tune`` would replace
+the function ``finetune.tune`` on the package, as ``finetune.export`` once was.)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from finetune.config import DEFAULT_EPOCHS, DEFAULT_LR, FitConfig
+from finetune.errors import ConfigError, TrainingError
+from finetune.recipes import write_recipe
+
+__all__ = [
+    "COARSE_FRACTION",
+    "COARSE_LR_SPAN",
+    "FINE_SPAN",
+    "WEIGHT_DECAY_RANGE",
+    "Stage",
+    "Trial",
+    "TuneResult",
+    "tune",
+]
+
+COARSE_FRACTION = 2 / 3  # of the trials, in the coarse stage
+COARSE_LR_SPAN = 10.0  # coarse LR: the centre (--lr, else the optimizer's default) / 10 .. x 10
+WEIGHT_DECAY_RANGE = (1e-5, 1e-1)  # coarse weight decay, log-uniform
+FINE_SPAN = 3.0  # fine: the best coarse trial's LR and weight decay / 3 .. x 3
+CSV_FIELDS = ("trial", "stage", "lr", "weight_decay", "epochs", "val_acc", "val_loss", "seconds",
+              "run_dir")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the search: where it samples and for how long each trial trains."""
+
+    name: str  # "coarse" or "fine"
+    trials: int  # planned (the budget may stop the stage sooner)
+    epochs: int
+    lr: tuple[float, float]  # log-uniform range
+    weight_decay: tuple[float, float]  # log-uniform range
+    around: int | None = None  # fine: the coarse trial the ranges are centred on
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One training run of the search (one row of ``trials.csv``)."""
+
+    trial: int  # 1-based
+    stage: str  # "coarse" or "fine"
+    lr: float
+    weight_decay: float
+    epochs: int
+    val_acc: float  # of the best epoch; NaN when the loss diverged
+    val_loss: float
+    seconds: float  # wall time of the whole fit
+    run_dir: Path
+
+    @property
+    def diverged(self) -> bool:
+        return math.isnan(self.val_acc)
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What ``tune`` found."""
+
+    dir: Path  # the tune directory: trials.csv, tune.png, best.toml, trial-NN/
+    data: Path
+    strategy: str  # the strategy every trial trained (auto's choice when auto was asked for)
+    config: FitConfig  # the base every trial started from (before its lr, weight decay, epochs)
+    stages: tuple[Stage, ...]  # the stages that ran at least one trial
+    trials: tuple[Trial, ...]
+    requested: int  # trials asked for
+    stopped: str | None  # why fewer trials ran (the budget), else None
+    seconds: float
+
+    @property
+    def best(self) -> Trial:
+        """The trial with the best val acc (then val loss) among those that trained the full
+        epochs (the fine stage), or among all when none did: like is compared with like."""
+        return _best(self.trials, self.config.epochs or DEFAULT_EPOCHS)
+
+    @property
+    def recipe(self) -> Path:
+        """``best.toml``: the base config with the best trial's LR and weight decay."""
+        return self.dir / "best.toml"
+
+    @property
+    def trials_csv(self) -> Path:
+        return self.dir / "trials.csv"
+
+    @property
+    def plot(self) -> Path:
+        return self.dir / "tune.png"
+
+    def table(self) -> str:
+        """The trials as a text table for people, the best one marked with ``*``."""
+        best = self.best
+        lines = ["trial  stage   epochs        lr  weight decay  val acc  val loss    time"]
+        for t in self.trials:
+            acc = "diverged" if t.diverged else f"{t.val_acc:.3f}"
+            loss = "" if t.diverged else f"{t.val_loss:.3f}"
+            lines.append(
+                f"{t.trial:>5}  {t.stage:<6}  {t.epochs:>6}  {t.lr:>8.2e}  {t.weight_decay:>12.2e}"
+                f"  {acc:>7}  {loss:>8}  {t.seconds:>5.0f}s" + ("  *" if t is best else "")
+            )
+        return "\n".join(lines)
+
+
+def tune(
+    data: str | Path,
+    config: FitConfig | None = None,
+    *,
+    trials: int = 8,
+    budget_minutes: float | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
+    verbose: bool = True,
+    **options: object,
+) -> TuneResult:
+    """Search the learning rate and weight decay of a fine-tune by random search on log scales.
+
+    Args:
+        data: The image folder, as for :func:`finetune.fit`.
+        config: Base configuration (e.g. a recipe); ``options`` override its fields. Its ``lr``,
+            when set, is the centre of the coarse LR range (else the optimizer's default LR);
+            its ``epochs`` are the fine stage's, a third of them the coarse stage's. Its
+            ``out`` is not used: each trial runs in ``<out>/trial-NN``.
+        trials: How many trials: about 2/3 coarse, the rest fine.
+        budget_minutes: Launch no trial that would end past this many minutes from the start,
+            as estimated from the trials so far (the first one always runs).
+        out: The tune directory [default: ``runs/<data>-tune-<time>/``].
+        seed: Seeds the sampling of the search (the trials train with ``config.seed``).
+        verbose: Print the search plan and one line per trial to stderr.
+        **options: Fields of :class:`FitConfig`, e.g. ``strategy="finetune-top", epochs=6``.
+
+    Returns:
+        A :class:`TuneResult`; its directory holds trials.csv, tune.png, best.toml and a run
+        directory per trial.
+
+    Raises:
+        ConfigError: The strategy is (or auto chooses) a probe, which has no LR to tune; or
+            ``trials`` / ``budget_minutes`` is not positive.
+        TrainingError: A trial was interrupted (the finished trials are kept), or every trial
+            diverged.
+
+    Example:
+        >>> result = finetune.tune("sample_data/fashion", strategy="finetune-top", trials=8)
+        >>> run = finetune.fit("sample_data/fashion", finetune.load_recipe(result.recipe))
+    """
+    started = time.perf_counter()
+    if trials < 1:
+        raise ConfigError(f"trials must be at least 1, got {trials}.")
+    if budget_minutes is not None and not budget_minutes > 0:
+        raise ConfigError(f"budget must be a positive number of minutes, got {budget_minutes}.")
+    config = FitConfig.from_kwargs(config, **options)
+    base = _trial_base(data, dataclasses.replace(config, out=None), verbose)
+    full = base.epochs or DEFAULT_EPOCHS
+    base = dataclasses.replace(base, epochs=full)
+    n_coarse = trials if trials == 1 else min(trials - 1, max(1, round(trials * COARSE_FRACTION)))
+    centre = base.lr or DEFAULT_LR[base.optimizer]
+    coarse = Stage(
+        "coarse",
+        n_coarse,
+        _coarse_epochs(base, full),
+        (centre / COARSE_LR_SPAN, centre * COARSE_LR_SPAN),
+        WEIGHT_DECAY_RANGE,
+    )
+    tune_dir = _tune_dir(out, data)
+    rng = np.random.default_rng(seed)
+    _say(
+        verbose,
+        f"tune      {base.strategy} on {data}: {trials} trials, {n_coarse} coarse of "
+        f"{coarse.epochs} epoch(s) then {trials - n_coarse} fine of {full}; log-uniform lr "
+        f"{_range(coarse.lr)}, weight decay {_range(coarse.weight_decay)}"
+        + (f"; budget {budget_minutes:g} min" if budget_minutes is not None else ""),
+    )
+
+    done: list[Trial] = []
+    stages: list[Stage] = []  # those that ran a trial
+    stopped = None
+    stage = coarse
+    while len(done) < trials:
+        if len(done) == n_coarse:
+            stage = _fine_stage(done, trials - n_coarse, full)
+            _say(
+                verbose,
+                f"fine      around trial {stage.around}: lr {_range(stage.lr)}, weight decay "
+                f"{_range(stage.weight_decay)}, {full} epoch(s)",
+            )
+        lr, weight_decay = (_log_uniform(rng, *span) for span in (stage.lr, stage.weight_decay))
+        if budget_minutes is not None and done:
+            stopped = _over_budget(done, stage, time.perf_counter() - started, budget_minutes)
+            if stopped is not None:
+                _say(verbose, f"budget    {stopped}")
+                break
+        if stage not in stages:
+            stages.append(stage)
+        run_dir = tune_dir / f"trial-{len(done) + 1:0{max(2, len(str(trials)))}d}"
+        try:
+            done.append(_run_trial(data, base, stage, len(done) + 1, lr, weight_decay, run_dir))
+        except TrainingError as exc:  # interrupted: keep what finished, then stop
+            _write_outputs(tune_dir, done, base, data, stages)
+            raise TrainingError(
+                f"tune stopped in trial {len(done) + 1}: {exc} The {len(done)} finished "
+                f"trial(s) are in {tune_dir / 'trials.csv'}."
+            ) from exc
+        _write_csv(tune_dir / "trials.csv", done)
+        _say(verbose, _trial_line(done[-1], trials))
+    result = TuneResult(
+        dir=tune_dir,
+        data=Path(data),
+        strategy=base.strategy,
+        config=base,
+        stages=tuple(stages),
+        trials=tuple(done),
+        requested=trials,
+        stopped=stopped,
+        seconds=time.perf_counter() - started,
+    )
+    _write_outputs(tune_dir, done, base, data, stages)
+    return result
+
+
+def _run_trial(
+    data: str | Path,
+    base: FitConfig,
+    stage: Stage,
+    number: int,
+    lr: float,
+    weight_decay: float,
+    run_dir: Path,
+) -> Trial:
+    """One real ``fit``; a loss that diverged gives a NaN trial, an interruption raises."""
+    from finetune.api import fit
+
+    config = dataclasses.replace(
+        base, lr=lr, weight_decay=weight_decay, epochs=stage.epochs, out=str(run_dir)
+    )
+    begun = time.perf_counter()
+    try:
+        best = fit(data, config, verbose=False).best
+        val_acc, val_loss = best.val_acc, best.val_loss
+    except TrainingError as exc:
+        if not _diverged(exc):
+            raise
+        val_acc = val_loss = math.nan
+    seconds = time.perf_counter() - begun
+    return Trial(
+        number, stage.name, lr, weight_decay, stage.epochs, val_acc, val_loss, seconds, run_dir
+    )
+
+
+def _over_budget(
+    done: list[Trial], stage: Stage, elapsed: float, budget_minutes: float
+) -> str | None:
+    """Why the next trial of ``stage`` would not fit the budget, or None if it would.
+
+    Its time is estimated as seconds per epoch over the trials so far (their start-up
+    included, so a longer trial is over- rather than underestimated) x its epochs.
+    """
+    per_epoch = sum(t.seconds for t in done) / sum(t.epochs for t in done)
+    expected = per_epoch * stage.epochs
+    if elapsed + expected <= budget_minutes * 60:
+        return None
+    return (
+        f"stopped after {len(done)} trial(s): the next ({stage.name}, {stage.epochs} "
+        f"epoch(s), ~{expected:.0f} s) would end at {(elapsed + expected) / 60:.1f} min, past "
+        f"the {budget_minutes:g} min budget"
+    )
+
+
+# --- stages ----------------------------------------------------------------------------------
+
+
+def _trial_base(data: str | Path, config: FitConfig, verbose: bool) -> FitConfig:
+    """``config`` with its strategy fixed: ``auto`` decides once here, and may not pick a probe."""
+    from finetune.api import plan
+    from finetune.strategies import get_strategy
+
+    fix = "tune a fine-tune instead: --strategy finetune-top or --strategy finetune-all"
+    if config.strategy != "auto":
+        if not get_strategy(config.strategy).trains_backbone:
+            raise ConfigError(
+                f"--strategy {config.strategy} fits a logistic regression whose regularisation "
+                f"is chosen by cross-validation: it has no learning rate or weight decay to "
+                f"tune; {fix}."
+            )
+        return config
+    planned = plan(data, config, verbose=verbose)
+    if not planned.trains_backbone:
+        cell = f" ({planned.decision.cell})" if planned.decision is not None else ""
+        raise ConfigError(
+            f"--strategy auto chose {planned.strategy} for {data}{cell}: a probe, which fits a "
+            f"logistic regression with its regularisation chosen by cross-validation and has no "
+            f"learning rate or weight decay to tune; {fix}."
+        )
+    # auto's other choices (sized to this machine) hold for every trial too.
+    decided = {
+        name: getattr(planned.config, name)
+        for name in ("epochs", "image_size", "unfreeze")
+        if getattr(config, name) is None
+    }
+    return dataclasses.replace(config, strategy=planned.strategy, **decided)
+
+
+def _coarse_epochs(base: FitConfig, full: int) -> int:
+    """A third of the epochs (at least 1), raised if the config needs more (warm-up epochs)."""
+    for epochs in range(max(1, full // 3), full):
+        try:
+            dataclasses.replace(base, epochs=epochs)
+        except ConfigError:
+            continue
+        return epochs
+    return full
+
+
+def _fine_stage(done: list[Trial], trials: int, epochs: int) -> Stage:
+    coarse = [t for t in done if not t.diverged]
+    if not coarse:
+        low = min(t.lr for t in done)
+        raise TrainingError(
+            f"All {len(done)} coarse trials diverged (NaN loss), the lowest at lr {low:.2e}; "
+            "tune again with a lower --lr (the centre of the coarse range)."
+        )
+    best = max(coarse, key=_score)
+    return Stage(
+        "fine",
+        trials,
+        epochs,
+        (best.lr / FINE_SPAN, best.lr * FINE_SPAN),
+        (best.weight_decay / FINE_SPAN, best.weight_decay * FINE_SPAN),
+        around=best.trial,
+    )
+
+
+def _score(trial: Trial) -> tuple[float, float]:
+    return (trial.val_acc, -trial.val_loss)
+
+
+def _best(trials: tuple[Trial, ...] | list[Trial], full_epochs: int) -> Trial:
+    finite = [t for t in trials if not t.diverged]
+    if not finite:
+        raise TrainingError(f"All {len(trials)} trials diverged (NaN loss); try a lower --lr.")
+    full = [t for t in finite if t.epochs == full_epochs]
+    return max(full or finite, key=_score)
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(10 ** rng.uniform(math.log10(low), math.log10(high)))
+
+
+def _diverged(exc: TrainingError) -> bool:
+    """A TrainingError for a loss that stayed NaN/infinite (train.py), not an interruption."""
+    return "NaN" in str(exc)
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+
+def _tune_dir(out: str | Path | None, data: str | Path) -> Path:
+    if out is not None:
+        tune_dir = Path(out).expanduser()
+        if (tune_dir / "trials.csv").exists():
+            raise ConfigError(
+                f"{tune_dir} already holds a tune (trials.csv); choose another --out or remove it."
+            )
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path("runs") / f"{Path(data).resolve().name}-tune-{stamp}"
+        tune_dir, n = base, 1
+        while tune_dir.exists():
+            n += 1
+            tune_dir = base.with_name(f"{base.name}-{n}")
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    return tune_dir
+
+
+def _write_csv(path: Path, trials: list[Trial]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_FIELDS)
+        for t in trials:
+            writer.writerow([getattr(t, name) for name in CSV_FIELDS])
+
+
+def _write_outputs(
+    tune_dir: Path, trials: list[Trial], base: FitConfig, data: str | Path, stages: list[Stage]
+) -> None:
+    """trials.csv, tune.png and (when a trial did not diverge) best.toml."""
+    _write_csv(tune_dir / "trials.csv", trials)
+    if not trials:
+        return
+    full = base.epochs or DEFAULT_EPOCHS
+    figure = _plot(trials, stages, base.strategy, full)
+    figure.savefig(tune_dir / "tune.png", dpi=120, bbox_inches="tight")
+    if all(t.diverged for t in trials):
+        return
+    best = _best(trials, full)
+    header = [
+        f"finetune tune: the best of {len(trials)} trials of {base.strategy} on {data}.",
+        f"Best: trial {best.trial} ({best.stage}), lr {best.lr:.3g}, weight decay "
+        f"{best.weight_decay:.3g} -> val acc {best.val_acc:.3f}, val loss {best.val_loss:.3f}",
+        "Searched, log-uniform:",
+        *(
+            f"  {s.name}: {sum(t.stage == s.name for t in trials)} trial(s) of {s.epochs} "
+            f"epoch(s), lr {_range(s.lr)}, weight decay {_range(s.weight_decay)}"
+            for s in stages
+        ),
+        f"All trials: {tune_dir / 'trials.csv'} and {tune_dir / 'tune.png'}.",
+    ]
+    if best.epochs != full:
+        header.append(
+            f"Trial {best.trial} trained {best.epochs} epoch(s); this recipe trains the full "
+            f"{full}."
+        )
+    header.append(f"Train with it: finetune fit {data} --recipe {tune_dir / 'best.toml'}")
+    recipe = dataclasses.replace(base, lr=best.lr, weight_decay=best.weight_decay, out=None)
+    write_recipe(tune_dir / "best.toml", recipe, "\n".join(header))
+
+
+def _plot(trials: list[Trial], stages: list[Stage], strategy: str, full_epochs: int):  # -> Figure
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    ax.set_xscale("log")
+    # One colour scale for every tune: the coarse range (and any fine value beyond it).
+    decays = [t.weight_decay for t in trials] + [v for s in stages for v in s.weight_decay]
+    norm = LogNorm(vmin=min(decays), vmax=max(decays))
+    points = None
+    for name, marker in (("coarse", "o"), ("fine", "^")):
+        ran = [t for t in trials if t.stage == name and not t.diverged]
+        if ran:
+            epochs = ran[0].epochs
+            points = ax.scatter(
+                [t.lr for t in ran],
+                [t.val_acc for t in ran],
+                c=[t.weight_decay for t in ran],
+                cmap="viridis",
+                norm=norm,
+                marker=marker,
+                s=60,
+                edgecolors="black",
+                linewidths=0.5,
+                label=f"{name} ({epochs} epoch{'s' if epochs > 1 else ''})",
+            )
+    diverged = [t for t in trials if t.diverged]
+    if diverged:
+        ax.scatter([t.lr for t in diverged], [0] * len(diverged), marker="x", color="red",
+                   label="diverged")  # fmt: skip
+    fine = [s for s in stages if s.name == "fine"]
+    if fine:
+        ax.axvspan(*fine[0].lr, color="grey", alpha=0.12, label="fine lr range")
+    if any(not t.diverged for t in trials):
+        best = _best(trials, full_epochs)
+        ax.scatter([best.lr], [best.val_acc], s=220, facecolors="none", edgecolors="red")
+        ax.annotate(
+            f"best: trial {best.trial}",
+            (best.lr, best.val_acc),
+            xytext=(0, -18),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+            color="red",
+        )
+    lrs = [t.lr for t in trials] + [v for s in stages for v in s.lr]
+    ax.set_xlim(min(lrs) / 1.3, max(lrs) * 1.3)  # the whole searched range
+    ax.margins(y=0.15)
+    if points is not None:
+        fig.colorbar(points, ax=ax, label="weight decay (log scale)")
+    ax.set_xlabel("learning rate (head, log scale)")
+    ax.set_ylabel("best val accuracy")
+    ax.set_title(f"finetune tune: {strategy}, {len(trials)} trials", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def _trial_line(t: Trial, total: int) -> str:
+    result = (
+        "diverged (NaN loss)" if t.diverged else f"val acc {t.val_acc:.3f} loss {t.val_loss:.3f}"
+    )
+    return (
+        f"trial {t.trial:>{len(str(total))}}/{total}  {t.stage:<6}  lr {t.lr:.2e}  wd "
+        f"{t.weight_decay:.2e}  {t.epochs} ep  {result}  {t.seconds:.1f}s"
+    )
+
+
+def _range(span: tuple[float, float]) -> str:
+    return f"{span[0]:.2g}..{span[1]:.2g}"
+
+
+def _say(verbose: bool, message: str) -> None:
+    if verbose:
+        print(message, file=sys.stderr, flush=True)
