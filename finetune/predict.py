@@ -105,9 +105,19 @@ def is_model_path(path: str | Path) -> bool:
 
 def leading_models(args: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
     """Split command-line arguments into the leading ones that are models
-    (:func:`is_model_path`) and the rest, as ``finetune predict --ensemble`` reads them."""
+    (:func:`is_model_path`) and the rest, as ``finetune predict --ensemble`` reads them.
+
+    Raises:
+        DataError: A model comes after an image or folder (it would be read as images).
+    """
     paths = [Path(a) for a in args]
     count = next((i for i, p in enumerate(paths) if not is_model_path(p)), len(paths))
+    late = next((p for p in paths[count:] if is_model_path(p)), None)
+    if late is not None:
+        raise DataError(
+            f"{late} is a model but comes after the image argument {paths[count]}; give all the "
+            "models first, then the images or folders."
+        )
     return paths[:count], paths[count:]
 
 

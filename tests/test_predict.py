@@ -211,6 +211,31 @@ def test_ensemble_maps_reordered_classes_by_name_and_refuses_other_classes(
     assert "only the first has trouser" in message and "only the second has pants" in message
 
 
+def _with_custom_head(run: Path, out: Path) -> Path:
+    """run's best.pt as if trained with head=nn.Sequential(nn.Linear(...))."""
+    from finetune.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(run)
+    weights = {
+        ("head.0." + k[5:] if k.startswith("head.") else k): v
+        for k, v in state["state_dict"].items()
+    }
+    model = {**state["model"], "head": "custom:Sequential"}
+    save_checkpoint(out, {**state, "model": model, "state_dict": weights})
+    return out
+
+
+def test_every_member_gets_its_own_copy_of_a_custom_head(
+    tiny_runs: list[Path], tmp_path: Path, fashion: Path
+) -> None:
+    files = [_with_custom_head(r, tmp_path / f"{i}.pt") for i, r in enumerate(tiny_runs[:2])]
+    head = torch.nn.Sequential(torch.nn.Linear(1280, 3))
+    ensemble = finetune.load_ensemble(files, head=head, device="cpu")
+    images = _test_images(fashion, per_class=1)
+    singles = [finetune.load(r, device="cpu") for r in tiny_runs[:2]]  # the same weights
+    assert ensemble.predict_proba(images) == pytest.approx(_mean_of(singles, images), abs=1e-6)
+
+
 def test_snapshots_checkpoint_averages_every_snapshot_in_numeric_order(
     tiny_runs: list[Path], tmp_path: Path, fashion: Path
 ) -> None:
@@ -267,3 +292,5 @@ def test_leading_arguments_that_are_models(tiny_runs: list[Path], tmp_path: Path
     assert not any(map(is_model_path, [*images, tmp_path / "missing.pt", fashion / "test"]))
     assert leading_models([*models, *images]) == (models, images)
     assert leading_models(images) == ([], images)
+    with pytest.raises(DataError, match=f"{onnx} is a model but comes after the image"):
+        leading_models([tiny_runs[0], *images, onnx])
