@@ -35,6 +35,8 @@ _EXPORTS = {
     "FinetuneError": "finetune.errors",
     "export": "finetune.exports",
     "load": "finetune.predict",
+    "load_ensemble": "finetune.predict",
+    "Ensemble": "finetune.predict",
     "Prediction": "finetune.predict",
     "Predictor": "finetune.predict",
     "STRATEGIES": "finetune.strategies",
@@ -43,6 +45,7 @@ _EXPORTS = {
 __all__ = [
     "STRATEGIES",
     "Augmentation",
+    "Ensemble",
     "FinetuneError",
     "FitConfig",
     "FitResult",
@@ -56,6 +59,7 @@ __all__ = [
     "export",
     "fit",
     "load",
+    "load_ensemble",
     "load_recipe",
     "lr_find",
     "plan",
@@ -78,7 +82,7 @@ if TYPE_CHECKING:
     from finetune.config import FitConfig
     from finetune.errors import FinetuneError
     from finetune.exports import export
-    from finetune.predict import Prediction, Predictor, load
+    from finetune.predict import Ensemble, Prediction, Predictor, load, load_ensemble
     from finetune.recipes import load_recipe, write_recipe
     from finetune.strategies import STRATEGIES
     from finetune.transforms import Augmentation

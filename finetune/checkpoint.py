@@ -9,6 +9,7 @@ code; :func:`rebuild_model` needs nothing but the checkpoint (and a custom head'
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,21 +18,27 @@ import torch
 from torch import nn
 
 from finetune import __version__
-from finetune.errors import CheckpointError
+from finetune.errors import CheckpointError, ConfigError
 from finetune.models import Classifier, create_classifier, prune_to_stage
 from finetune.transforms import Preprocessing
 
 __all__ = [
+    "CHECKPOINTS",
     "FORMAT_VERSION",
     "file_mode",
     "find_checkpoint",
     "load_checkpoint",
     "rebuild_model",
+    "run_checkpoints",
     "save_checkpoint",
 ]
 
 FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "model", "classes", "preprocessing", "state_dict")
+# Which checkpoint of a run directory to use: best.pt, last.pt, ema.pt (fit --ema), or every
+# snapshot-K.pt (fit --schedule restarts) as a snapshot ensemble.
+CHECKPOINTS = ("best", "last", "ema", "snapshots")
+_SNAPSHOT = re.compile(r"snapshot-(\d+)\.pt")
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -76,6 +83,54 @@ def find_checkpoint(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist. Give a run directory or a checkpoint file.")
     return path
+
+
+def run_checkpoints(run: str | Path, checkpoint: str = "best") -> list[Path]:
+    """The checkpoint files of run directory ``run`` that ``checkpoint`` picks.
+
+    Args:
+        run: A run directory written by ``finetune fit``.
+        checkpoint: One of :data:`CHECKPOINTS`: "best" (``best.pt``, or ``last.pt`` when there
+            is no best), "last", "ema" (``ema.pt``, written by ``fit --ema``) or "snapshots"
+            (every ``snapshot-K.pt`` in the order of K, written by ``fit --schedule restarts``).
+
+    Raises:
+        ConfigError: ``checkpoint`` is not one of :data:`CHECKPOINTS`.
+        CheckpointError: The run has no such checkpoint (the message names the fit option that
+            writes it).
+    """
+    run = Path(run).expanduser()
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(
+            f"Unknown checkpoint {checkpoint!r}; choose one of {', '.join(CHECKPOINTS)}."
+        )
+    if checkpoint == "best":
+        return [find_checkpoint(run)]
+    if checkpoint == "last":
+        if not (run / "last.pt").is_file():
+            raise CheckpointError(
+                f"{run} holds no last.pt. Give a run directory written by `finetune fit`."
+            )
+        return [run / "last.pt"]
+    if checkpoint == "ema":
+        if not (run / "ema.pt").is_file():
+            raise CheckpointError(
+                f"{run} holds no ema.pt: the run was trained without --ema. Train with "
+                "`finetune fit --ema` (FitConfig ema=True) for EMA weights, or pick best or last."
+            )
+        return [run / "ema.pt"]
+    numbered = [
+        (int(match[1]), path)
+        for path in run.glob("snapshot-*.pt")
+        if (match := _SNAPSHOT.fullmatch(path.name)) and path.is_file()
+    ]
+    if not numbered:
+        raise CheckpointError(
+            f"{run} holds no snapshot-K.pt files: the run was trained without --schedule "
+            "restarts. Train with `finetune fit --schedule restarts` (a snapshot after each "
+            "cosine cycle) for a snapshot ensemble, or pick best, last or ema."
+        )
+    return [path for _, path in sorted(numbered)]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import json
 import shlex
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ from finetune.errors import FinetuneError
 if TYPE_CHECKING:
     from finetune.api import FitResult, Plan
     from finetune.evaluate import Evaluation
-    from finetune.predict import Prediction
+    from finetune.predict import BasePredictor, Prediction
     from finetune.tuning import TuneResult
 
 # The commands import the API inside their bodies: `finetune --help` stays instant instead of
@@ -319,9 +320,29 @@ def _recipe_words(recipe: Path | None) -> list[str]:
     return ["--recipe", str(recipe)] if recipe is not None else []
 
 
+# finetune.checkpoint.CHECKPOINTS, repeated so that `finetune --help` need not import torch
+# (tests/test_cli.py checks that the two agree).
+_CHECKPOINTS = ("best", "last", "ema", "snapshots")
+
+
 def _inference_option_list() -> list:
     """The options shared by `predict` and `evaluate`."""
     return [
+        click.option(
+            "--checkpoint",
+            type=click.Choice(_CHECKPOINTS),
+            default="best",
+            show_default=True,
+            help="Which weights of a run directory: best.pt, last.pt, ema.pt (fit --ema) or "
+            "every snapshot-K.pt (fit --schedule restarts) with their softmax averaged.",
+        ),
+        click.option(
+            "--ensemble",
+            is_flag=True,
+            help="Average the softmax of several models (run directories, checkpoints, "
+            "exports; same classes, any architecture or image size): predict takes the "
+            "leading arguments that are models, evaluate all but the last.",
+        ),
         click.option(
             "--tta",
             type=click.Choice(TTA_MODES),
@@ -645,23 +666,28 @@ def _tune_text(result: TuneResult) -> str:
 
 
 @cli.command("evaluate")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument(
+    "models", nargs=-1, required=True, metavar="MODEL...", type=click.Path(path_type=Path)
+)
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option(
     "-o",
     "--out",
     type=click.Path(path_type=Path),
-    help="Where the report and plots go [default: MODEL's folder/eval-FOLDER].",
+    help="Where the report and plots go [default: the first MODEL's folder/eval-FOLDER, plus "
+    "-CHECKPOINT unless best, plus -ensemble with --ensemble].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @_inference_options
 def evaluate_command(
-    model: Path,
+    models: tuple[Path, ...],
     folder: Path,
     top_k: int,
     out: Path | None,
     as_json: bool,
+    checkpoint: str,
+    ensemble: bool,
     tta: str,
     batch_size: int,
     device: str | None,
@@ -670,20 +696,42 @@ def evaluate_command(
     sub-folder per class: accuracy, top-k, per-class precision/recall/F1, a confusion matrix
     and the most confidently wrong images (evaluation.json, confusion.png, mistakes.png).
 
-    Example:
+    With --ensemble, every argument but the last is a model and their softmax is averaged;
+    evaluation.json lists them.
 
+    Examples:
+
+    \b
         finetune evaluate runs/fashion-stage-probe-20261123-092021 sample_data/fashion/test
+        finetune evaluate runs/fashion-finetune-all-20261124-101500 sample_data/fashion/test \\
+            --checkpoint ema
+        finetune evaluate --ensemble runs/lite0 runs/lite2 sample_data/fashion/test
     """
-    from finetune.predict import load
-
-    predictor = load(model, device=device)
+    if len(models) > 1 and not ensemble:
+        raise click.UsageError(
+            f"Got {len(models)} models ({', '.join(map(str, models))}) for one FOLDER; add "
+            "--ensemble to average them, or give one: finetune evaluate MODEL FOLDER"
+        )
+    predictor = _load_models(models, ensemble, checkpoint, device)
     result = predictor.evaluate(folder, top_k=top_k, batch_size=batch_size, tta=tta)
-    home = model if model.is_dir() else model.parent
-    files = result.save(out or home / f"eval-{folder.resolve().name}")
+    home = models[0] if models[0].is_dir() else models[0].parent
+    suffix = ("" if checkpoint == "best" else f"-{checkpoint}") + ("-ensemble" if ensemble else "")
+    files = result.save(out or home / f"eval-{folder.resolve().name}{suffix}")
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
     click.echo(_evaluation_text(result, files))
+
+
+def _load_models(
+    models: Sequence[Path], ensemble: bool, checkpoint: str, device: str | None
+) -> BasePredictor:
+    """One model, or with --ensemble all of them averaged."""
+    from finetune.predict import load, load_ensemble
+
+    if ensemble:
+        return load_ensemble(models, device=device, checkpoint=checkpoint)
+    return load(models[0], device=device, checkpoint=checkpoint)
 
 
 def _evaluation_text(result: Evaluation, files: dict[str, Path]) -> str:
@@ -693,6 +741,7 @@ def _evaluation_text(result: Evaluation, files: dict[str, Path]) -> str:
         f"accuracy     {result.accuracy:.3f} ({correct}/{len(result.labels)})"
         + (f"  with tta {result.tta}" if result.tta != "none" else ""),
         f"top-{result.top_k}        {result.top_k_accuracy:.3f}",
+        *_model_lines(result.model or {}),
         "",
         f"{'class':<{width}}precision  recall      f1  support",
     ]
@@ -712,6 +761,23 @@ def _evaluation_text(result: Evaluation, files: dict[str, Path]) -> str:
         f"mistakes     {files['mistakes']}",
     ]
     return "\n".join(lines)
+
+
+def _model_lines(model: dict) -> list[str]:
+    """Which weights were measured, when that is not simply a run's best.pt."""
+    if "ensemble" in model:
+        files = _files(model)
+        checkpoint = f", checkpoint {model['checkpoint']}" if model["checkpoint"] else ""
+        return [f"ensemble     {len(files)} models{checkpoint}: {', '.join(files)}"]
+    if model.get("checkpoint") not in (None, "best"):
+        return [f"checkpoint   {model['checkpoint']}: {model['file']}"]
+    return []
+
+
+def _files(model: dict) -> list[str]:
+    if "ensemble" in model:
+        return [f for member in model["ensemble"] for f in _files(member)]
+    return [str(model["file"])]
 
 
 @cli.command("export")
@@ -774,6 +840,8 @@ def predict_command(
     top_k: int,
     fmt: str,
     as_json: bool,
+    checkpoint: str,
+    ensemble: bool,
     tta: str,
     batch_size: int,
     device: str | None,
@@ -784,17 +852,36 @@ def predict_command(
     INPUTS are image files or folders (read recursively); `-` reads paths from standard input,
     one per line.
 
-    Example:
+    With --ensemble, the leading arguments that are models (run directories, .pt, .onnx,
+    bundles) are averaged and the rest are INPUTS.
 
+    Examples:
+
+    \b
         finetune predict runs/fashion-linear-20261122-120000 sample_data/fashion/test
+        finetune predict --ensemble runs/lite0 runs/lite2/model.onnx sample_data/fashion/test
+        finetune predict runs/fashion-restarts sample_data/fashion/test --checkpoint snapshots
     """
-    from finetune.predict import expand_inputs, load
+    from finetune.predict import expand_inputs, leading_models
 
+    models = [model]
+    if ensemble:
+        models, inputs = leading_models((model, *inputs))
+        if not models:
+            raise click.UsageError(
+                f"--ensemble: {model} is not a model (a run directory, .pt, .onnx or bundle); "
+                "give the models first: finetune predict --ensemble RUN1 RUN2 IMAGES..."
+            )
+        if not inputs:
+            raise click.UsageError(
+                "--ensemble: give images or folders after the models: finetune predict "
+                "--ensemble RUN1 RUN2 IMAGES..."
+            )
     items = [i for item in inputs for i in (_stdin_paths() if str(item) == "-" else [item])]
     paths = expand_inputs(items)
     if not paths:
         raise click.ClickException("No image files found in " + ", ".join(map(str, inputs)))
-    predictor = load(model, device=device)
+    predictor = _load_models(models, ensemble, checkpoint, device)
     predictions = predictor.iter_predict(paths, top_k=top_k, batch_size=batch_size, tta=tta)
     fmt = "json" if as_json else fmt
     if fmt == "json":

@@ -19,7 +19,7 @@ from finetune.data import iter_image_files, load_image
 from finetune.errors import DataError
 
 if TYPE_CHECKING:
-    from finetune.predict import Predictor
+    from finetune.predict import BasePredictor
 
 __all__ = ["Evaluation", "Mistake", "evaluate"]
 
@@ -44,6 +44,7 @@ class Evaluation:
     probabilities: np.ndarray  # (N, num_classes) softmax
     top_k: int
     tta: str = "none"  # test-time augmentation the probabilities were averaged over
+    model: dict[str, Any] | None = None  # the model file(s) and checkpoint choice (describe())
 
     @property
     def predicted(self) -> np.ndarray:
@@ -99,6 +100,7 @@ class Evaluation:
         return {
             "images": len(self.labels),
             "tta": self.tta,
+            "model": self.model,
             "accuracy": self.accuracy,
             f"top_{self.top_k}_accuracy": self.top_k_accuracy,
             "per_class": self.per_class(),
@@ -174,14 +176,15 @@ def _mistakes_figure(mistakes: list[Mistake]):  # -> matplotlib Figure
 
 
 def evaluate(
-    predictor: Predictor,
+    predictor: BasePredictor,
     folder: str | Path,
     top_k: int = 5,
     batch_size: int = 32,
     tta: str = "none",
 ) -> Evaluation:
     """Classify every image of ``folder`` (one sub-folder per class, named as the model's
-    classes) and measure the result; ``tta`` as in :meth:`Predictor.iter_proba`.
+    classes) and measure the result; ``tta`` as in :meth:`Predictor.iter_proba`. ``predictor``
+    may be an :class:`~finetune.predict.Ensemble`: its averaged probabilities are measured.
 
     Raises:
         DataError: ``folder`` has no class folders with images, or classes the model lacks.
@@ -209,5 +212,11 @@ def evaluate(
     if not rows:
         raise DataError(f"None of the images in {folder} could be read.")
     return Evaluation(
-        predictor.classes, tuple(paths), np.array(labels), np.stack(rows), max(1, top_k), tta
+        predictor.classes,
+        tuple(paths),
+        np.array(labels),
+        np.stack(rows),
+        max(1, top_k),
+        tta,
+        predictor.describe(),
     )

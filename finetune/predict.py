@@ -1,9 +1,16 @@
-"""Checkpoint -> predictions: ``finetune.load(path)`` and the :class:`Predictor` it returns."""
+"""Checkpoint -> predictions: ``finetune.load(path)`` and the :class:`Predictor` it returns.
+
+:class:`Predictor` runs one model; :class:`Ensemble` averages the softmax of several (a snapshot
+ensemble of a run, or models of several runs, each with its own preprocessing). Both decode each
+image once and then classify batches of decoded arrays (:meth:`BasePredictor.batch_proba`), so
+an ensemble member only builds its own input tensors from the arrays.
+"""
 
 from __future__ import annotations
 
+import copy
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,9 +20,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from finetune.checkpoint import load_checkpoint, preprocessing_of, rebuild_model
+from finetune.checkpoint import (
+    CHECKPOINTS,
+    load_checkpoint,
+    preprocessing_of,
+    rebuild_model,
+    run_checkpoints,
+)
 from finetune.data import iter_image_files, load_image, pil_to_rgb
-from finetune.errors import DataError
+from finetune.errors import CheckpointError, ConfigError, DataError
 from finetune.exports import (
     is_bundle,
     is_onnx,
@@ -30,7 +43,18 @@ from finetune.transforms import Preprocessing, TestTimeViews
 if TYPE_CHECKING:
     from finetune.evaluate import Evaluation
 
-__all__ = ["ImageInput", "Prediction", "Predictor", "expand_inputs", "load"]
+__all__ = [
+    "BasePredictor",
+    "Ensemble",
+    "ImageInput",
+    "Prediction",
+    "Predictor",
+    "expand_inputs",
+    "is_model_path",
+    "leading_models",
+    "load",
+    "load_ensemble",
+]
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
@@ -68,42 +92,72 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
-class Predictor:
-    """A trained model with its classes and preprocessing, ready to classify images."""
+def is_model_path(path: str | Path) -> bool:
+    """Whether ``path`` is something :func:`load` reads, rather than an image or image folder:
+    a run directory (holding ``best.pt`` or ``last.pt``), a ``.pt``/``.pth`` checkpoint or
+    TorchScript file, an ``.onnx`` file, or an exported bundle (its directory or
+    ``model.safetensors``)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return is_bundle(path) or any((path / name).is_file() for name in ("best.pt", "last.pt"))
+    return path.is_file() and (path.suffix.lower() in (".pt", ".pth", ".onnx") or is_bundle(path))
 
-    def __init__(
-        self,
-        model: Classifier,
-        classes: Iterable[str],
-        preprocessing: Preprocessing,
-        device: str | torch.device | None = None,
-    ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.eval().to(self.device)
-        self.classes = tuple(classes)
-        self.preprocessing = preprocessing
-        self._views: dict[str, TestTimeViews] = {}
 
-    def views(self, tta: str = "none") -> TestTimeViews:
-        """The test-time views for ``tta`` ("none": the evaluation centre crop, "flip",
-        "10crop")."""
-        if tta not in self._views:
-            self._views[tta] = TestTimeViews(self.preprocessing, tta)
-        return self._views[tta]
+def leading_models(args: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """Split command-line arguments into the leading ones that are models
+    (:func:`is_model_path`) and the rest, as ``finetune predict --ensemble`` reads them.
 
-    def _decode(self, image: ImageInput) -> np.ndarray:
-        if isinstance(image, Image.Image):
-            return pil_to_rgb(image)
-        if isinstance(image, np.ndarray):
-            if image.ndim == 2:
-                image = np.repeat(image[..., None], 3, axis=2)
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise DataError(
-                    f"An array image must be uint8 (H, W, 3) RGB or (H, W) grey; got "
-                    f"{image.dtype} {image.shape}."
-                )
-            return image
-        return load_image(image)
+    Raises:
+        DataError: A model comes after an image or folder (it would be read as images).
+    """
+    paths = [Path(a) for a in args]
+    count = next((i for i, p in enumerate(paths) if not is_model_path(p)), len(paths))
+    late = next((p for p in paths[count:] if is_model_path(p)), None)
+    if late is not None:
+        raise DataError(
+            f"{late} is a model but comes after the image argument {paths[count]}; give all the "
+            "models first, then the images or folders."
+        )
+    return paths[:count], paths[count:]
+
+
+def _decode(image: ImageInput) -> np.ndarray:
+    """Any accepted input -> uint8 (H, W, 3) RGB array."""
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise DataError(
+                f"An array image must be uint8 (H, W, 3) RGB or (H, W) grey; got "
+                f"{image.dtype} {image.shape}."
+            )
+        return image
+    return load_image(image)
+
+
+class BasePredictor:
+    """What :class:`Predictor` (one model) and :class:`Ensemble` (several) share: images in,
+    probabilities and :class:`Prediction` objects out. Subclasses set ``classes`` and implement
+    :meth:`batch_proba`; this class decodes each image once and batches the arrays."""
+
+    classes: tuple[str, ...]  # the columns of every probability array, in order
+    checkpoint: str | None = None  # which checkpoint of a run was loaded; None: a model file
+
+    def batch_proba(self, arrays: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
+        """Softmax probabilities of decoded images, shape (len(arrays), num_classes).
+
+        Args:
+            arrays: uint8 (H, W, 3) RGB images of any size; each model resizes and crops them
+                to its own input.
+            tta: "none", "flip" or "10crop" (see :meth:`iter_proba`).
+        """
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """The model file(s) behind the predictions, as recorded in ``evaluation.json``."""
+        raise NotImplementedError
 
     def predict_proba(
         self, images: Iterable[ImageInput], batch_size: int = 32, tta: str = "none"
@@ -121,29 +175,28 @@ class Predictor:
         Args:
             tta: Test-time augmentation: "none" (the centre crop), "flip" (and its mirror
                 image) or "10crop" (four corners and centre, each also mirrored); the softmax
-                is averaged over the views. ``batch_size`` counts images, not views.
+                is averaged over the views (and, in an ensemble, over the models: each applies
+                ``tta`` to its own input). ``batch_size`` counts images, not views.
         """
-        views = self.views(tta)
-        batch: list[tuple[ImageInput, torch.Tensor]] = []
+        sources: list[ImageInput] = []
+        arrays: list[np.ndarray] = []
 
         def flush() -> Iterator[tuple[ImageInput, np.ndarray]]:
-            x = torch.cat([t for _, t in batch]).to(self.device)  # (images * views, 3, H, W)
-            with torch.inference_mode():
-                probs = self.model(x).float().softmax(1)
-            probs = probs.view(len(batch), views.count, -1).mean(1).cpu().numpy()
-            yield from zip((src for src, _ in batch), probs, strict=True)
-            batch.clear()
+            yield from zip(sources, self.batch_proba(arrays, tta), strict=True)
+            sources.clear()
+            arrays.clear()
 
         for image in images:
             try:
-                array = self._decode(image)
+                array = _decode(image)
             except (OSError, ValueError) as exc:
                 warnings.warn(f"Skipping {image}: cannot decode it ({exc})", stacklevel=3)
                 continue
-            batch.append((image, views(array)))
-            if len(batch) == batch_size:
+            sources.append(image)
+            arrays.append(array)
+            if len(arrays) == batch_size:
                 yield from flush()
-        if batch:
+        if arrays:
             yield from flush()
 
     def iter_predict(
@@ -186,25 +239,219 @@ class Predictor:
         return evaluate(self, folder, top_k=top_k, batch_size=batch_size, tta=tta)
 
 
+class Predictor(BasePredictor):
+    """A trained model with its classes and preprocessing, ready to classify images."""
+
+    def __init__(
+        self,
+        model: Classifier,
+        classes: Iterable[str],
+        preprocessing: Preprocessing,
+        device: str | torch.device | None = None,
+        source: str | Path | None = None,
+        checkpoint: str | None = None,
+    ) -> None:
+        """
+        Args:
+            model: Images (N, 3, H, W) -> logits (N, num_classes): the rebuilt classifier, or
+                a TorchScript/ONNX module.
+            classes: The class names, in the order of the logits.
+            preprocessing: How the model's inputs are made from images.
+            device: Where to run; default cuda when available.
+            source: The file the model was read from, if any (for reports).
+            checkpoint: Which checkpoint of a run directory it is ("best", "ema", ...), if any.
+        """
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
+        self.classes = tuple(classes)
+        self.preprocessing = preprocessing
+        self.source = None if source is None else str(source)
+        self.checkpoint = checkpoint
+        self._views: dict[str, TestTimeViews] = {}
+
+    def views(self, tta: str = "none") -> TestTimeViews:
+        """The test-time views for ``tta`` ("none": the evaluation centre crop, "flip",
+        "10crop")."""
+        if tta not in self._views:
+            self._views[tta] = TestTimeViews(self.preprocessing, tta)
+        return self._views[tta]
+
+    def batch_proba(self, arrays: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
+        views = self.views(tta)
+        x = torch.cat([views(a) for a in arrays]).to(self.device)  # (images * views, 3, H, W)
+        with torch.inference_mode():
+            probs = self.model(x).float().softmax(1)
+        return probs.view(len(arrays), views.count, -1).mean(1).cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"file": self.source, "checkpoint": self.checkpoint}
+
+
+class Ensemble(BasePredictor):
+    """Several models whose softmax probabilities are averaged (equal weights).
+
+    Members may differ in architecture and preprocessing (input size, mean/std); each image is
+    decoded once and every member makes its own input from it. The members must know the same
+    classes; the ensemble uses the first member's order and reorders the others' columns by
+    class name. A member may itself be an ensemble (a run's snapshots), which then counts as
+    one model.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[BasePredictor],
+        source: str | Path | None = None,
+        checkpoint: str | None = None,
+    ) -> None:
+        """
+        Args:
+            members: The predictors to average.
+            source: What the ensemble was loaded from as a whole (a run's snapshots), if any.
+            checkpoint: Which checkpoint of each run directory the members are, if it applies.
+
+        Raises:
+            CheckpointError: No members, or members whose classes differ (the message names both
+                models and the classes only one of them has).
+        """
+        if not members:
+            raise CheckpointError("An ensemble needs at least one model; none were given.")
+        self.members = tuple(members)
+        self.classes = tuple(members[0].classes)
+        self.source = None if source is None else str(source)
+        self.checkpoint = checkpoint
+        first = set(self.classes)
+        for member in self.members[1:]:
+            if set(member.classes) != first or len(member.classes) != len(self.classes):
+                raise CheckpointError(
+                    f"The models of an ensemble must know the same classes: "
+                    f"{_name(self.members[0])} and {_name(member)} differ ("
+                    f"{_difference(self.classes, member.classes)}). Ensemble models trained on "
+                    "the same class folders."
+                )
+        # member column j -> ensemble column: pick the member's columns in the ensemble's order
+        self._columns = [[m.classes.index(c) for c in self.classes] for m in self.members]
+
+    def batch_proba(self, arrays: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
+        total = np.zeros((len(arrays), len(self.classes)), dtype=np.float64)
+        for member, columns in zip(self.members, self._columns, strict=True):
+            total += member.batch_proba(arrays, tta)[:, columns]
+        return (total / len(self.members)).astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "ensemble": [m.describe() for m in self.members],
+            "source": self.source,
+            "checkpoint": self.checkpoint,
+        }
+
+
+def _name(predictor: BasePredictor) -> str:
+    source = getattr(predictor, "source", None)
+    return source if source is not None else f"a {type(predictor).__name__} in memory"
+
+
+def _difference(a: Sequence[str], b: Sequence[str]) -> str:
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    parts = [
+        f"only the first has {', '.join(only_a)}" if only_a else "",
+        f"only the second has {', '.join(only_b)}" if only_b else "",
+    ]
+    return "; ".join(p for p in parts if p) or "a class name appears twice"
+
+
 def load(
-    path: str | Path, head: nn.Module | None = None, device: str | torch.device | None = None
-) -> Predictor:
-    """Load a run directory (its ``best.pt``), a checkpoint file, or a safetensors bundle,
-    TorchScript file or ONNX file (from ``finetune export``) as a :class:`Predictor`.
+    path: str | Path,
+    head: nn.Module | None = None,
+    device: str | torch.device | None = None,
+    checkpoint: str = "best",
+) -> Predictor | Ensemble:
+    """Load a run directory, a checkpoint file, or a safetensors bundle, TorchScript file or
+    ONNX file (from ``finetune export``) as a :class:`Predictor`.
 
     Args:
         path: A run directory written by ``fit``, a ``.pt`` checkpoint, or a bundle directory
             (or its ``model.safetensors``), a TorchScript ``.pt`` or a ``.onnx`` file.
         head: An instance of the custom head the model was trained with, if any.
         device: Where to run; default cuda when available.
+        checkpoint: For a run directory, which of its checkpoints: "best" (``best.pt``),
+            "last", "ema" (``ema.pt``, from ``fit --ema``) or "snapshots" (every
+            ``snapshot-K.pt``, from ``fit --schedule restarts``, as an :class:`Ensemble`).
+            A model file is what it is: leave "best" for one.
+
+    Raises:
+        ConfigError: Unknown ``checkpoint``, or one other than "best" for a model file.
+        CheckpointError: The run lacks that checkpoint (the message names the fit option that
+            writes it), or the file cannot be read.
+
+    Example:
+        >>> predictor = finetune.load("runs/fashion", checkpoint="ema")
     """
+    path = Path(path).expanduser()
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(
+            f"Unknown checkpoint {checkpoint!r}; choose one of {', '.join(CHECKPOINTS)}."
+        )
+    if path.is_dir() and not is_bundle(path):
+        files = run_checkpoints(path, checkpoint)
+        if checkpoint == "snapshots":
+            members = [_load_file(f, _copy(head), device, checkpoint) for f in files]
+            return Ensemble(members, source=path, checkpoint=checkpoint)
+        return _load_file(files[0], head, device, checkpoint)
+    if checkpoint != "best":
+        raise ConfigError(
+            f"checkpoint {checkpoint!r} picks a file of a run directory, but {path} is a model "
+            "file already. Give the run directory, or leave the checkpoint at best."
+        )
+    return _load_file(path, head, device, None)
+
+
+def load_ensemble(
+    paths: Iterable[str | Path],
+    head: nn.Module | None = None,
+    device: str | torch.device | None = None,
+    checkpoint: str = "best",
+) -> Ensemble:
+    """Load several models as one :class:`Ensemble` that averages their softmax.
+
+    Args:
+        paths: Anything :func:`load` takes: run directories (possibly trained with different
+            models or image sizes), checkpoint files, exports.
+        head: An instance of the custom head the models were trained with, if any (each model
+            gets its own copy).
+        device: Where to run; default cuda when available.
+        checkpoint: Which checkpoint of each run directory (see :func:`load`); with
+            "snapshots" each run's snapshot ensemble counts as one model, so every run weighs
+            the same.
+
+    Raises:
+        CheckpointError: No paths, or models with different classes (named in the message).
+
+    Example:
+        >>> ensemble = finetune.load_ensemble(["runs/lite0-224", "runs/lite2-260"])
+        >>> ensemble.predict("sample_data/fashion/test/bag/00018.png")[0].label
+    """
+    members = [load(p, _copy(head), device, checkpoint) for p in paths]
+    if not members:
+        raise CheckpointError("An ensemble needs at least one model; no paths were given.")
+    return Ensemble(members, checkpoint=checkpoint)
+
+
+def _copy(head: nn.Module | None) -> nn.Module | None:
+    """A fresh copy of a custom head: every model of an ensemble loads its own weights into it."""
+    return None if head is None else copy.deepcopy(head)
+
+
+def _load_file(
+    path: Path, head: nn.Module | None, device: str | torch.device | None, checkpoint: str | None
+) -> Predictor:
     if is_torchscript(path):
         module, meta = read_torchscript(path)
     elif is_onnx(path):
         module, meta = read_onnx(path)
     else:
-        checkpoint = read_bundle(path) if is_bundle(path) else load_checkpoint(path)
-        model = rebuild_model(checkpoint, head)
-        return Predictor(model, checkpoint["classes"], preprocessing_of(checkpoint), device)
+        state = read_bundle(path) if is_bundle(path) else load_checkpoint(path)
+        model = rebuild_model(state, head)
+        pre = preprocessing_of(state)
+        return Predictor(model, state["classes"], pre, device, source=path, checkpoint=checkpoint)
     pre = Preprocessing.from_dict(meta["preprocessing"])
-    return Predictor(module, meta["classes"], pre, device)
+    return Predictor(module, meta["classes"], pre, device, source=path, checkpoint=checkpoint)

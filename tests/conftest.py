@@ -84,3 +84,23 @@ def noise_folder(root: Path, per_class: int) -> Path:
             pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three one-epoch finetune-top runs on 3 Fashion classes x 8 images (about a second each):
+    seeds 0 and 1 at 32 px, seed 2 at 48 px, so their weights and preprocessing differ."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = copy_classes(root / "data", ["bag", "sneaker", "trouser"], 8)
+    return [
+        finetune.fit(
+            data,
+            strategy="finetune-top",
+            epochs=1,
+            image_size=size,
+            seed=seed,
+            out=str(root / f"run{seed}-{size}px"),
+            verbose=False,
+        ).dir
+        for seed, size in ((0, 32), (1, 32), (2, 48))
+    ]

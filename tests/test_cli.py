@@ -16,6 +16,9 @@ import torch
 import finetune
 from finetune.checkpoint import load_checkpoint
 from finetune.cli import cli
+from finetune.predict import expand_inputs
+
+from .conftest import copy_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,3 +240,59 @@ def test_ctrl_c_leaves_a_loadable_last_checkpoint_and_says_how_to_resume(
     assert f"finetune fit --resume {out}" in stderr and "Traceback" not in stderr
     assert finetune.load(out / "last.pt").classes == ("bag", "sneaker", "trouser")
     assert not list(out.glob(".*.tmp"))  # no half-written checkpoint left behind
+
+
+def test_predict_and_evaluate_an_ensemble(tiny_runs: list[Path], tmp_path: Path) -> None:
+    folder = copy_classes(tmp_path / "test", ["bag", "sneaker", "trouser"], 3, split="test")
+    bundle = finetune.export(tiny_runs[1], out=tmp_path / "bundle")
+    models = [str(tiny_runs[0]), str(bundle), str(tiny_runs[2] / "best.pt")]  # 32, 32, 48 px
+    images = [folder / "bag", next((folder / "trouser").glob("*.png"))]
+    table = run("predict", "--ensemble", *models, *map(str, images), "--top-k", "2",
+                "--device", "cpu")  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    ensemble = finetune.load_ensemble(models, device="cpu")
+    expected = ensemble.predict(expand_inputs(images), top_k=2)
+    assert table.stdout.splitlines() == [
+        f"{p.path}\t" + ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
+        for p in expected
+    ]
+    assert len(expected) == 4
+
+    evaluated = run("evaluate", "--ensemble", str(tiny_runs[0]), str(tiny_runs[2]), str(folder),
+                    "--checkpoint", "last", "--device", "cpu")  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    lasts = [str(tiny_runs[0] / "last.pt"), str(tiny_runs[2] / "last.pt")]
+    assert evaluated.stdout.startswith("accuracy     ")
+    assert f"ensemble     2 models, checkpoint last: {', '.join(lasts)}\n" in evaluated.stdout
+    out = tiny_runs[0] / "eval-test-last-ensemble"  # the default: beside the first model
+    assert f"report       {out / 'evaluation.json'}" in evaluated.stdout
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["model"] == {
+        "ensemble": [{"file": f, "checkpoint": "last"} for f in lasts],
+        "source": None,
+        "checkpoint": "last",
+    }
+    reference = finetune.load_ensemble(tiny_runs[::2], device="cpu", checkpoint="last")
+    assert report["images"] == 9
+    assert report["accuracy"] == pytest.approx(reference.evaluate(folder).accuracy)
+
+
+def test_ensemble_and_checkpoint_mistakes_are_clean_errors(tiny_runs: list[Path]) -> None:
+    image = next((ROOT / "sample_data" / "fashion" / "test" / "bag").glob("*.png"))
+    run0, run1 = map(str, tiny_runs[:2])
+    cases = [
+        (["evaluate", run0, run1, str(image.parent)], "add --ensemble to average them"),
+        (["predict", "--ensemble", run0, str(image), "--checkpoint", "snapshots"],
+         f"{run0} holds no snapshot-K.pt files: the run was trained without --schedule restarts"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = run(*args)
+        assert result.returncode != 0, args
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_checkpoint_choices_match_the_library() -> None:
+    from finetune.checkpoint import CHECKPOINTS
+    from finetune.cli import _CHECKPOINTS
+
+    assert _CHECKPOINTS == CHECKPOINTS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,11 @@ import torch
 from PIL import Image
 
 import finetune
-from finetune.errors import DataError
-from finetune.predict import expand_inputs
+import finetune.evaluate
+from finetune.errors import CheckpointError, ConfigError, DataError
+from finetune.predict import expand_inputs, is_model_path, leading_models
+
+from .conftest import copy_classes
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +111,186 @@ def test_tta_averages_the_softmax_of_the_views(predictor: finetune.Predictor, fa
     )
     labels = [p.label for p in predictor.predict(paths, tta="10crop")]
     assert len(labels) == 6
+
+
+# --- ensembles and --checkpoint ---------------------------------------------------------------
+
+THREE = ("bag", "sneaker", "trouser")  # the classes of the tiny_runs fixture
+
+
+def _test_images(fashion: Path, per_class: int = 3) -> list[Path]:
+    return [p for c in THREE for p in sorted((fashion / "test" / c).glob("*.png"))[:per_class]]
+
+
+def _mean_of(members: list[finetune.Predictor], images: list, **kwargs) -> np.ndarray:
+    return np.mean([m.predict_proba(images, **kwargs) for m in members], axis=0)
+
+
+def test_ensemble_averages_its_members_decoding_each_image_once(
+    tiny_runs: list[Path], tmp_path: Path, fashion: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = finetune.export(tiny_runs[1], out=tmp_path / "bundle")  # an exported member
+    ensemble = finetune.load_ensemble([tiny_runs[0], bundle, tiny_runs[2]], device="cpu")
+    assert isinstance(ensemble, finetune.Ensemble) and ensemble.classes == THREE
+    members = list(ensemble.members)
+    files = [str(tiny_runs[0] / "best.pt"), str(bundle), str(tiny_runs[2] / "best.pt")]
+    assert [m.source for m in members] == files
+    assert [m.preprocessing.input_size for m in members] == [32, 32, 48]
+    images = _test_images(fashion)
+
+    decoded = []
+    real_load_image = finetune.predict.load_image
+    monkeypatch.setattr(
+        finetune.predict, "load_image", lambda p: decoded.append(p) or real_load_image(p)
+    )
+    probs = ensemble.predict_proba(images, batch_size=4)
+    assert decoded == images  # once per image, whatever the number of members
+    monkeypatch.undo()
+
+    expected = _mean_of(members, images)
+    assert probs == pytest.approx(expected, abs=1e-6)
+    assert probs.sum(1) == pytest.approx(1.0, abs=1e-5)
+    assert all(not np.allclose(probs, m.predict_proba(images), atol=1e-4) for m in members)
+    flip = ensemble.predict_proba(images, tta="flip")  # tta applies to every member
+    assert flip == pytest.approx(_mean_of(members, images, tta="flip"), abs=1e-6)
+    assert not np.allclose(flip, probs, atol=1e-4)
+    predictions = ensemble.predict(images, top_k=3)
+    assert [p.label for p in predictions] == [THREE[i] for i in expected.argmax(1)]
+    assert [p.probability for p in predictions] == pytest.approx(expected.max(1), abs=1e-6)
+
+    # evaluate() measures the averaged probabilities and records the members.
+    folder = copy_classes(tmp_path / "test", list(THREE), 3, split="test")
+    result = finetune.evaluate.evaluate(ensemble, folder)
+    truth = np.array([THREE.index(Path(p).parent.name) for p in result.paths])
+    assert result.accuracy == pytest.approx(np.mean(expected.argmax(1) == truth))
+    model = result.to_dict()["model"]
+    assert [m["file"] for m in model["ensemble"]] == files
+    assert model["checkpoint"] == "best"
+
+
+def _reordered(run: Path, out: Path, classes: tuple[str, ...]) -> Path:
+    """A copy of run's best.pt whose classes (and head rows) are permuted and/or renamed."""
+    from finetune.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(run)
+    order = [state["classes"].index(c) if c in state["classes"] else i
+             for i, c in enumerate(classes)]  # fmt: skip
+    weights = dict(state["state_dict"])
+    weights["head.weight"] = weights["head.weight"][order]
+    weights["head.bias"] = weights["head.bias"][order]
+    save_checkpoint(out, {**state, "classes": list(classes), "state_dict": weights})
+    return out
+
+
+def test_ensemble_maps_reordered_classes_by_name_and_refuses_other_classes(
+    tiny_runs: list[Path], tmp_path: Path, fashion: Path
+) -> None:
+    images = _test_images(fashion, per_class=2)
+    backwards = _reordered(tiny_runs[0], tmp_path / "backwards.pt", THREE[::-1])
+    pants = _reordered(tiny_runs[0], tmp_path / "pants.pt", ("bag", "pants", "sneaker"))
+    model, reversed_model, other, odd = (
+        finetune.load(m, device="cpu") for m in (tiny_runs[0], backwards, tiny_runs[1], pants)
+    )
+    original = model.predict_proba(images)
+    assert reversed_model.classes == THREE[::-1]
+    assert reversed_model.predict_proba(images)[:, ::-1] == pytest.approx(original, abs=1e-6)
+    # The same model twice, columns in different orders: the ensemble is the model itself.
+    same = finetune.Ensemble([model, reversed_model])
+    assert same.classes == THREE
+    assert same.predict_proba(images) == pytest.approx(original, abs=1e-6)
+    # The first member's order wins.
+    flipped = finetune.Ensemble([reversed_model, other])
+    assert flipped.classes == THREE[::-1]
+    expected = (original + other.predict_proba(images))[:, ::-1] / 2
+    assert flipped.predict_proba(images) == pytest.approx(expected, abs=1e-6)
+
+    with pytest.raises(CheckpointError) as raised:
+        finetune.Ensemble([other, odd])
+    message = str(raised.value)
+    assert str(tiny_runs[1] / "best.pt") in message and str(pants) in message
+    assert "only the first has trouser" in message and "only the second has pants" in message
+
+
+def _with_custom_head(run: Path, out: Path) -> Path:
+    """run's best.pt as if trained with head=nn.Sequential(nn.Linear(...))."""
+    from finetune.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(run)
+    weights = {
+        ("head.0." + k[5:] if k.startswith("head.") else k): v
+        for k, v in state["state_dict"].items()
+    }
+    model = {**state["model"], "head": "custom:Sequential"}
+    save_checkpoint(out, {**state, "model": model, "state_dict": weights})
+    return out
+
+
+def test_every_member_gets_its_own_copy_of_a_custom_head(
+    tiny_runs: list[Path], tmp_path: Path, fashion: Path
+) -> None:
+    files = [_with_custom_head(r, tmp_path / f"{i}.pt") for i, r in enumerate(tiny_runs[:2])]
+    head = torch.nn.Sequential(torch.nn.Linear(1280, 3))
+    ensemble = finetune.load_ensemble(files, head=head, device="cpu")
+    images = _test_images(fashion, per_class=1)
+    singles = [finetune.load(r, device="cpu") for r in tiny_runs[:2]]  # the same weights
+    assert ensemble.predict_proba(images) == pytest.approx(_mean_of(singles, images), abs=1e-6)
+
+
+def test_snapshots_checkpoint_averages_every_snapshot_in_numeric_order(
+    tiny_runs: list[Path], tmp_path: Path, fashion: Path
+) -> None:
+    run = tmp_path / "restarts"
+    run.mkdir()
+    for name, source in [("best.pt", 0), ("last.pt", 0), ("snapshot-1.pt", 0),
+                         ("snapshot-2.pt", 1), ("snapshot-10.pt", 2)]:  # fmt: skip
+        shutil.copy(tiny_runs[source] / "best.pt", run / name)
+    ensemble = finetune.load(run, checkpoint="snapshots", device="cpu")
+    assert isinstance(ensemble, finetune.Ensemble)
+    files = [run / f"snapshot-{k}.pt" for k in (1, 2, 10)]  # 10 after 2, not after 1
+    assert [m.source for m in ensemble.members] == list(map(str, files))
+    images = _test_images(fashion, per_class=2)
+    singles = [finetune.load(f, device="cpu") for f in files]
+    assert ensemble.predict_proba(images) == pytest.approx(_mean_of(singles, images), abs=1e-6)
+    described = ensemble.describe()
+    assert described["source"] == str(run) and described["checkpoint"] == "snapshots"
+
+    with pytest.raises(CheckpointError, match="--schedule restarts") as raised:
+        finetune.load_ensemble([tiny_runs[1], run], checkpoint="snapshots")
+    assert f"{tiny_runs[1]} holds no snapshot-K.pt files" in str(raised.value)
+
+
+def test_ema_checkpoint_loads_ema_pt_and_missing_choices_say_how_to_get_them(
+    tiny_runs: list[Path], tmp_path: Path, fashion: Path
+) -> None:
+    run = tmp_path / "with-ema"
+    shutil.copytree(tiny_runs[0], run)
+    shutil.copy(tiny_runs[1] / "best.pt", run / "ema.pt")  # other weights than best.pt
+    images = _test_images(fashion, per_class=2)
+    ema = finetune.load(run, checkpoint="ema", device="cpu")
+    assert ema.source == str(run / "ema.pt") and ema.checkpoint == "ema"
+    expected = finetune.load(tiny_runs[1] / "best.pt", device="cpu").predict_proba(images)
+    assert ema.predict_proba(images) == pytest.approx(expected, abs=1e-6)
+    best = finetune.load(run, device="cpu").predict_proba(images)
+    assert not np.allclose(best, expected, atol=1e-4)
+    assert finetune.load(run, checkpoint="last").source == str(run / "last.pt")
+
+    with pytest.raises(CheckpointError, match="--ema") as raised:
+        finetune.load(tiny_runs[0], checkpoint="ema")
+    assert f"{tiny_runs[0]} holds no ema.pt" in str(raised.value)
+    with pytest.raises(ConfigError, match="best, last, ema, snapshots"):
+        finetune.load(run, checkpoint="newest")
+    with pytest.raises(ConfigError, match="Give the run directory"):
+        finetune.load(run / "best.pt", checkpoint="ema")
+
+
+def test_leading_arguments_that_are_models(tiny_runs: list[Path], tmp_path: Path, fashion: Path):
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"")
+    images = [fashion / "test" / "bag", next((fashion / "test" / "bag").glob("*.png"))]
+    models = [tiny_runs[0], tiny_runs[1] / "last.pt", onnx]
+    assert all(map(is_model_path, models))
+    assert not any(map(is_model_path, [*images, tmp_path / "missing.pt", fashion / "test"]))
+    assert leading_models([*models, *images]) == (models, images)
+    assert leading_models(images) == ([], images)
+    with pytest.raises(DataError, match=f"{onnx} is a model but comes after the image"):
+        leading_models([tiny_runs[0], *images, onnx])
