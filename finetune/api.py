@@ -32,6 +32,7 @@ from finetune.config import (
     FitConfig,
 )
 from finetune.data import DatasetSplit, ScanReport, load_image, scan_folder
+from finetune.distributed import world
 from finetune.errors import CheckpointError, ConfigError, DataError
 from finetune.lr_range import LRFinding, find_lr, plot_lr_finding
 from finetune.measure import DataSize, Decision, measure_size, pass_seconds, training_epoch_seconds
@@ -304,7 +305,17 @@ def fit(
             f"--strategy {config.strategy} fits its own linear head; a custom head needs "
             "finetune-top or finetune-all."
         )
-    split, backbone, strategy, config, decision, device = _resolve(data, config, verbose)
+    ranks = world(config.device)  # torchrun: rank 0 decides, prints and writes
+    verbose = verbose and ranks.main
+    if ranks.main:
+        split, backbone, strategy, config, decision, device = _resolve(data, config, verbose)
+        ranks.share(config)
+    else:  # the config rank 0 resolved (auto's choice included), on this rank's device
+        resolved = ranks.share(None)
+        resolved = dataclasses.replace(resolved, device=ranks.device(config.device))
+        with warnings.catch_warnings():  # rank 0 reported the data already
+            warnings.simplefilter("ignore")
+            split, backbone, strategy, config, decision, device = _resolve(data, resolved, False)
     if head is not None and not strategy.trains_backbone:
         raise ConfigError(
             f"auto chose {strategy.name}, which fits its own linear head; pass "
@@ -315,27 +326,16 @@ def fit(
     model = create_classifier(backbone, len(split.classes), head, dropout)
     _check_head(model, len(split.classes))
     model.to(device)
-    augmentation, lighting = augmentation_of(config), None
-    if strategy.trains_backbone:
-        if augmentation.lighting:
-            lighting = fit_lighting([s.path for s in split.train], seed=config.seed)
-        _say(verbose, f"augment   {augmentation.describe()}")
-        if preset_by_size:
-            why = preset_for(measure_size(split).per_class_median)[1]
-            _say(verbose, f"          - preset from the data size: {why}; the less, the stronger")
-        if lighting is not None:
-            _say(
-                verbose,
-                f"          - PCA lighting along the colour components of the {lighting.source}",
-            )
-
-    run_dir = _run_dir(config, split.root)
+    augmentation, lighting, run_dir = augmentation_of(config), None, None
+    if ranks.main:
+        if strategy.trains_backbone:
+            lighting = _lighting(augmentation, split, config, verbose, preset_by_size)
+        run_dir = _run_dir(config, split.root)
+        _write_run_files(run_dir, dataclasses.replace(config, out=str(run_dir)), split, decision)
+    lighting, run_dir = ranks.share((lighting, run_dir))
     config = dataclasses.replace(config, out=str(run_dir))
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    (run_dir / "classes.json").write_text(json.dumps(list(split.classes), indent=2) + "\n")
-    (run_dir / "scan.json").write_text(json.dumps(split.report.to_dict(), indent=2) + "\n")
-    if decision is not None:
-        (run_dir / "decision.json").write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
+    if not (ranks.main or strategy.trains_backbone):  # a probe is one pass: rank 0's alone
+        return ranks.share(None)
     describe = {
         "model": {
             "name": config.model,
@@ -369,8 +369,44 @@ def fit(
         on_epoch=lambda r: _say(verbose, _epoch_line(r, config.epochs)),
         augmentation=augmentation,
         lighting=lighting,
+        ranks=ranks,
     )
-    return _train(ctx, strategy, decision, started)
+    return ranks.share(_train(ctx, strategy, decision, started))
+
+
+def _lighting(
+    augmentation: Augmentation,
+    split: DatasetSplit,
+    config: FitConfig,
+    verbose: bool,
+    preset_by_size: bool,
+) -> Lighting | None:
+    """Say which augmentation trains and why; the PCA of the training images' colours when
+    the augmentation includes PCA lighting."""
+    lighting = None
+    if augmentation.lighting:
+        lighting = fit_lighting([s.path for s in split.train], seed=config.seed)
+    _say(verbose, f"augment   {augmentation.describe()}")
+    if preset_by_size:
+        why = preset_for(measure_size(split).per_class_median)[1]
+        _say(verbose, f"          - preset from the data size: {why}; the less, the stronger")
+    if lighting is not None:
+        _say(
+            verbose,
+            f"          - PCA lighting along the colour components of the {lighting.source}",
+        )
+    return lighting
+
+
+def _write_run_files(
+    run_dir: Path, config: FitConfig, split: DatasetSplit, decision: Decision | None
+) -> None:
+    """config.json, classes.json, scan.json and (when auto chose) decision.json."""
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (run_dir / "classes.json").write_text(json.dumps(list(split.classes), indent=2) + "\n")
+    (run_dir / "scan.json").write_text(json.dumps(split.report.to_dict(), indent=2) + "\n")
+    if decision is not None:
+        (run_dir / "decision.json").write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
 
 
 def _train(ctx: FitContext, strategy: Strategy, decision: Decision | None, started: float):
@@ -380,7 +416,7 @@ def _train(ctx: FitContext, strategy: Strategy, decision: Decision | None, start
         history = read_metrics(ctx.run_dir / "metrics.csv")
     config, run_dir = ctx.config, ctx.run_dir
     tta_val_acc = None
-    if config.tta != "none":
+    if config.tta != "none" and ctx.ranks.main:
         tta_val_acc = _tta_val_accuracy(run_dir, ctx.split, config)
         best = [r for r in history if r.best][-1]
         ctx.say(
@@ -415,6 +451,12 @@ def resume(
     """
     started = time.perf_counter()
     run_dir = Path(run_dir).expanduser()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "--resume runs in one process for now; continue without torchrun: "
+            f"finetune fit --resume {run_dir} (--batch-size is the global batch, so the run "
+            "optimises the same way)."
+        )
     if not (run_dir / "last.pt").is_file():
         raise CheckpointError(
             f"{run_dir} holds no last.pt: no epoch finished, so there is nothing to resume. "

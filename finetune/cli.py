@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shlex
 import sys
 import warnings
@@ -423,7 +424,8 @@ def fit_command(
         typed = shlex.join(_given_options(options))
         click.echo(f"recipe    {recipe}" + (f", overridden by {typed}" if typed else ""), err=True)
     result = fit(data, config, verbose=not quiet)
-    click.echo(_summary(result))
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for all the processes
+        click.echo(_summary(result))
 
 
 def _summary(result: FitResult) -> str:

@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
 from finetune.config import FitConfig
 from finetune.data import DatasetSplit, ImageDataset, collate_skipping_failed
+from finetune.distributed import ALONE, World
 from finetune.errors import ConfigError
 from finetune.features import HEAD, extract_features, probe_points
 from finetune.measure import Decision, decide
@@ -85,6 +87,7 @@ class FitContext:
     augmentation: Augmentation  # the training augmentation (fine-tuning strategies)
     lighting: Lighting | None  # PCA of the training images' colours, for PCA lighting
     resumed: dict[str, Any] | None = None  # last.pt of the run being resumed
+    ranks: World = ALONE  # the training processes (torchrun): rank 0 writes
 
 
 class Strategy(ABC):
@@ -289,6 +292,11 @@ class _FineTune(Strategy):
             + (f", top backbone lr {groups[-2]['lr']:.1e}" if backbone_groups else "")
         )
         ctx.say(f"optimise  {_describe_training(config)}")
+        if ctx.ranks.distributed:
+            ctx.say(
+                f"parallel  {ctx.ranks.size} processes, {config.batch_size // ctx.ranks.size} "
+                f"images each per step (batch {config.batch_size})"
+            )
         train_loader, val_loader = _loaders(ctx)
         optimizer = create_optimizer(groups, config)
         scheduler = create_scheduler(optimizer, config, len(train_loader))
@@ -306,7 +314,21 @@ class _FineTune(Strategy):
 
         def reseed(epoch: int) -> None:  # the same stream whether or not the run was resumed
             train_loader.generator.manual_seed(config.seed * 100_003 + epoch)
-            train_loader.dataset.transform.set_random_seed(config.seed * 100_003 + epoch)
+            rank = ctx.ranks.rank * 7_919  # each rank its own augmentation stream
+            train_loader.dataset.transform.set_random_seed(config.seed * 100_003 + epoch + rank)
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)
+
+        wrapped = None
+        if ctx.ranks.distributed:
+            if config.warmup_epochs:
+                raise ConfigError(
+                    "--warmup-epochs changes which parameters train mid-run, which "
+                    "DistributedDataParallel cannot follow; use --lr-warmup-epochs instead."
+                )
+            wrapped = DistributedDataParallel(
+                model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
+            )
 
         training = Training(
             optimizer=optimizer,
@@ -323,11 +345,13 @@ class _FineTune(Strategy):
             before_epoch=lambda epoch: self.before_epoch(model, config, epoch),
             reseed=reseed,
             say=ctx.say,
+            ranks=ctx.ranks,
+            wrapped=wrapped,
         )
         history = train(
             model,
             training,
-            Recorder(ctx.run_dir, ctx.describe, ctx.resumed),
+            Recorder(ctx.run_dir, ctx.describe, ctx.resumed, write=ctx.ranks.main),
             progress=ctx.verbose,
             on_epoch=ctx.on_epoch,
             first_epoch=first_epoch,
@@ -425,7 +449,7 @@ class Auto(Strategy):
 
 def _loaders(ctx: FitContext) -> tuple[DataLoader, DataLoader]:
     return training_loaders(
-        ctx.split, ctx.pre, ctx.config, ctx.device, ctx.augmentation, ctx.lighting
+        ctx.split, ctx.pre, ctx.config, ctx.device, ctx.augmentation, ctx.lighting, ctx.ranks
     )
 
 
@@ -436,12 +460,20 @@ def training_loaders(
     device: torch.device,
     augmentation: Augmentation,
     lighting: Lighting | None,
+    ranks: World = ALONE,
 ) -> tuple[DataLoader, DataLoader]:
     """The training loader (augmented, shuffled by a seeded generator, or oversampling rarer
-    classes with ``balance="oversample"``) and the validation loader (centre crop)."""
+    classes with ``balance="oversample"``) and the validation loader (centre crop). In a
+    distributed run each rank gets its share: ``batch_size / ranks.size`` images per step from
+    a DistributedSampler, and every ``ranks.size``-th validation image."""
     workers = config.num_workers or 0
+    if config.batch_size % ranks.size:
+        raise ConfigError(
+            f"batch_size {config.batch_size} does not split over {ranks.size} processes; give "
+            f"a multiple of {ranks.size} (it is the global batch, shared by the processes)."
+        )
     common = {
-        "batch_size": config.batch_size,
+        "batch_size": config.batch_size // ranks.size,
         "num_workers": workers,
         "collate_fn": collate_skipping_failed,
         "pin_memory": device.type == "cuda",
@@ -453,7 +485,16 @@ def training_loaders(
     train_set = ImageDataset(split.train, augment)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = None
-    if config.balance == "oversample":  # each class drawn equally often, with replacement
+    if ranks.distributed:
+        if config.balance == "oversample":
+            raise ConfigError(
+                "--balance oversample is not supported with several processes; use "
+                "--balance weighted-loss."
+            )
+        sampler = DistributedSampler(
+            train_set, ranks.size, ranks.rank, shuffle=True, seed=config.seed, drop_last=True
+        )
+    elif config.balance == "oversample":  # each class drawn equally often, with replacement
         labels = [s.label for s in split.train]
         counts = np.bincount(labels, minlength=len(split.classes))
         sampler = WeightedRandomSampler(
@@ -468,7 +509,8 @@ def training_loaders(
         worker_init_fn=_seed_worker_augmentation,
         **common,
     )
-    val_loader = DataLoader(ImageDataset(split.val, eval_transform(pre)), shuffle=False, **common)
+    val_set = ImageDataset(split.val[ranks.rank :: ranks.size], eval_transform(pre))
+    val_loader = DataLoader(val_set, shuffle=False, **common)
     return train_loader, val_loader
 
 

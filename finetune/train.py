@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune.checkpoint import save_checkpoint
+from finetune.distributed import ALONE, World
 from finetune.errors import TrainingError
 from finetune.models import set_train_mode
 
@@ -130,6 +131,8 @@ class Training:
     before_epoch: Callable[[int], None] | None = None  # e.g. unfreeze after a warm-up
     reseed: Callable[[int], None] | None = None  # seeds shuffling and augmentation per epoch
     say: Callable[[str], None] = lambda message: None  # a line for people (early stopping)
+    ranks: World = ALONE  # the training processes (torchrun); one by default
+    wrapped: nn.Module | None = None  # the model as it runs forward (DistributedDataParallel)
 
 
 def _batches(loader: DataLoader, device: torch.device):
@@ -140,9 +143,19 @@ def _batches(loader: DataLoader, device: torch.device):
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, ranks: World = ALONE
+) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader`` (over every rank's
+    ``loader`` when distributed: each holds its shard)."""
+    total_loss, correct, seen = ranks.sum(list(_evaluate_sums(model, loader, device)), device)
+    return (total_loss / seen, correct / seen) if seen else (math.nan, math.nan)
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader``."""
+def _evaluate_sums(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[float, float, float]:
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in _batches(loader, device):
@@ -150,7 +163,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.numel()
-    return (total_loss / seen, correct / seen) if seen else (math.nan, math.nan)
+    return total_loss, float(correct), float(seen)
 
 
 class Recorder:
@@ -164,13 +177,20 @@ class Recorder:
             classes, preprocessing, config, strategy); see :mod:`finetune.checkpoint`.
         resumed: ``last.pt`` of the run being resumed: its rows of metrics.csv are kept (any
             later ones dropped) and its best scores carry on.
+        write: False: keep the scores but write nothing (the ranks other than 0 of a
+            distributed run).
     """
 
     def __init__(
-        self, run_dir: Path, describe: dict[str, Any], resumed: dict[str, Any] | None = None
+        self,
+        run_dir: Path,
+        describe: dict[str, Any],
+        resumed: dict[str, Any] | None = None,
+        write: bool = True,
     ) -> None:
         self.run_dir = run_dir
         self.describe = describe
+        self.write = write
         self.best_acc, self.best_loss, self.best_epoch = -1.0, math.inf, 0
         self.ema_best_acc, self.ema_best_loss = -1.0, math.inf
         self.metrics_path = run_dir / "metrics.csv"
@@ -184,6 +204,8 @@ class Recorder:
             self.best_epoch = max((r.epoch for r in self.history if r.best), default=0)
             self.ema_best_acc = float(resumed.get("ema_best_metric", -1.0))
             self.ema_best_loss = float(resumed.get("ema_best_loss", math.inf))
+        if not write:
+            return
         with self.metrics_path.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow([f.name for f in fields(EpochResult)])
@@ -216,6 +238,8 @@ class Recorder:
         if result.ema_best:
             self.ema_best_acc, self.ema_best_loss = result.ema_val_acc, result.ema_val_loss
         self.history.append(result)
+        if not self.write:
+            return
         with self.metrics_path.open("a", newline="") as f:
             csv.writer(f).writerow(asdict(result).values())
         state = {
@@ -302,8 +326,9 @@ def train(
         while epoch <= t.epochs:
             good = _state(model, t)
             result = _epoch(model, t, recorder, epoch, progress, stop)
-            if stop:
-                raise TrainingError(_interrupted(stop[0], recorder.run_dir, epoch))
+            if t.ranks.any([bool(stop)], t.device)[0]:
+                raise TrainingError(_interrupted((stop or ["a stop on another rank"])[0],
+                                                 recorder.run_dir, epoch))  # fmt: skip
             if result is None:  # non-finite: back to the last good state, half the LR
                 retries += 1
                 if retries > MAX_RETRIES:
@@ -399,19 +424,22 @@ def _epoch(
     if t.before_epoch is not None:
         t.before_epoch(epoch)
     set_train_mode(model)
+    net = t.wrapped or model  # DistributedDataParallel averages the gradients over the ranks
     total_loss, correct, seen, lr = 0.0, 0, 0, t.optimizer.param_groups[-1]["lr"]
     step = t.scheduler.last_epoch  # optimizer steps so far (the scheduler counts them)
     bar = tqdm(total=len(t.train_loader), desc=f"epoch {epoch}/{t.epochs}", unit="batch",
                leave=False, disable=None if progress else True)  # fmt: skip
     try:
         for images, labels in _batches(t.train_loader, t.device):
-            if stop:
-                return None
-            logits = model(images)
+            logits = net(images)
             loss = F.cross_entropy(
                 logits, labels, weight=t.class_weights, label_smoothing=t.label_smoothing
             )
-            if not torch.isfinite(loss):
+            stopping, diverged = t.ranks.any([bool(stop), not torch.isfinite(loss)], t.device)
+            if stopping:
+                stop.append(stop[0] if stop else "a stop on another rank")
+                return None
+            if diverged:
                 return None
             t.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -430,9 +458,13 @@ def _epoch(
         bar.close()
     if stop or not _finite(model) or (t.ema is not None and not _finite(t.ema.module)):
         return None
-    val_loss, val_acc = evaluate(model, t.val_loader, t.device)
+    total_loss, correct, seen = t.ranks.sum([total_loss, correct, seen], t.device)
+    t.ranks.sync_buffers(model)
+    val_loss, val_acc = evaluate(model, t.val_loader, t.device, t.ranks)
     ema_loss, ema_acc = (
-        evaluate(t.ema.module, t.val_loader, t.device) if t.ema is not None else (math.nan,) * 2
+        evaluate(t.ema.module, t.val_loader, t.device, t.ranks)
+        if t.ema is not None
+        else (math.nan,) * 2
     )
     if stop:
         return None
