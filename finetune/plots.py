@@ -36,6 +36,7 @@ def learning_curves(history: Sequence[EpochResult], title: str = "") -> Figure:
     A probe's single "epoch" (one feature pass) shows as points, not a curve.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(11, 4.0))
     loss_ax, acc_ax = fig.subplots(1, 2)
@@ -84,8 +85,7 @@ def learning_curves(history: Sequence[EpochResult], title: str = "") -> Figure:
     for ax in (loss_ax, acc_ax):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        if len(epochs) <= 15:
-            ax.set_xticks(epochs)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(epochs) == 1:
             ax.set_xlim(0.5, 1.5)
     if len(history) == 1 and history[0].lr == 0:
@@ -129,6 +129,7 @@ def compare_figure(runs: Sequence[tuple[str, Sequence[EpochResult]]]) -> Figure:
     """Validation accuracy (left) and loss (right) per epoch of several runs, overlaid; each
     run's best epoch starred. ``runs``: (label, history) pairs."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(11, 4.2))
     acc_ax, loss_ax = fig.subplots(1, 2)
@@ -146,6 +147,7 @@ def compare_figure(runs: Sequence[tuple[str, Sequence[EpochResult]]]) -> Figure:
     acc_ax.set_title("val accuracy (star: best epoch, the weights in best.pt)", fontsize=10)
     loss_ax.set_title("val loss", fontsize=10)
     for ax in (acc_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

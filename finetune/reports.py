@@ -178,7 +178,7 @@ def list_runs(root: str | Path = "runs") -> list[RunSummary]:
 def runs_table(runs: Sequence[RunSummary], root: Path | None = None) -> str:
     """A text table of runs: strategy, best val acc, epochs, training time and date."""
     names = [_name(run.dir, root) for run in runs]
-    header = ["run", "strategy", "val acc", "epochs", "time", "date", "report"]
+    header = ["run", "strategy", "val acc", "epochs", "train time", "date", "report"]
     rows = [
         [
             name,
@@ -212,7 +212,8 @@ def compare(run_dirs: Iterable[str | Path], out: str | Path = "compare.png") -> 
 
 def compare_table(runs: Sequence[RunSummary]) -> str:
     """A text table: strategy, model, image size, epochs, best val acc, best epoch, time."""
-    header = ["run", "strategy", "model", "px", "epochs", "best val acc", "best epoch", "time"]
+    header = ["run", "strategy", "model", "px", "epochs", "best val acc", "best epoch",
+              "train time"]  # fmt: skip
     rows = [
         [
             label,
