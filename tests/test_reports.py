@@ -127,8 +127,8 @@ def test_list_runs_and_compare(report_run: finetune.FitResult, tmp_path: Path) -
     assert (top.strategy, top.best.val_acc, len(top.history)) == (
         "finetune-top", report_run.best_metric, 2)  # fmt: skip
     table = runs_table(runs, root).splitlines()
-    assert table[0].split() == ["run", "strategy", "val", "acc", "epochs", "time", "date",
-                                "report"]  # fmt: skip
+    assert table[0].split() == ["run", "strategy", "val", "acc", "epochs", "train", "time",
+                                "date", "report"]  # fmt: skip
     row = next(line for line in table if line.startswith("top "))
     assert f"{report_run.best_metric:.3f}" in row and "2/2" in row and row.endswith("yes")
 
