@@ -12,6 +12,7 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -187,7 +188,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _on_epoch(log: _Log, epochs: int):
+def _on_epoch(log: _Log, epochs: int) -> Callable[[EpochResult], None]:
     """What fit does with each epoch's result: a line, or an "epoch" event with every field."""
 
     def on_epoch(r: EpochResult) -> None:

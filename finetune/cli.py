@@ -323,6 +323,9 @@ def _recipe_words(recipe: Path | None) -> list[str]:
 # finetune.checkpoint.CHECKPOINTS, repeated so that `finetune --help` need not import torch
 # (tests/test_cli.py checks that the two agree).
 _CHECKPOINTS = ("best", "last", "ema", "snapshots")
+# finetune.api.LOG_FORMATS and finetune.reports.DEFAULT_MAX_IMAGES, for the same reason.
+_LOG_FORMATS = ("text", "json")
+_MAX_IMAGES = 1000
 
 
 def _inference_option_list() -> list:
@@ -377,7 +380,7 @@ _inference_options = _decorate_with(_inference_option_list)
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary.")
 @click.option(
     "--log-format",
-    type=click.Choice(["text", "json"]),
+    type=click.Choice(_LOG_FORMATS),
     default="text",
     show_default=True,
     help="json: instead of the lines for people and the progress bars, one JSON object per "
@@ -1092,7 +1095,7 @@ def check_command(data: Path, val_split: float, seed: int, as_json: bool) -> Non
 @click.option(
     "--max-images",
     type=click.IntRange(min=1),
-    default=1000,
+    default=_MAX_IMAGES,
     show_default=True,
     help="Classify at most this many validation images (a stratified sample beyond).",
 )

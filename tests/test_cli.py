@@ -365,3 +365,11 @@ def test_checkpoint_choices_match_the_library() -> None:
     from finetune.cli import _CHECKPOINTS
 
     assert _CHECKPOINTS == CHECKPOINTS
+
+
+def test_log_formats_and_report_sample_size_match_the_library() -> None:
+    from finetune.api import LOG_FORMATS
+    from finetune.cli import _LOG_FORMATS, _MAX_IMAGES
+    from finetune.reports import DEFAULT_MAX_IMAGES
+
+    assert (_LOG_FORMATS, _MAX_IMAGES) == (LOG_FORMATS, DEFAULT_MAX_IMAGES)
