@@ -40,6 +40,9 @@ _EXPORTS = {
     "Prediction": "finetune.predict",
     "Predictor": "finetune.predict",
     "STRATEGIES": "finetune.strategies",
+    "report": "finetune.reports",
+    "list_runs": "finetune.reports",
+    "compare": "finetune.reports",
 }
 
 __all__ = [
@@ -56,13 +59,16 @@ __all__ = [
     "__version__",
     "augment_preview",
     "check",
+    "compare",
     "export",
     "fit",
+    "list_runs",
     "load",
     "load_ensemble",
     "load_recipe",
     "lr_find",
     "plan",
+    "report",
     "resume",
     "tune",
     "write_recipe",
@@ -84,6 +90,7 @@ if TYPE_CHECKING:
     from finetune.exports import export
     from finetune.predict import Ensemble, Prediction, Predictor, load, load_ensemble
     from finetune.recipes import load_recipe, write_recipe
+    from finetune.reports import compare, list_runs, report
     from finetune.strategies import STRATEGIES
     from finetune.transforms import Augmentation
     from finetune.tuning import TuneResult, tune

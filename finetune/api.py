@@ -12,6 +12,7 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -33,7 +34,7 @@ from finetune.config import (
 )
 from finetune.data import DatasetSplit, ScanReport, load_image, scan_folder
 from finetune.distributed import world
-from finetune.errors import CheckpointError, ConfigError, DataError
+from finetune.errors import CheckpointError, ConfigError, DataError, FinetuneError
 from finetune.lr_range import LRFinding, find_lr, plot_lr_finding
 from finetune.measure import DataSize, Decision, measure_size, pass_seconds, training_epoch_seconds
 from finetune.models import EMBEDDED_WEIGHTS, create_backbone, create_classifier
@@ -52,6 +53,7 @@ from finetune.transforms import (
 )
 
 __all__ = [
+    "LOG_FORMATS",
     "FitResult",
     "Plan",
     "augment_preview",
@@ -76,6 +78,7 @@ class FitResult:
     skipped: tuple[tuple[Path, str], ...]  # files that were not usable images, and why
     decision: Decision | None  # auto's measurements and reasons, when auto chose
     tta_val_acc: float | None = None  # val accuracy of best.pt with config.tta's views
+    report: Path | None = None  # report.html in the run directory (None: it could not be made)
 
     @property
     def best(self) -> EpochResult:
@@ -136,9 +139,64 @@ class Plan:
         }
 
 
-def _say(verbose: bool, message: str) -> None:
-    if verbose:
-        print(message, file=sys.stderr, flush=True)
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class _Log:
+    """Where a run's progress goes, always stderr (stdout is for results): human lines and
+    progress bars ("text"), one JSON object per line ("json": events "data", "decision",
+    "epoch", "summary", and "message" for the other lines), or nothing (not ``verbose``)."""
+
+    verbose: bool = True
+    format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.format not in LOG_FORMATS:
+            raise ConfigError(
+                f"Unknown log format {self.format!r}; choose one of {', '.join(LOG_FORMATS)}."
+            )
+
+    @property
+    def bars(self) -> bool:
+        """Progress bars: text only (tqdm still hides them when stderr is not a terminal)."""
+        return self.verbose and self.format == "text"
+
+    def text(self, message: str) -> None:
+        """A line that only the text format prints (JSON has it in an event)."""
+        if self.verbose and self.format == "text":
+            print(message, file=sys.stderr, flush=True)
+
+    def say(self, message: str) -> None:
+        """A line for people: printed, or a "message" event."""
+        self.text(message)
+        self.event("message", text=message)
+
+    def event(self, name: str, **fields: Any) -> None:
+        """A JSON line (the json format only); nan and inf become null, as JSON has neither."""
+        if self.verbose and self.format == "json":
+            line = json.dumps({"event": name, **_finite(fields)}, default=str)
+            print(line, file=sys.stderr, flush=True)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _on_epoch(log: _Log, epochs: int) -> Callable[[EpochResult], None]:
+    """What fit does with each epoch's result: a line, or an "epoch" event with every field."""
+
+    def on_epoch(r: EpochResult) -> None:
+        log.text(_epoch_line(r, epochs))
+        log.event("epoch", **dataclasses.asdict(r), epochs=epochs)
+
+    return on_epoch
 
 
 def _seed_everything(seed: int) -> None:
@@ -185,21 +243,25 @@ def _run_dir(config: FitConfig, root: Path) -> Path:
 
 
 def _resolve(
-    data: str | Path, config: FitConfig, verbose: bool
+    data: str | Path, config: FitConfig, log: _Log
 ) -> tuple[DatasetSplit, nn.Module, Strategy, FitConfig, Decision | None, torch.device]:
     """Steps shared by fit and plan: scan, backbone, strategy (auto decides), settings."""
     strategy = get_strategy(config.strategy)
     _seed_everything(config.seed)
-    split = scan_folder(data, val_split=config.val_split, seed=config.seed, progress=verbose)
-    _say(
-        verbose,
+    split = scan_folder(data, val_split=config.val_split, seed=config.seed, progress=log.bars)
+    log.text(
         f"data      {split.root}: {len(split.classes)} classes, {len(split.train)} train / "
-        f"{len(split.val)} val images ({split.layout})",
+        f"{len(split.val)} val images ({split.layout})"
     )
     report = split.report
+    log.event(
+        "data", root=str(split.root), layout=split.layout, classes=list(split.classes),
+        train=split.counts("train"), val=split.counts("val"), check=report.summary(),
+        skipped=len(report.skipped),
+    )  # fmt: skip
     if report.skipped or report.notes or report.leaks or report.imbalance >= IMBALANCED_FROM:
-        if verbose:
-            _say(verbose, f"check     {report.summary()} (finetune check {split.root})")
+        if log.verbose:
+            log.text(f"check     {report.summary()} (finetune check {split.root})")
         else:
             warnings.warn(f"{split.root}: {report.summary()}", stacklevel=3)
     backbone = create_backbone(config.model, config.weights, drop_path_rate=config.drop_path)
@@ -207,19 +269,18 @@ def _resolve(
     backbone.to(device)
     strategy, config, decision = strategy.resolve(split, backbone, config, device)
     if decision is not None:
-        _say(verbose, f"auto      {decision.cell} -> {decision.strategy}")
+        log.text(f"auto      {decision.cell} -> {decision.strategy}")
         for reason in decision.reasons:
-            _say(verbose, f"          - {reason}")
+            log.text(f"          - {reason}")
     native = Preprocessing.from_model(backbone).input_size
     preset, _ = preset_for(measure_size(split).per_class_median)
     balance = config.balance
     if balance is None:
         balance = "weighted-loss" if split.report.imbalance >= IMBALANCED_FROM else "none"
         if balance != "none":
-            _say(
-                verbose,
+            log.say(
                 f"balance   weighted-loss: the largest class has {split.report.imbalance:.1f}x "
-                f"the images of the smallest (>= {IMBALANCED_FROM:g}x); --balance to change",
+                f"the images of the smallest (>= {IMBALANCED_FROM:g}x); --balance to change"
             )
     config = dataclasses.replace(
         config,
@@ -236,7 +297,12 @@ def _resolve(
         decision = dataclasses.replace(decision, hyperparameters=_hyperparameters(config, strategy))
     source = config.weights or ("shipped ImageNet" if config.model in EMBEDDED_WEIGHTS else "timm")
     why = f" (native {native}, images ~{split.median_side} px)" if decision is None else ""
-    _say(verbose, f"model     {config.model}, {source} weights, {config.image_size} px input{why}")
+    log.text(f"model     {config.model}, {source} weights, {config.image_size} px input{why}")
+    log.event(
+        "decision", strategy=strategy.name, model=config.model, weights=source,
+        image_size=config.image_size, epochs=config.epochs, device=config.device,
+        auto=decision.to_dict() if decision is not None else None,
+    )  # fmt: skip
     return split, backbone, strategy, config, decision, device
 
 
@@ -277,6 +343,8 @@ def fit(
     *,
     head: nn.Module | None = None,
     verbose: bool = True,
+    log_format: str = "text",
+    report: bool = True,
     **options: Any,
 ) -> FitResult:
     """Train a classifier on a folder of labelled images.
@@ -287,17 +355,22 @@ def fit(
         head: A custom head: any ``nn.Module`` mapping (N, num_features) to (N, num_classes).
             It trains with the fine-tuning strategies; probes fit a linear head of their own.
         verbose: Print what was decided and one line per epoch to stderr, with progress bars.
+        log_format: "text" (lines for people) or "json" (one JSON object per line on stderr,
+            no progress bars: events "data", "decision", "epoch", "summary" and "message").
+        report: Write ``report.html`` into the run directory at the end (see
+            :func:`finetune.report`).
         **options: Fields of :class:`FitConfig`, e.g. ``strategy="finetune-all", epochs=3``.
 
     Returns:
         A :class:`FitResult`; the run directory holds best.pt, last.pt, metrics.csv,
-        config.json, classes.json (and decision.json when auto chose).
+        config.json, classes.json, report.html (and decision.json when auto chose).
 
     Example:
         >>> run = finetune.fit("sample_data/fashion", strategy="linear")
         >>> print(run.best_metric, run.dir)
     """
     started = time.perf_counter()
+    log = _Log(verbose, log_format)
     config = FitConfig.from_kwargs(config, **options)
     preset_by_size = config.augment is None
     if head is not None and config.strategy in ("linear", "stage-probe"):
@@ -306,16 +379,18 @@ def fit(
             "finetune-top or finetune-all."
         )
     ranks = world(config.device)  # torchrun: rank 0 decides, prints and writes
-    verbose = verbose and ranks.main
+    log = _Log(log.verbose and ranks.main, log.format)
     if ranks.main:
-        split, backbone, strategy, config, decision, device = _resolve(data, config, verbose)
+        split, backbone, strategy, config, decision, device = _resolve(data, config, log)
         ranks.share(config)
     else:  # the config rank 0 resolved (auto's choice included), on this rank's device
         resolved = ranks.share(None)
         resolved = dataclasses.replace(resolved, device=ranks.device(config.device))
         with warnings.catch_warnings():  # rank 0 reported the data already
             warnings.simplefilter("ignore")
-            split, backbone, strategy, config, decision, device = _resolve(data, resolved, False)
+            split, backbone, strategy, config, decision, device = _resolve(
+                data, resolved, _Log(False)
+            )
     if head is not None and not strategy.trains_backbone:
         raise ConfigError(
             f"auto chose {strategy.name}, which fits its own linear head; pass "
@@ -329,7 +404,7 @@ def fit(
     augmentation, lighting, run_dir = augmentation_of(config), None, None
     if ranks.main:
         if strategy.trains_backbone:
-            lighting = _lighting(augmentation, split, config, verbose, preset_by_size)
+            lighting = _lighting(augmentation, split, config, log, preset_by_size)
         run_dir = _run_dir(config, split.root)
         _write_run_files(run_dir, dataclasses.replace(config, out=str(run_dir)), split, decision)
     lighting, run_dir = ranks.share((lighting, run_dir))
@@ -364,21 +439,21 @@ def fit(
         device=device,
         run_dir=run_dir,
         describe=describe,
-        verbose=verbose,
-        say=lambda message: _say(verbose, message),
-        on_epoch=lambda r: _say(verbose, _epoch_line(r, config.epochs)),
+        verbose=log.bars,
+        say=log.say,
+        on_epoch=_on_epoch(log, config.epochs),
         augmentation=augmentation,
         lighting=lighting,
         ranks=ranks,
     )
-    return ranks.share(_train(ctx, strategy, decision, started))
+    return ranks.share(_train(ctx, strategy, decision, started, log, report, head))
 
 
 def _lighting(
     augmentation: Augmentation,
     split: DatasetSplit,
     config: FitConfig,
-    verbose: bool,
+    log: _Log,
     preset_by_size: bool,
 ) -> Lighting | None:
     """Say which augmentation trains and why; the PCA of the training images' colours when
@@ -386,15 +461,12 @@ def _lighting(
     lighting = None
     if augmentation.lighting:
         lighting = fit_lighting([s.path for s in split.train], seed=config.seed)
-    _say(verbose, f"augment   {augmentation.describe()}")
+    log.say(f"augment   {augmentation.describe()}")
     if preset_by_size:
         why = preset_for(measure_size(split).per_class_median)[1]
-        _say(verbose, f"          - preset from the data size: {why}; the less, the stronger")
+        log.say(f"          - preset from the data size: {why}; the less, the stronger")
     if lighting is not None:
-        _say(
-            verbose,
-            f"          - PCA lighting along the colour components of the {lighting.source}",
-        )
+        log.say(f"          - PCA lighting along the colour components of the {lighting.source}")
     return lighting
 
 
@@ -409,8 +481,17 @@ def _write_run_files(
         (run_dir / "decision.json").write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
 
 
-def _train(ctx: FitContext, strategy: Strategy, decision: Decision | None, started: float):
-    """Run the strategy, then the optional TTA scoring; the :class:`FitResult`."""
+def _train(
+    ctx: FitContext,
+    strategy: Strategy,
+    decision: Decision | None,
+    started: float,
+    log: _Log,
+    report: bool,
+    head: nn.Module | None,
+) -> FitResult:
+    """Run the strategy, then the optional TTA scoring and the report (best.pt loaded with
+    ``head``, the custom head if any); the :class:`FitResult`."""
     _, history = strategy.fit(ctx)
     if ctx.resumed is not None:  # the epochs before the resume, as metrics.csv holds them
         history = read_metrics(ctx.run_dir / "metrics.csv")
@@ -422,7 +503,8 @@ def _train(ctx: FitContext, strategy: Strategy, decision: Decision | None, start
         ctx.say(
             f"tta       {config.tta}: val acc {tta_val_acc:.3f} (centre crop {best.val_acc:.3f})"
         )
-    return FitResult(
+    page = _write_report(run_dir, head, config, log) if report and ctx.ranks.main else None
+    result = FitResult(
         dir=run_dir,
         classes=ctx.split.classes,
         strategy=strategy.name,
@@ -432,11 +514,44 @@ def _train(ctx: FitContext, strategy: Strategy, decision: Decision | None, start
         skipped=ctx.split.skipped,
         decision=decision,
         tta_val_acc=tta_val_acc,
+        report=page,
     )
+    best = result.best
+    log.event(
+        "summary", run=str(run_dir), strategy=result.strategy,
+        cell=decision.cell if decision is not None else None, best_epoch=best.epoch,
+        epochs=len(result.history), val_acc=best.val_acc, val_loss=best.val_loss,
+        train_acc=best.train_acc, tta_val_acc=tta_val_acc, seconds=result.seconds,
+        checkpoints=[str(p) for p in sorted(run_dir.glob("*.pt"))],
+        report=str(page) if page else None,
+    )  # fmt: skip
+    return result
+
+
+def _write_report(
+    run_dir: Path, head: nn.Module | None, config: FitConfig, log: _Log
+) -> Path | None:
+    """report.html for a run that just ended; a warning (not an error: the run is saved) when
+    it cannot be made."""
+    from finetune.reports import report
+
+    started = time.perf_counter()
+    try:
+        path = report(run_dir, head=head, device=config.device, progress=log.bars)
+    except FinetuneError as exc:
+        warnings.warn(f"{run_dir}: no report.html ({exc})", stacklevel=3)
+        return None
+    log.say(f"report    {path} ({time.perf_counter() - started:.1f}s)")
+    return path
 
 
 def resume(
-    run_dir: str | Path, *, head: nn.Module | None = None, verbose: bool = True
+    run_dir: str | Path,
+    *,
+    head: nn.Module | None = None,
+    verbose: bool = True,
+    log_format: str = "text",
+    report: bool = True,
 ) -> FitResult:
     """Continue a fine-tune that stopped (killed, Ctrl-C, a crash) from its ``last.pt``.
 
@@ -450,6 +565,7 @@ def resume(
         DataError: The data folder is gone or its classes changed.
     """
     started = time.perf_counter()
+    log = _Log(verbose, log_format)
     run_dir = Path(run_dir).expanduser()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
@@ -480,7 +596,7 @@ def resume(
             f"The classes in {split.root} changed since {run_dir} started "
             f"({', '.join(last['classes'])}); resume needs the same folder."
         )
-    _say(verbose, f"resume    {run_dir}: epoch {last['epoch']}/{config.epochs} done, continuing")
+    log.say(f"resume    {run_dir}: epoch {last['epoch']}/{config.epochs} done, continuing")
     device = _device(config.device)
     # last.pt has the weights
     backbone = create_backbone(config.model, pretrained=False, drop_path_rate=config.drop_path)
@@ -498,15 +614,15 @@ def resume(
         device=device,
         run_dir=run_dir,
         describe=describe,
-        verbose=verbose,
-        say=lambda message: _say(verbose, message),
-        on_epoch=lambda r: _say(verbose, _epoch_line(r, config.epochs)),
+        verbose=log.bars,
+        say=log.say,
+        on_epoch=_on_epoch(log, config.epochs),
         augmentation=augmentation_of(config),
         lighting=Lighting.from_dict(lighting) if lighting else None,
         resumed=last,
     )
-    decision = last.get("decision")  # as recorded: auto does not decide again
-    return _train(ctx, strategy, _decision(decision) if decision else None, started)
+    decision = _decision(last["decision"]) if last.get("decision") else None  # as recorded
+    return _train(ctx, strategy, decision, started, log, report, head)
 
 
 # What fit puts in every checkpoint besides weights and training state (resume copies it).
@@ -595,7 +711,7 @@ def plan(
         training time on this machine.
     """
     config = FitConfig.from_kwargs(config, **options)
-    split, backbone, strategy, config, decision, device = _resolve(data, config, verbose)
+    split, backbone, strategy, config, decision, device = _resolve(data, config, _Log(verbose))
     if decision is not None:
         seconds = decision.estimate_seconds
     else:
@@ -631,7 +747,7 @@ def lr_find(
         ConfigError: The strategy (or auto's choice) is a probe, which has no LR to find.
     """
     config = FitConfig.from_kwargs(config, **options)
-    split, backbone, strategy, config, _, device = _resolve(data, config, verbose)
+    split, backbone, strategy, config, _, device = _resolve(data, config, _Log(verbose))
     if not strategy.trains_backbone:
         raise ConfigError(
             f"{strategy.name} fits a logistic-regression head, which has no learning rate to "

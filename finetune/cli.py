@@ -324,6 +324,9 @@ def _recipe_words(recipe: Path | None) -> list[str]:
 # finetune.checkpoint.CHECKPOINTS, repeated so that `finetune --help` need not import torch
 # (tests/test_cli.py checks that the two agree).
 _CHECKPOINTS = ("best", "last", "ema", "snapshots")
+# finetune.api.LOG_FORMATS and finetune.reports.DEFAULT_MAX_IMAGES, for the same reason.
+_LOG_FORMATS = ("text", "json")
+_MAX_IMAGES = 1000
 
 
 def _inference_option_list() -> list:
@@ -376,9 +379,18 @@ _inference_options = _decorate_with(_inference_option_list)
     "options come from the run).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary.")
+@click.option(
+    "--log-format",
+    type=click.Choice(_LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: instead of the lines for people and the progress bars, one JSON object per "
+    "line on stderr (events data, decision, epoch, message, warning, summary).",
+)
 def fit_command(
     data: Path | None,
     quiet: bool,
+    log_format: str,
     out: Path | None,
     resume: Path | None,
     recipe: Path | None,
@@ -394,6 +406,9 @@ def fit_command(
     (`finetune plan DATA` shows that decision without training).
 
     A stopped run (Ctrl-C, killed, crashed) continues with `finetune fit --resume RUN_DIR`.
+
+    At the end it writes RUN_DIR/report.html (data, decision, curves, evaluation on the
+    validation images) and prints a summary with the next commands.
 
     --recipe FILE starts from a recipe (a TOML file of FitConfig fields, e.g. the best.toml that
     `finetune tune` writes); options typed on the command line override its values.
@@ -413,27 +428,48 @@ def fit_command(
             )
         from finetune.api import resume as resume_run
 
-        click.echo(_summary(resume_run(resume, verbose=not quiet)))
+        _json_warnings(log_format, quiet)
+        result = resume_run(resume, verbose=not quiet, log_format=log_format)
+        click.echo(_summary(result))
         return
     if data is None:
         raise click.UsageError("Give DATA, the image folder (or --resume RUN_DIR).")
     config = _config_from(options, recipe, out=str(out) if out else None)  # before torch loads
     from finetune.api import fit
 
-    if recipe is not None and not quiet:
+    if recipe is not None and not quiet and log_format == "text":
         typed = shlex.join(_given_options(options))
         click.echo(f"recipe    {recipe}" + (f", overridden by {typed}" if typed else ""), err=True)
-    result = fit(data, config, verbose=not quiet)
+    _json_warnings(log_format, quiet)
+    result = fit(data, config, verbose=not quiet, log_format=log_format)
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for all the processes
         click.echo(_summary(result))
 
 
+def _json_warnings(log_format: str, quiet: bool) -> None:
+    """With --log-format json, warnings too are JSON lines: stderr stays parseable."""
+    if log_format != "json" or quiet:
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        click.echo(json.dumps({"event": "warning", "message": str(message)}), err=True)
+
+    warnings.showwarning = show
+
+
 def _summary(result: FitResult) -> str:
     best = result.best
+    why = f"auto: {result.decision.cell}" if result.decision else "chosen with --strategy"
+    run = str(result.dir)
+    exports = [result.dir / n for n in ("bundle", "model.torchscript.pt", "model.onnx")]
+    exports = [str(p) for p in exports if p.exists()]
+    data = _data_of(result.dir)
+    test = data / "test" if data is not None else None
+    folder = str(test) if test is not None and test.is_dir() else "LABELLED_FOLDER"
     lines = [
         "",
         f"  run          {result.dir}",
-        f"  strategy     {result.strategy}",
+        f"  strategy     {result.strategy} ({why})",
         f"  classes      {len(result.classes)}: {', '.join(result.classes)}",
         f"  best epoch   {best.epoch}/{len(result.history)}: val acc {best.val_acc:.3f}, "
         f"val loss {best.val_loss:.3f} (train acc {best.train_acc:.3f})"
@@ -462,13 +498,31 @@ def _summary(result: FitResult) -> str:
         ),
         f"  time         {result.seconds:.1f}s",
         f"  checkpoints  {result.best_checkpoint} (best), {result.last_checkpoint} (last)",
+        f"  exports      {', '.join(exports) or 'none yet (finetune export, below)'}",
+        f"  report       {result.report or 'not written (see the warning above)'}",
     ]
     if result.skipped:
         lines.append(
             f"  skipped      {len(result.skipped)} files, listed in {result.dir / 'scan.json'}"
         )
-    lines += ["", "Next:", f"  finetune predict {result.dir} IMAGES_OR_FOLDERS..."]
+    lines += [
+        "",
+        "Next:",
+        f"  {shlex.join(['finetune', 'predict', run])} IMAGES_OR_FOLDERS...",
+        f"  {shlex.join(['finetune', 'evaluate', run, folder])}",
+        f"  {shlex.join(['finetune', 'export', run])}",
+        f"  {shlex.join(['finetune', 'report', run])}  (again after evaluate: adds its results)",
+    ]
     return "\n".join(lines)
+
+
+def _data_of(run_dir: Path) -> Path | None:
+    """The data folder a run recorded in scan.json, if it still exists."""
+    try:
+        root = Path(json.loads((run_dir / "scan.json").read_text())["root"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return root if root.is_dir() else None
 
 
 @cli.command("plan")
@@ -1036,6 +1090,80 @@ def check_command(data: Path, val_split: float, seed: int, as_json: bool) -> Non
 
     report = check(data, val_split=val_split, seed=seed)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.text())
+
+
+@cli.command("report")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--max-images",
+    type=click.IntRange(min=1),
+    default=_MAX_IMAGES,
+    show_default=True,
+    help="Classify at most this many validation images (a stratified sample beyond).",
+)
+@click.option("--device", help="cpu, cuda or cuda:N [default: the run's, when available].")
+def report_command(run: Path, max_images: int, device: str | None) -> None:
+    """Write RUN/report.html: one self-contained page (pictures embedded, nothing fetched) with
+    the data, the strategy decision and its reasons, the augmentation, the learning curves, the
+    evaluation of best.pt on the validation images (confusion matrix, per-class accuracy, the
+    most confidently wrong images) and the command that reproduces the run.
+
+    `fit` writes it at the end; run this to regenerate it, e.g. after `finetune evaluate`
+    (whose results it lists).
+
+    Example:
+
+        finetune report runs/fashion-finetune-top-20261123-160502
+    """
+    from finetune.reports import report
+
+    click.echo(str(report(run, max_images=max_images, device=device, progress=True)))
+
+
+@cli.command("runs")
+@click.argument("folder", type=click.Path(path_type=Path), default=Path("runs"), required=False)
+def runs_command(folder: Path) -> None:
+    """List the runs under FOLDER (default runs/, where `fit` writes them), oldest first: strategy,
+    best val accuracy, epochs done/planned, training time, date, and whether report.html exists.
+
+    Example:
+
+        finetune runs
+    """
+    from finetune.reports import list_runs, runs_table
+
+    found = list_runs(folder)
+    if not found:
+        click.echo(f"No runs under {folder} (a run is a folder with config.json and metrics.csv).")
+        return
+    click.echo(runs_table(found, folder))
+
+
+@cli.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="RUN...")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("compare.png"),
+    show_default=True,
+    help="The PNG of the runs' val accuracy and val loss per epoch, overlaid.",
+)
+def compare_command(runs: tuple[Path, ...], out: Path) -> None:
+    """Compare runs: a table (strategy, model, image size, epochs, best val acc, best epoch,
+    training time) and one plot of their validation curves.
+
+    Example:
+
+    \b
+        finetune compare runs/fashion-stage-probe-20261123-092021 \\
+            runs/fashion-finetune-top-20261123-101500 -o compare.png
+    """
+    from finetune.reports import compare
+
+    result = compare(runs, out)
+    click.echo(result.table())
+    click.echo(f"\nplot  {result.plot}")
 
 
 @cli.command("strategies")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from finetune.data import iter_image_files, load_image
 from finetune.errors import DataError
@@ -205,10 +206,14 @@ def evaluate(
     index = {name: i for i, name in enumerate(predictor.classes)}
     truth = dict(samples)
     paths, labels, rows = [], [], []
-    for path, probs in predictor.iter_proba([p for p, _ in samples], batch_size, tta):
-        paths.append(Path(path))
-        labels.append(index[truth[path]])
-        rows.append(probs)
+    # disable=None: the bar shows on a terminal only, never in logs or captured output
+    with tqdm(total=len(samples), desc="evaluating", unit="image", leave=False,
+              disable=None) as bar:  # fmt: skip
+        for path, probs in predictor.iter_proba([p for p, _ in samples], batch_size, tta):
+            paths.append(Path(path))
+            labels.append(index[truth[path]])
+            rows.append(probs)
+            bar.update()
     if not rows:
         raise DataError(f"None of the images in {folder} could be read.")
     return Evaluation(

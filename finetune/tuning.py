@@ -260,7 +260,7 @@ def _run_trial(
     )
     begun = time.perf_counter()
     try:
-        best = fit(data, config, verbose=False).best
+        best = fit(data, config, verbose=False, report=False).best  # the table is the report
         val_acc, val_loss = best.val_acc, best.val_loss
     except TrainingError as exc:
         if not _diverged(exc):

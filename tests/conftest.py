@@ -104,3 +104,20 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         ).dir
         for seed, size in ((0, 32), (1, 32), (2, 48))
     ]
+
+
+@pytest.fixture(scope="session")
+def report_run(tmp_path_factory: pytest.TempPathFactory) -> finetune.FitResult:
+    """A two-epoch finetune-top run with EMA on 4 Fashion classes x 10 images (a random split:
+    8 train, 2 val each) at 32 px, with the report.html fit writes: a few seconds."""
+    root = tmp_path_factory.mktemp("report")
+    data = copy_classes(root / "data", ["bag", "coat", "sneaker", "trouser"], 10)
+    return finetune.fit(
+        data,
+        strategy="finetune-top",
+        epochs=2,
+        image_size=32,
+        ema=True,
+        out=str(root / "runs" / "top"),
+        verbose=False,
+    )

@@ -8,15 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import finetune
 from finetune.checkpoint import load_checkpoint
 from finetune.cli import cli
 from finetune.predict import expand_inputs
+from finetune.train import EpochResult, read_metrics
 
 from .conftest import copy_classes
 
@@ -120,6 +123,9 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
         (["fit", "{data}", "--hue", "0.9"], "hue must be between 0 and 0.5"),
         (["fit", "{data}", "--model", "resnt18"], "Did you mean resnet18"),
         (["predict", "no/such/run", "x.png"], "does not exist"),
+        (["report", "{data}"], "is not a run directory of `finetune fit`"),
+        (["runs", "no/such/folder"], "is not a folder"),
+        (["fit", "{data}", "--log-format", "xml"], "'xml' is not one of 'text', 'json'"),
     ],
 )
 def test_errors_are_one_clean_line_and_a_failing_exit(
@@ -129,6 +135,69 @@ def test_errors_are_one_clean_line_and_a_failing_exit(
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fit_json_log_summary_report_runs_and_compare(
+    report_run: finetune.FitResult, tmp_path: Path
+) -> None:
+    data = copy_classes(tmp_path / "data", ["bag", "sneaker", "trouser"], 8)
+    out = tmp_path / "runs" / "json"
+    fit = run("fit", str(data), "--strategy", "finetune-top", "--epochs", "2", "--image-size",
+              "32", "--out", str(out), "--log-format", "json")  # fmt: skip
+    assert fit.returncode == 0, fit.stderr
+    events = [json.loads(line) for line in fit.stderr.splitlines()]  # every line is JSON
+    names = [e["event"] for e in events]
+    assert names[:2] == ["data", "decision"] and names[-1] == "summary"
+    assert events[0]["layout"] == "random split" and events[0]["skipped"] == 0
+    per_class = {c: events[0]["train"][c] + events[0]["val"][c] for c in events[0]["classes"]}
+    assert per_class == {"bag": 8, "sneaker": 8, "trouser": 8}
+    assert events[1]["strategy"] == "finetune-top" and events[1]["auto"] is None
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert set(epochs[0]) == {"event", "epochs", *(f.name for f in fields(EpochResult))}
+    recorded = read_metrics(out / "metrics.csv")
+    assert [(e["epoch"], e["val_acc"], e["best"]) for e in epochs] == [
+        (r.epoch, r.val_acc, r.best) for r in recorded]  # fmt: skip
+    assert epochs[0]["ema_val_acc"] is None  # nan (no EMA) is null: strict JSON
+    assert events[-1]["report"] == str(out / "report.html") and events[-1]["best_epoch"] >= 1
+    # The summary on stdout says what ran, why, where everything is and what to do next.
+    for expected in (
+        "strategy     finetune-top (chosen with --strategy)",
+        f"checkpoints  {out / 'best.pt'} (best)",
+        f"report       {out / 'report.html'}",
+        f"finetune evaluate {out} LABELLED_FOLDER",
+        f"finetune export {out}",
+        f"finetune report {out}",
+    ):
+        assert expected in fit.stdout, expected
+
+    quiet = run("fit", str(data), "--strategy", "linear", "--image-size", "32", "-q",
+                "--out", str(tmp_path / "runs" / "quiet"))  # fmt: skip
+    assert quiet.returncode == 0 and quiet.stderr == "" and "best epoch" in quiet.stdout
+
+    # The commands that only read runs, in this process (each process start costs seconds).
+    runner = CliRunner()
+    (out / "report.html").unlink()
+    again = runner.invoke(cli, ["report", str(out), "--max-images", "3"])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.strip() == str(out / "report.html") and (out / "report.html").is_file()
+    assert json.loads((out / "eval-val" / "evaluation.json").read_text())["images"] == 3
+
+    listed = runner.invoke(cli, ["runs", str(tmp_path / "runs")])
+    assert listed.exit_code == 0, listed.output
+    rows = listed.stdout.splitlines()
+    assert rows[0].split()[:3] == ["run", "strategy", "val"] and len(rows) == 3
+    assert rows[1].split()[:2] == ["json", "finetune-top"] and "2/2" in rows[1]
+    assert rows[2].split()[:2] == ["quiet", "linear"] and "1/1" in rows[2]
+
+    compared = runner.invoke(
+        cli, ["compare", str(out), str(report_run.dir), "-o", str(tmp_path / "cmp.png")]
+    )
+    assert compared.exit_code == 0, compared.output
+    table = compared.stdout.splitlines()
+    assert table[0].split()[:4] == ["run", "strategy", "model", "px"]
+    assert table[1].split()[:4] == ["json", "finetune-top", "tf_efficientnet_lite0", "32"]
+    assert table[2].startswith("top ") and table[-1] == f"plot  {tmp_path / 'cmp.png'}"
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plan_shows_the_decision_without_training(small_folder: Path) -> None:
@@ -296,3 +365,11 @@ def test_checkpoint_choices_match_the_library() -> None:
     from finetune.cli import _CHECKPOINTS
 
     assert _CHECKPOINTS == CHECKPOINTS
+
+
+def test_log_formats_and_report_sample_size_match_the_library() -> None:
+    from finetune.api import LOG_FORMATS
+    from finetune.cli import _LOG_FORMATS, _MAX_IMAGES
+    from finetune.reports import DEFAULT_MAX_IMAGES
+
+    assert (_LOG_FORMATS, _MAX_IMAGES) == (LOG_FORMATS, DEFAULT_MAX_IMAGES)
