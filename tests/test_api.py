@@ -6,7 +6,6 @@ import csv
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from finetune.config import FitConfig
 from finetune.data import scan_folder
 from finetune.errors import ConfigError
 from finetune.measure import LOTS_PER_CLASS
-from finetune.strategies import _loaders
+from finetune.strategies import training_loaders
 from finetune.transforms import PRESETS, Preprocessing
 
 from .conftest import copy_classes, noise_folder
@@ -218,14 +217,13 @@ def test_imbalanced_classes_are_balanced_and_it_is_said(tmp_path: Path) -> None:
                             out=str(tmp_path / "n"), verbose=False)  # fmt: skip
     assert kept.config.balance == "none"
     # Oversampling: one epoch of the training loader draws every class about equally often.
-    ctx = SimpleNamespace(
-        split=split,
-        pre=Preprocessing(32, (0.5,) * 3, (0.5,) * 3, 0.875, "bicubic"),
-        config=FitConfig(balance="oversample", num_workers=0, batch_size=8),
-        device=torch.device("cpu"),
-        augmentation=PRESETS["none"],
-        lighting=None,
+    train_loader, _ = training_loaders(
+        split,
+        Preprocessing(32, (0.5,) * 3, (0.5,) * 3, 0.875, "bicubic"),
+        FitConfig(balance="oversample", num_workers=0, batch_size=8),
+        torch.device("cpu"),
+        PRESETS["none"],
+        None,
     )
-    train_loader, _ = _loaders(ctx)
     drawn = np.bincount(torch.cat([labels for _, labels in train_loader]).numpy(), minlength=3)
     assert drawn.sum() == 40 and drawn.min() >= 7  # plain shuffling: 32, 4, 4
