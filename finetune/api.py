@@ -14,7 +14,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.checkpoint import load_checkpoint, preprocessing_of
+from finetune.checkpoint import load_checkpoint, new_run_dir, preprocessing_of
 from finetune.config import (
     AUGMENT_FIELDS,
     DEFAULT_EPOCHS,
@@ -225,21 +224,7 @@ def _num_workers(requested: int | None) -> int:
 
 
 def _run_dir(config: FitConfig, root: Path) -> Path:
-    if config.out is not None:
-        run_dir = Path(config.out).expanduser()
-        if (run_dir / "last.pt").exists():
-            raise ConfigError(
-                f"{run_dir} already holds a run (last.pt); choose another --out or remove it."
-            )
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path("runs") / f"{root.resolve().name}-{config.strategy}-{stamp}"
-        run_dir, n = base, 1
-        while run_dir.exists():
-            n += 1
-            run_dir = base.with_name(f"{base.name}-{n}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return new_run_dir(config.out, f"{root.resolve().name}-{config.strategy}", "last.pt")
 
 
 def _resolve(

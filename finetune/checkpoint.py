@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "file_mode",
     "find_checkpoint",
     "load_checkpoint",
+    "new_run_dir",
     "rebuild_model",
     "run_checkpoints",
     "save_checkpoint",
@@ -60,6 +62,26 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def new_run_dir(out: str | Path | None, name: str, marker: str, kind: str = "run") -> Path:
+    """The directory a new run (or tune: ``kind``) writes to, created: ``out``, unless it
+    already holds ``marker`` (a started one), else ``runs/<name>-<time>`` (``-2``, ``-3``...
+    when taken)."""
+    if out is not None:
+        run_dir = Path(out).expanduser()
+        if (run_dir / marker).exists():
+            raise ConfigError(
+                f"{run_dir} already holds a {kind} ({marker}); choose another --out or remove it."
+            )
+    else:
+        base = Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        run_dir, n = base, 1
+        while run_dir.exists():
+            n += 1
+            run_dir = base.with_name(f"{base.name}-{n}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def file_mode() -> int:

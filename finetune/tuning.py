@@ -22,11 +22,11 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
+from finetune.checkpoint import new_run_dir
 from finetune.config import DEFAULT_EPOCHS, DEFAULT_LR, FitConfig
 from finetune.errors import ConfigError, TrainingError
 from finetune.recipes import write_recipe
@@ -380,21 +380,7 @@ def _diverged(exc: TrainingError) -> bool:
 
 
 def _tune_dir(out: str | Path | None, data: str | Path) -> Path:
-    if out is not None:
-        tune_dir = Path(out).expanduser()
-        if (tune_dir / "trials.csv").exists():
-            raise ConfigError(
-                f"{tune_dir} already holds a tune (trials.csv); choose another --out or remove it."
-            )
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path("runs") / f"{Path(data).resolve().name}-tune-{stamp}"
-        tune_dir, n = base, 1
-        while tune_dir.exists():
-            n += 1
-            tune_dir = base.with_name(f"{base.name}-{n}")
-    tune_dir.mkdir(parents=True, exist_ok=True)
-    return tune_dir
+    return new_run_dir(out, f"{Path(data).resolve().name}-tune", "trials.csv", kind="tune")
 
 
 def _write_csv(path: Path, trials: list[Trial]) -> None:
