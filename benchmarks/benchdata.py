@@ -5,6 +5,7 @@
 - ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images), 60/20/20 split
 - ``photos``: crops of real photos shipped with scikit-image and scikit-learn; the class is the
   photo a crop comes from (natural images, close to ImageNet's)
+- :func:`photo_files`: the same photos as camera-sized JPEG files (for decoding speed)
 
 Test sets: 100 per class from Fashion-MNIST's own test file, 20% of digits, 30 crops per photo.
 Fashion-MNIST needs Debian's ``dataset-fashion-mnist`` package (MIT licence).
@@ -92,6 +93,46 @@ def photos(root: Path, per_class: tuple[int, int, int] = (30, 15, 30), size: int
                 x0, y0 = rng.integers(0, w - side), rng.integers(0, h - side)
                 crop = image.crop((x0, y0, x0 + side, y0 + side)).resize((size, size))
                 _write(root, split, name, count, np.asarray(crop))
+                count += 1
+    return root
+
+
+def photo_files(root: Path, per_class: tuple[int, int], width: int, height: int) -> Path:
+    """Camera-sized JPEGs (quality 90) made from the same real photos: random 4:3 crops of
+    60-100% of a photo, resized to ``width`` x ``height`` with mild sensor-like noise (sigma 3)
+    so that they compress, and decode, like photographs rather than like smooth upscales."""
+    if (root / "train").is_dir():
+        return root
+    import skimage
+    import sklearn
+
+    sk = Path(skimage.__file__).parent / "data"
+    sl = Path(sklearn.__file__).parent / "datasets" / "images"
+    sources = {
+        "astronaut": sk / "astronaut.png",
+        "cat": sk / "chelsea.png",
+        "coffee": sk / "coffee.png",
+        "rocket": sk / "rocket.jpg",
+        "motorcycle": sk / "motorcycle_left.png",
+        "palace": sl / "china.jpg",
+        "flower": sl / "flower.jpg",
+    }
+    rng = np.random.default_rng(0)
+    for name, path in sources.items():
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        count = 0
+        for split, n in zip(("train", "val"), per_class, strict=True):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for _ in range(n):
+                cw = int(rng.uniform(0.6, 1.0) * min(w, h * 4 / 3))
+                ch = cw * 3 // 4
+                x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+                crop = image.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height), Image.BICUBIC)
+                noisy = np.asarray(crop, dtype=np.float32) + rng.normal(0, 3, (height, width, 3))
+                pixels = np.clip(noisy, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{count:05d}.jpg", quality=90)
                 count += 1
     return root
 

@@ -1,21 +1,31 @@
 """Training throughput: our ``fit`` loop against the model alone and a plain torchvision loop.
 
-Side by side in one run, same model, image size, batch size, optimizer (AdamW) and device:
+For each case (a dataset of real images and a training size), side by side in one run, with the
+same model, image size, batch size, optimizer (AdamW), threads, workers and device:
 
-- (a) ``model only``: forward + backward + step on random tensors already in memory, the
+- (a) ``model only``: forward + backward + step on random tensors already in memory: the
   ceiling for any input pipeline;
-- (b) ``finetune fit``: ``finetune-all`` with the ``default`` augmentation on a real folder
-  (Fashion-MNIST PNGs), training images per second of an epoch's wall time (the epoch's
-  validation pass, 10 images per class, is included: the number is slightly pessimistic);
+- (b) ``fit, cache``: ``finetune fit --strategy finetune-all --augment default`` with the
+  decoded-image cache warm (filled beforehand; the cold fill is timed on its own line);
+- (b') ``fit, no cache``: the same with ``--no-cache-images``: every epoch decodes every file;
 - (c) ``torchvision``: ``ImageFolder`` + ``RandomResizedCrop`` + flip + ``ToTensor`` +
-  ``Normalize``, a ``DataLoader`` with the same workers, the same model and optimizer.
+  ``Normalize`` in a ``DataLoader``, the same model and optimizer.
 
-Prints images/s and the ratios (b)/(a) and (b)/(c), and the process's peak resident memory.
+(b) and (b') are training images per second of the second epoch's wall time from metrics.csv,
+which includes that epoch's validation pass (a few images per class): slightly pessimistic.
+(c) times its second epoch too. Our augmentation also does more (colour jitter, PCA lighting).
 
-    python benchmarks/throughput.py [--image-size 64] [--batch-size 32] [--per-class 50]
+Cases (``--cases``; all by default):
 
-Issue 8 asks for (b)/(a) >= 0.85 and (b)/(c) >= 1.5 on a 2-core CPU; this script measures
-where we stand, it does not make it so.
+- ``fashion@64``: Fashion-MNIST, 28 px PNGs (cheap to decode), trained at 64 px;
+- ``photos-1600x1200@128``: 1600x1200 JPEG photos (``benchdata.photo_files``) at 128 px;
+- ``photos-4032x3024@224``: 12-megapixel JPEG photos, a phone camera's, at 224 px.
+
+    apt-get install dataset-fashion-mnist     # for the fashion case
+    python benchmarks/throughput.py [--cases fashion@64 ...] [--batch-size 32] [--workers 0]
+
+Prints images/s, the ratios (b)/(a) and (b)/(c), and this process's peak resident memory.
+Issue 8 asks for (b)/(a) >= 0.85 and (b)/(c) >= 1.5 on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -30,45 +40,62 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from benchdata import fashion  # benchmarks/benchdata.py
+from benchdata import fashion, photo_files  # benchmarks/benchdata.py
 
 import finetune
+from finetune.data import load_image, scan_folder
+from finetune.decoded import DecodedCache
 from finetune.models import create_backbone, create_classifier
 from finetune.train import read_metrics
+from finetune.transforms import Preprocessing
+
+CASES = ("fashion@64", "photos-1600x1200@128", "photos-4032x3024@224")
 
 
-def model_only(args: argparse.Namespace, steps: int = 20) -> float:
-    model = create_classifier(create_backbone(args.model), 10).train()
+def dataset(case: str, base: Path) -> tuple[Path, int]:
+    """The folder (train/ and val/) of a case and its training image size."""
+    name, size = case.split("@")
+    if name == "fashion":
+        return fashion(base / "fashion-50-10", 50, 10), int(size)
+    width, height = (int(v) for v in name.removeprefix("photos-").split("x"))
+    return photo_files(base / f"photos-{width}x{height}", (20, 2), width, height), int(size)
+
+
+def model_only(model_name: str, size: int, batch: int, seconds: float = 20.0) -> float:
+    model = create_classifier(create_backbone(model_name), 10).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    y = torch.randint(0, 10, (args.batch_size,))
-    for step in range(steps + 3):
-        if step == 3:  # after warm-up
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    steps, start = 0, 0.0
+    while steps < 22 and (steps < 5 or time.perf_counter() - start < seconds):
+        if steps == 2:  # after warm-up
             start = time.perf_counter()
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
-    return steps * args.batch_size / (time.perf_counter() - start)
+        steps += 1
+    return (steps - 2) * batch / (time.perf_counter() - start)
 
 
-def ours(root: Path, tmp: str, args: argparse.Namespace) -> float:
+def ours(root: Path, size: int, args: argparse.Namespace, out: Path, cache: bool) -> float:
     run = finetune.fit(
-        root, strategy="finetune-all", epochs=2, image_size=args.image_size,
-        batch_size=args.batch_size, augment="default", num_workers=args.workers, device="cpu",
-        out=f"{tmp}/ours", verbose=False, report=False,
+        root, strategy="finetune-all", epochs=2, image_size=size, batch_size=args.batch_size,
+        augment="default", num_workers=args.workers, device="cpu", cache_images=cache,
+        out=str(out), verbose=False, report=False,
     )  # fmt: skip
     last = read_metrics(run.dir / "metrics.csv")[-1]  # epoch 2: no first-epoch start-up
-    steps = len(list((root / "train").rglob("*.png"))) // args.batch_size
-    return steps * args.batch_size / last.seconds
+    images = len(scan_folder(root).train) // args.batch_size * args.batch_size
+    return images / last.seconds
 
 
-def plain_torchvision(root: Path, args: argparse.Namespace) -> float:
+def plain_torchvision(root: Path, size: int, args: argparse.Namespace) -> float:
     from torchvision import datasets, transforms
 
     transform = transforms.Compose([
-        transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip(),
+        transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
         transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3),
     ])  # fmt: skip
     data = datasets.ImageFolder(str(root / "train"), transform=transform)
@@ -87,34 +114,72 @@ def plain_torchvision(root: Path, args: argparse.Namespace) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def decoding(root: Path, cache: DecodedCache) -> tuple[float, float, float]:
+    """Milliseconds per image: decode the file, decode and resize it, read the cached array."""
+    samples = scan_folder(root).train[:20]
+    times = []
+    for read in (
+        lambda s: load_image(s.path),
+        lambda s: cache.resized(load_image(s.path)),
+        lambda s: np.array(cache.load(s)),
+    ):
+        start = time.perf_counter()
+        for s in samples:
+            read(s)
+        times.append((time.perf_counter() - start) / len(samples) * 1000)
+    return times[0], times[1], times[2]
+
+
+def run_case(case: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    root, size = dataset(case, args.data)
+    samples = scan_folder(root)
+    pre = Preprocessing.from_model(create_backbone(args.model), size)
+    cache = DecodedCache.for_preprocessing(pre)  # under FINETUNE_CACHE_DIR: empty at first
+    cold = cache.fill([*samples.train, *samples.val])
+    decode_ms, resize_ms, cached_ms = decoding(root, cache)
+    first = samples.train[0]
+    print(
+        f"\n== {case}: {len(samples.train)} training images of {first.width}x{first.height} px "
+        f"({first.path.suffix}), trained at {size} px =="
+    )
+    print(
+        f"per image: decode {decode_ms:.1f} ms, decode + resize to {cache.side} px "
+        f"{resize_ms:.1f} ms, cached array {cached_ms:.2f} ms"
+    )
+    print(f"cold fill of the cache: {cold.added} images in {cold.seconds:.1f} s "
+          f"({cold.added / max(cold.seconds, 1e-9):.1f} img/s)")  # fmt: skip
+    rates = {
+        "(a) model only": model_only(args.model, size, args.batch_size),
+        "(b) fit, cache": ours(root, size, args, tmp / f"{case}-cache", cache=True),
+        "(b') fit, no cache": ours(root, size, args, tmp / f"{case}-plain", cache=False),
+        "(c) torchvision": plain_torchvision(root, size, args),
+    }
+    for name, rate in rates.items():
+        print(f"{name:<20} {rate:8.1f} img/s")
+    a, b, plain, c = rates.values()
+    print(f"(b)/(a) {b / a:.2f}   (b)/(c) {b / c:.2f}   (b')/(c) {plain / c:.2f}")
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), help=", ".join(CASES))
     parser.add_argument("--model", default="tf_efficientnet_lite0")
-    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--per-class", type=int, default=50, help="training images per class")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--data", type=Path, default=Path("benchmarks/data"))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    root = fashion(args.data / f"fashion-{args.per_class}-10", args.per_class, 10)
     print(
-        f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.workers} workers, "
-        f"cpu ({torch.get_num_threads()} threads), Fashion-MNIST {args.per_class}/class"
+        f"{args.model}, batch {args.batch_size}, {args.workers} workers, cpu "
+        f"({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        rates = {
-            "(a) model only": model_only(args),
-            "(b) finetune fit": ours(root, tmp, args),
-            "(c) torchvision": plain_torchvision(root, args),
-        }
-    for name, rate in rates.items():
-        print(f"{name:<18} {rate:8.1f} img/s")
-    ours_rate = rates["(b) finetune fit"]
-    print(f"(b)/(a) {ours_rate / rates['(a) model only']:.2f}   "
-          f"(b)/(c) {ours_rate / rates['(c) torchvision']:.2f}")  # fmt: skip
+        os.environ["FINETUNE_CACHE_DIR"] = str(Path(tmp) / "cache")  # a cold cache to start
+        for case in args.cases:
+            run_case(case, args, Path(tmp))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak resident memory of this process: {peak:.0f} MiB")
+    print(f"\npeak resident memory of this process: {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

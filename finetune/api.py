@@ -26,12 +26,14 @@ from torch import nn
 from finetune.checkpoint import load_checkpoint, new_run_dir, preprocessing_of
 from finetune.config import (
     AUGMENT_FIELDS,
+    CACHE_IMAGES_UP_TO,
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     IMBALANCED_FROM,
     FitConfig,
 )
 from finetune.data import DatasetSplit, ScanReport, load_image, scan_folder
+from finetune.decoded import describe_size, estimate_bytes
 from finetune.distributed import world
 from finetune.errors import CheckpointError, ConfigError, DataError, FinetuneError
 from finetune.lr_range import LRFinding, find_lr, plot_lr_finding
@@ -49,6 +51,7 @@ from finetune.transforms import (
     fit_lighting,
     preset_for,
     preview_figure,
+    resize_side,
 )
 
 __all__ = [
@@ -382,6 +385,8 @@ def fit(
             "strategy='finetune-top' or 'finetune-all' to train a custom head."
         )
     pre = Preprocessing.from_model(backbone, config.image_size)
+    if strategy.trains_backbone and config.cache_images is None:
+        config = _cache_images(config, split, pre, log)
     dropout = config.dropout if strategy.trains_backbone else 0.0
     model = create_classifier(backbone, len(split.classes), head, dropout)
     _check_head(model, len(split.classes))
@@ -432,6 +437,19 @@ def fit(
         ranks=ranks,
     )
     return ranks.share(_train(ctx, strategy, decision, started, log, report, head))
+
+
+def _cache_images(
+    config: FitConfig, split: DatasetSplit, pre: Preprocessing, log: _Log
+) -> FitConfig:
+    """Resolve ``cache_images=None``: cache the decoded images when they fit the size limit."""
+    need = estimate_bytes([*split.train, *split.val], resize_side(pre))
+    if need > CACHE_IMAGES_UP_TO:
+        log.say(
+            f"cache     off: the decoded images would take {describe_size(need)}, over "
+            f"{describe_size(CACHE_IMAGES_UP_TO)}; --cache-images turns it on anyway"
+        )
+    return dataclasses.replace(config, cache_images=need <= CACHE_IMAGES_UP_TO)
 
 
 def _lighting(

@@ -22,6 +22,7 @@ from click.core import ParameterSource
 from finetune import __version__
 from finetune.config import (
     BALANCE_MODES,
+    CACHE_IMAGES_UP_TO,
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     DEFAULT_MODEL,
@@ -137,6 +138,13 @@ def _fit_option_list() -> list:
             flag_value=False,
             default=None,
             help="linear/stage-probe: recompute features instead of reusing cached ones.",
+        ),
+        click.option(
+            "--cache-images/--no-cache-images",
+            default=None,
+            help="Fine-tunes: keep the images decoded and resized on disk (memory-mapped), so "
+            "no epoch or later run decodes them again [default: on when they take at most "
+            f"{CACHE_IMAGES_UP_TO // 1024**3} GB].",
         ),
         click.option(
             "--balance",

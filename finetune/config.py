@@ -15,6 +15,7 @@ from finetune.errors import ConfigError
 __all__ = [
     "AUGMENT_FIELDS",
     "BALANCE_MODES",
+    "CACHE_IMAGES_UP_TO",
     "DEFAULT_EPOCHS",
     "DEFAULT_LR",
     "DEFAULT_MODEL",
@@ -46,6 +47,7 @@ PRESET_NAMES = ("none", "light", "default", "strong")  # finetune.transforms.PRE
 TTA_MODES = ("none", "flip", "10crop")  # finetune.transforms.TestTimeViews
 BALANCE_MODES = ("none", "weighted-loss", "oversample")
 IMBALANCED_FROM = 5.0  # largest / smallest training class from which auto balances
+CACHE_IMAGES_UP_TO = 4 * 1024**3  # cache_images=None: cache decoded images up to these bytes
 # FitConfig fields that override single fields of the augmentation preset.
 AUGMENT_FIELDS = (
     "crop_scale",
@@ -101,6 +103,9 @@ class FitConfig:
     num_workers: int | None = None  # DataLoader workers; None: 0 on <=2 cores, else cores-1 (<=8)
     device: str | None = None  # "cpu", "cuda", "cuda:1"...; None: cuda when available
     feature_cache: bool = True  # linear/stage-probe: reuse cached features of the same images
+    # Fine-tunes: keep the images decoded, resized to the eval resize side, in memory-mapped
+    # files (finetune/decoded.py); None: when they take at most CACHE_IMAGES_UP_TO bytes.
+    cache_images: bool | None = None
     # Training augmentation (fine-tuning strategies; the probes see each image once, unaugmented).
     augment: str | None = None  # preset: none, light, default, strong; None: from the data size
     crop_scale: tuple[float, float] | None = (

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from tqdm.auto import tqdm
 
 from finetune.config import IMBALANCED_FROM
 from finetune.errors import DataError
+
+if TYPE_CHECKING:
+    from finetune.decoded import DecodedCache
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -73,10 +76,13 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class Sample:
-    """One image file and the index of its class."""
+    """One image file and the index of its class (and, from a scan, what the file holds)."""
 
     path: Path
     label: int
+    digest: str = ""  # SHA-1 of the content ("" when not scanned): the decoded cache's key
+    width: int = 0  # pixels (0 when not scanned)
+    height: int = 0
 
 
 @dataclass(frozen=True)
@@ -336,7 +342,7 @@ class _Scan:
         for (path, label), check in zip(found, checks, strict=True):
             self.checks[path] = check
             if check.ok:
-                samples.append(Sample(path, label))
+                samples.append(Sample(path, label, check.digest, check.width, check.height))
             else:
                 self.skipped.append((path, check.problem))
         self.samples[part] = samples
@@ -498,13 +504,18 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes samples and applies an albumentations transform; a failed decode yields ``None``."""
+    """Decodes samples (or reads them from a :class:`~finetune.decoded.DecodedCache`) and
+    applies an albumentations transform; a failed decode yields ``None``."""
 
     def __init__(
-        self, samples: Sequence[Sample], transform: Callable[..., dict] | None = None
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[..., dict] | None = None,
+        cache: DecodedCache | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -512,7 +523,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         sample = self.samples[index]
         try:
-            image = load_image(sample.path)
+            image = self.cache.load(sample) if self.cache else load_image(sample.path)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             warnings.warn(f"Skipping {sample.path}: cannot decode it ({exc})", stacklevel=2)
             return None

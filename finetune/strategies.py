@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampl
 
 from finetune.config import FitConfig
 from finetune.data import DatasetSplit, ImageDataset, collate_skipping_failed
+from finetune.decoded import DecodedCache
 from finetune.distributed import ALONE, World
 from finetune.errors import ConfigError
 from finetune.features import HEAD, extract_features, probe_points
@@ -155,8 +156,8 @@ class _Probe(Strategy):
         )
         ctx.say(
             f"features  {len(train_f['label'])} train + {len(val_f['label'])} val images, "
-            f"{'from the cache' if hit_train and hit_val else 'computed once'}, "
-            f"at {', '.join(points)}"
+            f"{'from the cache' if hit_train and hit_val else 'computed once'} in "
+            f"{time.perf_counter() - start:.1f} s, at {', '.join(points)}"
         )
         num_classes = len(ctx.split.classes)
         results = {
@@ -297,7 +298,7 @@ class _FineTune(Strategy):
                 f"parallel  {ctx.ranks.size} processes, {config.batch_size // ctx.ranks.size} "
                 f"images each per step (batch {config.batch_size})"
             )
-        train_loader, val_loader = _loaders(ctx)
+        train_loader, val_loader = _loaders(ctx, _decoded_cache(ctx))
         optimizer = create_optimizer(groups, config)
         scheduler = create_scheduler(optimizer, config, len(train_loader))
         ema = None
@@ -447,10 +448,23 @@ class Auto(Strategy):
 # --- data loading for the fine-tuning strategies --------------------------------
 
 
-def _loaders(ctx: FitContext) -> tuple[DataLoader, DataLoader]:
+def _decoded_cache(ctx: FitContext) -> DecodedCache | None:
+    """The decoded-image cache when the config asks for it, filled by rank 0 before epoch 1
+    (other ranks decode what they miss themselves, into the same files)."""
+    if not ctx.config.cache_images:
+        return None
+    cache = DecodedCache.for_preprocessing(ctx.pre)
+    if ctx.ranks.main:
+        fill = cache.fill([*ctx.split.train, *ctx.split.val], progress=ctx.verbose)
+        ctx.say(f"cache     {fill.describe()}")
+    return cache
+
+
+def _loaders(ctx: FitContext, cache: DecodedCache | None) -> tuple[DataLoader, DataLoader]:
     return training_loaders(
-        ctx.split, ctx.pre, ctx.config, ctx.device, ctx.augmentation, ctx.lighting, ctx.ranks
-    )
+        ctx.split, ctx.pre, ctx.config, ctx.device, ctx.augmentation, ctx.lighting, ctx.ranks,
+        cache,
+    )  # fmt: skip
 
 
 def training_loaders(
@@ -461,11 +475,13 @@ def training_loaders(
     augmentation: Augmentation,
     lighting: Lighting | None,
     ranks: World = ALONE,
+    cache: DecodedCache | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """The training loader (augmented, shuffled by a seeded generator, or oversampling rarer
     classes with ``balance="oversample"``) and the validation loader (centre crop). In a
     distributed run each rank gets its share: ``batch_size / ranks.size`` images per step from
-    a DistributedSampler, and every ``ranks.size``-th validation image."""
+    a DistributedSampler, and every ``ranks.size``-th validation image. With ``cache``, both
+    read decoded images from it instead of decoding files."""
     workers = config.num_workers or 0
     if config.batch_size % ranks.size:
         raise ConfigError(
@@ -482,7 +498,7 @@ def training_loaders(
         "persistent_workers": False,
     }
     augment = train_transform(pre, augmentation, lighting, seed=config.seed)
-    train_set = ImageDataset(split.train, augment)
+    train_set = ImageDataset(split.train, augment, cache)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = None
     if ranks.distributed:
@@ -509,7 +525,7 @@ def training_loaders(
         worker_init_fn=_seed_worker_augmentation,
         **common,
     )
-    val_set = ImageDataset(split.val[ranks.rank :: ranks.size], eval_transform(pre))
+    val_set = ImageDataset(split.val[ranks.rank :: ranks.size], eval_transform(pre), cache)
     val_loader = DataLoader(val_set, shuffle=False, **common)
     return train_loader, val_loader
 

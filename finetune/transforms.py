@@ -52,6 +52,7 @@ __all__ = [
     "fit_lighting",
     "preset_for",
     "preview_figure",
+    "resize_side",
     "train_transform",
 ]
 
@@ -332,7 +333,7 @@ def augmentation_ops(
         ]
     else:
         ops = [
-            A.SmallestMaxSize(max_size=_resize_side(pre), interpolation=pre.cv2_interpolation),
+            A.SmallestMaxSize(max_size=resize_side(pre), interpolation=pre.cv2_interpolation),
             A.CenterCrop(height=side, width=side),
         ]
     if aug.hflip:
@@ -360,7 +361,8 @@ def _to_tensor(pre: Preprocessing) -> list[A.BasicTransform]:
     return [A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0), ToTensorV2()]
 
 
-def _resize_side(pre: Preprocessing) -> int:
+def resize_side(pre: Preprocessing) -> int:
+    """The short side evaluation resizes images to before its centre crop."""
     return math.floor(pre.input_size / pre.crop_pct)
 
 
@@ -380,7 +382,7 @@ def eval_transform(pre: Preprocessing) -> A.Compose:
     """Evaluation: resize the short side to input_size / crop_pct, centre-crop input_size."""
     return A.Compose(
         [
-            A.SmallestMaxSize(max_size=_resize_side(pre), interpolation=pre.cv2_interpolation),
+            A.SmallestMaxSize(max_size=resize_side(pre), interpolation=pre.cv2_interpolation),
             A.CenterCrop(height=pre.input_size, width=pre.input_size),
             *_to_tensor(pre),
         ]
@@ -407,7 +409,7 @@ class TestTimeViews:
         self.pre = pre
         self.mode = mode
         self._resize = A.SmallestMaxSize(
-            max_size=_resize_side(pre), interpolation=pre.cv2_interpolation, p=1.0
+            max_size=resize_side(pre), interpolation=pre.cv2_interpolation, p=1.0
         )
         self._tensor = A.Compose(_to_tensor(pre))
 
