@@ -9,10 +9,11 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,7 @@ from finetune.config import (
     IMBALANCED_FROM,
     FitConfig,
 )
-from finetune.data import DatasetSplit, ScanReport, load_image, scan_folder
+from finetune.data import DatasetSplit, ScanReport, cache_root, load_image, scan_folder
 from finetune.decoded import describe_size, estimate_bytes
 from finetune.distributed import world
 from finetune.errors import CheckpointError, ConfigError, DataError, FinetuneError
@@ -55,11 +56,15 @@ from finetune.transforms import (
 )
 
 __all__ = [
+    "CACHES",
     "LOG_FORMATS",
+    "CacheUsage",
     "FitResult",
     "Plan",
     "augment_preview",
+    "cache_usage",
     "check",
+    "clear_cache",
     "fit",
     "lr_find",
     "plan",
@@ -661,6 +666,52 @@ def check(data: str | Path, val_split: float = 0.2, seed: int = 0) -> ScanReport
         DataError: The folder cannot be used at all (missing, one class, a class too small).
     """
     return scan_folder(data, val_split=val_split, seed=seed, progress=True).report
+
+
+CACHES = {  # the folders under cache_root() and what each holds
+    "decoded": "images decoded and resized once (fit --no-cache-images: none)",
+    "features": "frozen-backbone features (linear, stage-probe; --no-feature-cache: none)",
+    "scan": "file checks, by path, size and modification time",
+}
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    """What one cache folder holds."""
+
+    name: str  # a key of CACHES
+    folder: Path
+    files: int
+    bytes: int
+
+
+def cache_usage() -> list[CacheUsage]:
+    """Files and disk space of each cache under :func:`finetune.data.cache_root`
+    (``$FINETUNE_CACHE_DIR``, else ``~/.cache/finetune``)."""
+    usage = []
+    for name in CACHES:
+        folder = cache_root() / name
+        sizes = [f.stat().st_size for f in folder.rglob("*") if f.is_file()]
+        usage.append(CacheUsage(name, folder, len(sizes), sum(sizes)))
+    return usage
+
+
+def clear_cache(names: Sequence[str] = tuple(CACHES)) -> int:
+    """Delete the named caches (every one by default); the bytes freed. Runs never need them:
+    what they hold is computed again when missing.
+
+    Raises:
+        ConfigError: A name that is not a cache.
+    """
+    unknown = sorted(set(names) - set(CACHES))
+    if unknown:
+        raise ConfigError(f"Unknown cache {', '.join(unknown)}; choose from {', '.join(CACHES)}.")
+    freed = 0
+    for usage in cache_usage():
+        if usage.name in names:
+            shutil.rmtree(usage.folder, ignore_errors=True)
+            freed += usage.bytes
+    return freed
 
 
 def augment_preview(

@@ -162,6 +162,13 @@ def _fit_option_list() -> list:
             help="After training, also score val with test-time augmentation (flip: 2 views, "
             "10crop: 4 corners + centre, each mirrored).",
         ),
+        click.option(
+            "--time-budget",
+            type=float,
+            metavar="MINUTES",
+            help="auto on a CPU: about how long a fine-tune may take; auto picks the largest "
+            "image size and the epochs that fit, timed here, else a probe [default: 5].",
+        ),
     ]
 
 
@@ -1098,6 +1105,35 @@ def check_command(data: Path, val_split: float, seed: int, as_json: bool) -> Non
 
     report = check(data, val_split=val_split, seed=seed)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.text())
+
+
+@cli.command("cache")
+@click.option(
+    "--clear",
+    "names",
+    multiple=True,
+    type=click.Choice(["all", "decoded", "features", "scan"]),
+    help="Delete this cache (repeatable; all: every one). Runs rebuild what they miss.",
+)
+def cache_command(names: tuple[str, ...]) -> None:
+    """Show what finetune keeps between runs (decoded images, features, file checks), and
+    where: ~/.cache/finetune, or $FINETUNE_CACHE_DIR. --clear deletes it.
+
+    Example:
+
+        finetune cache --clear decoded
+    """
+    from finetune.api import CACHES, cache_usage, clear_cache
+    from finetune.decoded import describe_size
+
+    if names:
+        freed = clear_cache(tuple(CACHES) if "all" in names else names)
+        click.echo(f"freed {describe_size(freed)}")
+    usage = cache_usage()
+    click.echo(f"{usage[0].folder.parent}  ($FINETUNE_CACHE_DIR moves it)")
+    for u in usage:
+        files = f"{u.files:,} file{'s' if u.files != 1 else ''}"
+        click.echo(f"  {u.name:<9} {files:>13} {describe_size(u.bytes):>9}  {CACHES[u.name]}")
 
 
 @cli.command("report")

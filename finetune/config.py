@@ -121,12 +121,19 @@ class FitConfig:
     hue: float | None = None  # hue shift, fraction of the colour circle (<= 0.5)
     lighting: float | None = None  # sigma of AlexNet PCA lighting (0 turns it off)
     tta: str = "none"  # after training, also score val with test-time augmentation: flip, 10crop
+    # auto on a CPU: about how many minutes a fine-tune may take; auto picks the largest image
+    # size (and the epochs) that fit, measured here, else a probe. None: CPU_BUDGET_SECONDS / 60.
+    time_budget: float | None = None
     # Class imbalance: weighted-loss (each class's loss weighted by 1/frequency; the probes use
     # balanced class weights) or oversample (rarer classes drawn more often; fine-tunes only).
     # None: weighted-loss when the largest class is >= IMBALANCED_FROM x the smallest, else none.
     balance: str | None = None
 
     def __post_init__(self) -> None:
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ConfigError(
+                f"time_budget must be a positive number of minutes, got {self.time_budget}."
+            )
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
         if self.batch_size < 1:

@@ -36,7 +36,7 @@ from finetune.decoded import DecodedCache
 from finetune.distributed import ALONE, World
 from finetune.errors import ConfigError
 from finetune.features import HEAD, extract_features, probe_points
-from finetune.measure import Decision, decide
+from finetune.measure import CPU_BUDGET_SECONDS, Decision, decide
 from finetune.models import (
     Classifier,
     ParamGroup,
@@ -436,6 +436,9 @@ class Auto(Strategy):
             epochs=config.epochs,
             batch_size=config.batch_size,
             seed=config.seed,
+            cpu_budget_seconds=(
+                CPU_BUDGET_SECONDS if config.time_budget is None else 60 * config.time_budget
+            ),
         )
         chosen = get_strategy(decision.strategy)
         settings = {k: v for k, v in decision.settings.items() if getattr(config, k) in (None, 0)}

@@ -373,3 +373,35 @@ def test_log_formats_and_report_sample_size_match_the_library() -> None:
     from finetune.reports import DEFAULT_MAX_IMAGES
 
     assert (_LOG_FORMATS, _MAX_IMAGES) == (LOG_FORMATS, DEFAULT_MAX_IMAGES)
+
+
+def test_cache_shows_and_clears_what_runs_keep(
+    photo_folder_for_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))  # the command inherits it
+    from finetune.data import scan_folder
+    from finetune.decoded import DecodedCache
+    from finetune.transforms import Preprocessing
+
+    samples = scan_folder(photo_folder_for_cache).train
+    pre = Preprocessing(32, (0.5,) * 3, (0.5,) * 3, 0.875, "bicubic")
+    DecodedCache.for_preprocessing(pre).fill(samples)
+    result = run("cache")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(str(tmp_path / "cache"))
+    decoded = next(line for line in lines if line.split()[0] == "decoded")
+    assert f"{len(samples)} files" in decoded and "scan" in result.stdout
+
+    result = run("cache", "--clear", "decoded")
+    assert result.returncode == 0 and result.stdout.startswith("freed ")
+    assert not (tmp_path / "cache" / "decoded").exists()
+    assert "decoded         0 files" in result.stdout
+    assert run("cache", "--clear", "everything").returncode == 2
+
+
+@pytest.fixture()
+def photo_folder_for_cache(tmp_path: Path) -> Path:
+    from .conftest import photo_crops
+
+    return photo_crops(tmp_path / "photos", per_class=3, size=64)

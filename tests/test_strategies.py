@@ -203,6 +203,15 @@ def test_auto_on_a_cpu_fits_the_budget_or_falls_back_to_the_probe(tmp_path: Path
     assert any("stage-probe instead" in r for r in tight.reasons)
 
 
+def test_the_time_budget_option_reaches_auto(tmp_path: Path) -> None:
+    folder = noise_folder(tmp_path / "noise", _LOTS)
+    tight = finetune.plan(folder, time_budget=0.01, device="cpu")
+    assert tight.decision.thresholds["cpu_budget_seconds"] == pytest.approx(0.6)
+    assert tight.strategy == "stage-probe" and "0 min budget" in " ".join(tight.decision.reasons)
+    with pytest.raises(ConfigError, match="time_budget must be a positive number of minutes"):
+        FitConfig(time_budget=0)
+
+
 def test_a_fine_tune_with_the_training_kit_follows_its_schedule_and_saves_its_averages(
     fashion, tmp_path: Path
 ) -> None:
