@@ -272,8 +272,8 @@ def _speed_options() -> list:
             "--compile",
             flag_value=True,
             default=None,
-            help="torch.compile the training forward: faster steps on a GPU after a first step "
-            "that compiles for minutes; needs a C++ compiler.",
+            help="torch.compile the training forward: faster steps after a first step that "
+            "compiles (a minute or more); needs a C++ compiler.",
         ),
         click.option(
             "--auto-batch-size",

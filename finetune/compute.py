@@ -139,11 +139,14 @@ def cuda_step_fits(
     precision and layout, backward; no optimizer) on ``batch`` random images of
     ``image_size`` px stays below ``share`` of the memory of the CUDA ``device``.
 
-    Each call leaves the model as it found it: mode, buffers (BatchNorm statistics) and
-    gradients (none) restored, the freed memory returned to the GPU.
+    With ``channels_last`` the model is converted to it first, as training will. Each call
+    leaves the model as it found it: mode, buffers (BatchNorm statistics) and gradients (none)
+    restored, the freed memory returned to the GPU.
     """
     total = torch.cuda.get_device_properties(device).total_memory
     layout = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
 
     def step(batch: int) -> int:  # its tensors die with it, so the memory can be freed
         images = torch.randn(batch, 3, image_size, image_size, device=device)

@@ -108,8 +108,8 @@ class FitConfig:
     # Speed (fine-tuning strategies; the values used are written to config.json).
     precision: str = "auto"  # one of PRECISIONS; auto: bf16 on CUDA when supported, else fp32
     channels_last: bool | None = None  # NHWC layout; None: on (faster on CUDA and CPU alike)
-    compile: bool = False  # torch.compile the training forward (minutes of compiling first)
-    auto_batch_size: bool = False  # CUDA: the largest power-of-two batch that fits in memory
+    compile: bool = False  # torch.compile the training forward (its first step compiles, ~1 min)
+    auto_batch_size: bool = False  # CUDA: the largest batch, doubling batch_size, that fits
     # Training augmentation (fine-tuning strategies; the probes see each image once, unaugmented).
     augment: str | None = None  # preset: none, light, default, strong; None: from the data size
     crop_scale: tuple[float, float] | None = (

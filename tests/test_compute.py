@@ -110,6 +110,7 @@ def test_the_cuda_step_probe_says_what_fits_and_leaves_the_model_as_it_was(
     assert [fits(batch) for batch in (4, 8, 16, 32)] == [True, True, False, False]
     assert largest_batch(fits, 2, 1024) == 8  # 16 images would take 1600 of 850 bytes allowed
     assert not model.training and torch.equal(model.bn.running_mean, statistics)
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)  # as it trains
     assert all(p.grad is None for p in model.parameters())
 
 
