@@ -25,6 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.checkpoint import load_checkpoint, new_run_dir, preprocessing_of
+from finetune.compute import (
+    MAX_AUTO_BATCH,
+    check_compile,
+    cuda_step_fits,
+    largest_batch,
+    resolve_channels_last,
+    resolve_precision,
+)
 from finetune.config import (
     AUGMENT_FIELDS,
     CACHE_IMAGES_UP_TO,
@@ -35,7 +43,7 @@ from finetune.config import (
 )
 from finetune.data import DatasetSplit, ScanReport, cache_root, load_image, scan_folder
 from finetune.decoded import describe_size, estimate_bytes
-from finetune.distributed import world
+from finetune.distributed import World, world
 from finetune.errors import CheckpointError, ConfigError, DataError, FinetuneError
 from finetune.lr_range import LRFinding, find_lr, plot_lr_finding
 from finetune.measure import DataSize, Decision, measure_size, pass_seconds, training_epoch_seconds
@@ -285,7 +293,11 @@ def _resolve(
         image_size=config.image_size or choose_image_size(native, split.median_side),
         num_workers=_num_workers(config.num_workers),
         device=str(device),
+        precision=resolve_precision(config.precision, device),
+        channels_last=resolve_channels_last(config.channels_last, device),
     )
+    if config.compile:
+        check_compile()
     if decision is not None:
         decision = dataclasses.replace(decision, hyperparameters=_hyperparameters(config, strategy))
     source = config.weights or ("shipped ImageNet" if config.model in EMBEDDED_WEIGHTS else "timm")
@@ -398,12 +410,14 @@ def fit(
     model.to(device)
     augmentation, lighting, run_dir = augmentation_of(config), None, None
     if ranks.main:
+        if config.auto_batch_size:
+            config = _auto_batch_size(model, config, strategy, len(split.train), ranks, log)
         if strategy.trains_backbone:
             lighting = _lighting(augmentation, split, config, log, preset_by_size)
         run_dir = _run_dir(config, split.root)
         _write_run_files(run_dir, dataclasses.replace(config, out=str(run_dir)), split, decision)
-    lighting, run_dir = ranks.share((lighting, run_dir))
-    config = dataclasses.replace(config, out=str(run_dir))
+    lighting, run_dir, batch_size = ranks.share((lighting, run_dir, config.batch_size))
+    config = dataclasses.replace(config, out=str(run_dir), batch_size=batch_size)
     if not (ranks.main or strategy.trains_backbone):  # a probe is one pass: rank 0's alone
         return ranks.share(None)
     describe = {
@@ -455,6 +469,57 @@ def _cache_images(
             f"{describe_size(CACHE_IMAGES_UP_TO)}; --cache-images turns it on anyway"
         )
     return dataclasses.replace(config, cache_images=need <= CACHE_IMAGES_UP_TO)
+
+
+def _auto_batch_size(
+    model: nn.Module,
+    config: FitConfig,
+    strategy: Strategy,
+    train_images: int,
+    ranks: World,
+    log: _Log,
+) -> FitConfig:
+    """``config`` with the largest batch whose training step fits in the GPU's memory (each
+    process's share of it, when distributed), doubling from ``batch_size`` up to the number of
+    training images or :data:`~finetune.compute.MAX_AUTO_BATCH`; said, and unchanged, where
+    memory does not limit the batch."""
+    device = torch.device(config.device)
+    if not strategy.trains_backbone:
+        log.say(
+            f"batch     auto batch size: {strategy.name} computes features once and fits a "
+            f"logistic regression, which no batch size limits; keeping {config.batch_size}"
+        )
+        return config
+    if device.type != "cuda":
+        log.say(
+            f"batch     auto batch size: on {device.type.upper()} memory does not limit the "
+            f"batch; keeping {config.batch_size}"
+        )
+        return config
+    fits = cuda_step_fits(
+        model, config.image_size, device, bf16=config.precision == "bf16",
+        channels_last=bool(config.channels_last),
+    )  # fmt: skip
+    limit = min(train_images, MAX_AUTO_BATCH)
+    per_rank = largest_batch(fits, config.batch_size // ranks.size, limit // ranks.size)
+    if per_rank == 0:
+        raise ConfigError(
+            f"Not even one {config.image_size} px image per step fits in the memory of "
+            f"{device}; use a smaller --image-size or --model."
+        )
+    batch = per_rank * ranks.size
+    gib = torch.cuda.get_device_properties(device).total_memory / 1024**3
+    how = (
+        f"doubling from {config.batch_size}, at most {limit}"
+        if batch >= config.batch_size
+        else f"{config.batch_size} does not fit, so halved"
+    )
+    log.say(
+        f"batch     {batch}: auto batch size, the largest that fits in {gib:.0f} GiB of "
+        f"{device} at {config.image_size} px, {config.precision} ({how}); the learning rate "
+        "is not scaled"
+    )
+    return dataclasses.replace(config, batch_size=batch)
 
 
 def _lighting(
@@ -827,6 +892,8 @@ def _check_head(model: nn.Module, num_classes: int) -> None:
     was_training = model.head.training
     model.head.eval()  # a probe must not move a BatchNorm head's running statistics
     try:
+        # no_grad, not inference_mode: a lazy head (nn.LazyLinear) creates its weights in this
+        # call, and created under inference_mode they could never be trained.
         with torch.no_grad():
             out = model.head(probe)
     except Exception as exc:  # whatever the user's module raises, say it is the head

@@ -28,6 +28,7 @@ from finetune.config import (
     DEFAULT_MODEL,
     IMBALANCED_FROM,
     OPTIMIZERS,
+    PRECISIONS,
     PRESET_NAMES,
     SCHEDULES,
     TTA_MODES,
@@ -132,6 +133,7 @@ def _fit_option_list() -> list:
         click.option("--seed", type=int, default=FitConfig.seed, show_default=True),
         click.option("--workers", "num_workers", type=int, help="DataLoader worker processes."),
         click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available]."),
+        *_speed_options(),
         click.option(
             "--no-feature-cache",
             "feature_cache",
@@ -261,6 +263,40 @@ def _training_kit_options() -> list:
             "saved as ema.pt.",
         ),
         click.option("--ema-decay", type=float, default=FitConfig.ema_decay, show_default=True),
+    ]
+
+
+def _speed_options() -> list:
+    """How the fine-tunes run on the device: number format, layout, compilation, batch."""
+    return [
+        click.option(
+            "--precision",
+            type=click.Choice(PRECISIONS),
+            default=FitConfig.precision,
+            show_default=True,
+            help="Number format of the forward pass: bf16 autocast (weights stay fp32) or fp32. "
+            "auto: bf16 on a CUDA GPU that supports it, else fp32.",
+        ),
+        click.option(
+            "--channels-last/--no-channels-last",
+            default=None,
+            help="NHWC memory layout for the model and its inputs [default: on; convolutions "
+            "run faster so on GPUs and on CPUs alike].",
+        ),
+        click.option(
+            "--compile",
+            flag_value=True,
+            default=None,
+            help="torch.compile the training forward: faster steps after a first step that "
+            "compiles (a minute or more); needs a C++ compiler.",
+        ),
+        click.option(
+            "--auto-batch-size",
+            flag_value=True,
+            default=None,
+            help="On CUDA: the largest batch, doubling from --batch-size (at most 1024 and the "
+            "number of training images), whose training step fits in the GPU's memory.",
+        ),
     ]
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "IMBALANCED_FROM",
     "OPTIMIZERS",
+    "PRECISIONS",
     "PRESET_NAMES",
     "SCHEDULES",
     "TTA_MODES",
@@ -48,6 +49,9 @@ TTA_MODES = ("none", "flip", "10crop")  # finetune.transforms.TestTimeViews
 BALANCE_MODES = ("none", "weighted-loss", "oversample")
 IMBALANCED_FROM = 5.0  # largest / smallest training class from which auto balances
 CACHE_IMAGES_UP_TO = 4 * 1024**3  # cache_images=None: cache decoded images up to these bytes
+# Number formats of training and evaluation: auto (bf16 on a CUDA GPU that supports it, else
+# fp32), fp32, or bf16 (forward and loss under torch.autocast; weights and optimizer stay fp32).
+PRECISIONS = ("auto", "fp32", "bf16")
 # FitConfig fields that override single fields of the augmentation preset.
 AUGMENT_FIELDS = (
     "crop_scale",
@@ -106,6 +110,11 @@ class FitConfig:
     # Fine-tunes: keep the images decoded, resized to the eval resize side, in memory-mapped
     # files (finetune/decoded.py); None: when they take at most CACHE_IMAGES_UP_TO bytes.
     cache_images: bool | None = None
+    # Speed (fine-tuning strategies; the values used are written to config.json).
+    precision: str = "auto"  # one of PRECISIONS; auto: bf16 on CUDA when supported, else fp32
+    channels_last: bool | None = None  # NHWC layout; None: on (faster on CUDA and CPU alike)
+    compile: bool = False  # torch.compile the training forward (its first step compiles, ~1 min)
+    auto_batch_size: bool = False  # CUDA: the largest batch, doubling batch_size, that fits
     # Training augmentation (fine-tuning strategies; the probes see each image once, unaugmented).
     augment: str | None = None  # preset: none, light, default, strong; None: from the data size
     crop_scale: tuple[float, float] | None = (
@@ -163,6 +172,10 @@ class FitConfig:
             )
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}.")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}."
+            )
         self._check_augmentation()
 
     def _check_training_kit(self) -> None:

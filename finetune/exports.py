@@ -156,6 +156,9 @@ def _export_torchscript(
     side = checkpoint["preprocessing"]["input_size"]
     example = torch.zeros(2, 3, side, side)
     meta = json.dumps(_describe(checkpoint, source), indent=2)
+    # no_grad, not inference_mode: tensors the forward creates become constants of the trace,
+    # and made under inference_mode they are inference tensors: the saved module then fails
+    # wherever autograd is on ("Inference tensors cannot be saved for backward").
     with _staged_file(target) as tmp, warnings.catch_warnings(), torch.no_grad():
         # torch marks TorchScript deprecated in favour of torch.export, but it is still what
         # runs with plain torch.jit.load, in C++ (libtorch) and on mobile.
@@ -213,6 +216,8 @@ def _export_onnx(
     side = checkpoint["preprocessing"]["input_size"]
     example = (torch.zeros(2, 3, side, side),)
     with _staged_file(target) as tmp:
+        # no_grad, as torch.export's own examples use: the exporter traces the forward once,
+        # so inference_mode would gain nothing, and tracing is where it is least safe (above).
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter is chatty about its internals
             program = torch.onnx.export(

@@ -39,6 +39,8 @@ class ProbeResult:
     def linear(self) -> nn.Linear:
         """The probe as an ``nn.Linear`` (float32)."""
         layer = nn.Linear(self.weight.shape[1], self.weight.shape[0])
+        # no_grad, not inference_mode: no inference here, but a write into parameters, done
+        # the way torch.nn.init does it.
         with torch.no_grad():
             layer.weight.copy_(torch.from_numpy(self.weight))
             layer.bias.copy_(torch.from_numpy(self.bias))

@@ -17,6 +17,14 @@ after every epoch) stays valid, and :class:`~finetune.errors.TrainingError` says
 Resume: every epoch reseeds the loader's shuffling and the augmentation from (seed, epoch), and
 ``last.pt`` holds the optimizer, scheduler, average and RNG, so ``--resume`` continues exactly as
 an uninterrupted run would have.
+
+Speed: with ``bf16`` the forward pass and the loss run under ``torch.autocast`` (weights,
+gradients and optimizer state stay float32, so no loss scaling is needed); with
+``channels_last`` the images reach the model in NHWC layout, as its weights are. The loop never
+waits on the device inside an epoch except every :data:`SYNC_EVERY` steps, when it reads the
+stop and non-finite flags (one collective call for all ranks): losses and accuracies add up on
+the device. A non-finite loss is therefore seen up to ``SYNC_EVERY - 1`` steps late, which costs
+nothing but those steps: the epoch restarts from the state saved at its start anyway.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ __all__ = [
     "MAX_RETRIES",
     "OVERFIT_GAP",
     "OVERFIT_WINDOW",
+    "SYNC_EVERY",
     "EpochResult",
     "Recorder",
     "Training",
@@ -62,6 +71,9 @@ __all__ = [
 MAX_RETRIES = 3  # epochs restarted at half the LR after a non-finite loss, before giving up
 OVERFIT_WINDOW = 3  # epochs without a better val acc while the train/val gap grows: a warning
 OVERFIT_GAP = 0.05  # ... by at least this much (accuracy), to at least this much
+# Training steps between two reads of the stop / non-finite flags: each read waits for the GPU
+# to finish its queued work (and, distributed, is a collective call every rank makes).
+SYNC_EVERY = 20
 
 
 @dataclass(frozen=True)
@@ -132,38 +144,69 @@ class Training:
     reseed: Callable[[int], None] | None = None  # seeds shuffling and augmentation per epoch
     say: Callable[[str], None] = lambda message: None  # a line for people (early stopping)
     ranks: World = ALONE  # the training processes (torchrun); one by default
-    wrapped: nn.Module | None = None  # the model as it runs forward (DistributedDataParallel)
+    # The model as it runs forward: DistributedDataParallel and/or torch.compile around it.
+    # Checkpoints and the average always come from the unwrapped, uncompiled model.
+    wrapped: nn.Module | None = None
+    bf16: bool = False  # forward and loss under bfloat16 autocast (training and evaluation)
+    channels_last: bool = False  # images in NHWC layout (the model converted by the caller)
+    sync_every: int = SYNC_EVERY  # steps between two reads of the stop / non-finite flags
 
 
-def _batches(loader: DataLoader, device: torch.device):
+def _autocast(device: torch.device, bf16: bool):
+    """bfloat16 autocast on ``device`` when ``bf16``, else a context that changes nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _batches(loader: DataLoader, device: torch.device, channels_last: bool = False):
+    layout = torch.channels_last if channels_last else torch.preserve_format
     for batch in loader:
         if batch is None:  # every image of the batch failed to decode (already warned)
             continue
         images, labels = batch
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        # non_blocking: from pinned memory the copy overlaps the work already queued on the GPU
+        yield (images.to(device, non_blocking=True, memory_format=layout),
+               labels.to(device, non_blocking=True))  # fmt: skip
 
 
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, ranks: World = ALONE
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    ranks: World = ALONE,
+    *,
+    bf16: bool = False,
+    channels_last: bool = False,
 ) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader`` (over every rank's
-    ``loader`` when distributed: each holds its shard)."""
-    total_loss, correct, seen = ranks.sum(list(_evaluate_sums(model, loader, device)), device)
+    ``loader`` when distributed: each holds its shard).
+
+    Args:
+        bf16: Run the forward pass under bfloat16 autocast (as training did).
+        channels_last: Give the model NHWC images (as training did).
+    """
+    sums = _evaluate_sums(model, loader, device, bf16, channels_last)
+    total_loss, correct, seen = ranks.sum(sums, device)
     return (total_loss / seen, correct / seen) if seen else (math.nan, math.nan)
 
 
 @torch.inference_mode()
 def _evaluate_sums(
-    model: nn.Module, loader: DataLoader, device: torch.device
-) -> tuple[float, float, float]:
+    model: nn.Module, loader: DataLoader, device: torch.device, bf16: bool, channels_last: bool
+) -> list[float]:
     model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
-    for images, labels in _batches(loader, device):
-        logits = model(images)
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+    total_loss, correct, seen = _zero(device), _zero(device), 0  # sums stay on the device
+    for images, labels in _batches(loader, device, channels_last):
+        with _autocast(device, bf16):
+            logits = model(images).float()
+        total_loss += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
         seen += labels.numel()
-    return total_loss, float(correct), float(seen)
+    return [*torch.stack([total_loss, correct]).tolist(), float(seen)]  # one wait for the device
+
+
+def _zero(device: torch.device) -> torch.Tensor:
+    """A float64 sum on ``device``: adding a batch's loss or count to it needs no sync."""
+    return torch.zeros((), dtype=torch.float64, device=device)
 
 
 class Recorder:
@@ -248,7 +291,7 @@ class Recorder:
             "metrics": asdict(result),
             "best_metric": self.best_acc,
             "best_loss": self.best_loss,
-            "state_dict": model.state_dict(),
+            "state_dict": _plain(model),
         }
         if result.best:
             save_checkpoint(self.run_dir / "best.pt", state)
@@ -256,7 +299,7 @@ class Recorder:
             save_checkpoint(
                 self.run_dir / "ema.pt",
                 {**state, "weights": "ema", "best_metric": self.ema_best_acc,
-                 "best_loss": self.ema_best_loss, "state_dict": ema_model.state_dict()},
+                 "best_loss": self.ema_best_loss, "state_dict": _plain(ema_model)},
             )  # fmt: skip
         if snapshot is not None:
             save_checkpoint(
@@ -265,10 +308,19 @@ class Recorder:
         resume = {
             "ema_best_metric": self.ema_best_acc,
             "ema_best_loss": self.ema_best_loss,
-            **({"ema_state_dict": ema_model.state_dict()} if ema_model is not None else {}),
+            **({"ema_state_dict": _plain(ema_model)} if ema_model is not None else {}),
             **(resume_state or {}),
         }
         save_checkpoint(self.run_dir / "last.pt", {**state, **resume})
+
+
+def _plain(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state_dict in the standard (contiguous) layout, whatever memory format it
+    trained in: checkpoints load anywhere and export to safetensors as they are."""
+    state = model.state_dict()  # a new OrderedDict each call; its _metadata is kept
+    for name, tensor in state.items():
+        state[name] = tensor.contiguous()
+    return state
 
 
 @contextmanager
@@ -291,8 +343,23 @@ def _stop_requests() -> Iterator[list[str]]:
 
 
 def _finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
-               if t.is_floating_point())  # fmt: skip
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True  # one wait for the device
+
+
+def _abandon(
+    t: Training, stop: list[str], finite: torch.Tensor, model: nn.Module | None = None
+) -> bool:
+    """Whether to drop the epoch: a stop was requested, or a loss (and, given ``model``, a
+    weight of it or of its average) was non-finite, on any rank. Waits for the device, and
+    when distributed is a collective call that every rank must make at the same step."""
+    diverged = not bool(finite)
+    if model is not None and not diverged:
+        diverged = not _finite(model) or (t.ema is not None and not _finite(t.ema.module))
+    stopping, diverged = t.ranks.any([bool(stop), diverged], t.device)
+    if stopping and not stop:
+        stop.append("a stop on another rank")
+    return stopping or diverged
 
 
 def train(
@@ -424,23 +491,25 @@ def _epoch(
     if t.before_epoch is not None:
         t.before_epoch(epoch)
     set_train_mode(model)
-    net = t.wrapped or model  # DistributedDataParallel averages the gradients over the ranks
-    total_loss, correct, seen, lr = 0.0, 0, 0, t.optimizer.param_groups[-1]["lr"]
+    # DistributedDataParallel averages the gradients over the ranks. (Not `t.wrapped or model`:
+    # a compiled module's truth value is its len(), which a model does not have.)
+    net = t.wrapped if t.wrapped is not None else model
+    total_loss, correct, seen = _zero(t.device), _zero(t.device), 0  # sums stay on the device
+    finite = torch.ones((), dtype=torch.bool, device=t.device)  # every loss so far was finite
+    lr = t.optimizer.param_groups[-1]["lr"]
     step = t.scheduler.last_epoch  # optimizer steps so far (the scheduler counts them)
     bar = tqdm(total=len(t.train_loader), desc=f"epoch {epoch}/{t.epochs}", unit="batch",
                leave=False, disable=None if progress else True)  # fmt: skip
     try:
-        for images, labels in _batches(t.train_loader, t.device):
-            logits = net(images)
-            loss = F.cross_entropy(
-                logits, labels, weight=t.class_weights, label_smoothing=t.label_smoothing
-            )
-            stopping, diverged = t.ranks.any([bool(stop), not torch.isfinite(loss)], t.device)
-            if stopping:
-                stop.append(stop[0] if stop else "a stop on another rank")
+        batches = _batches(t.train_loader, t.device, t.channels_last)
+        for n, (images, labels) in enumerate(batches, start=1):
+            if stop and not t.ranks.distributed:  # alone, a stop costs no sync to see
                 return None
-            if diverged:
-                return None
+            with _autocast(t.device, t.bf16):
+                logits = net(images).float()
+                loss = F.cross_entropy(
+                    logits, labels, weight=t.class_weights, label_smoothing=t.label_smoothing
+                )
             t.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             t.optimizer.step()
@@ -449,20 +518,30 @@ def _epoch(
             step += 1
             if t.ema is not None:
                 t.ema.update(model, step=step)
-            total_loss += loss.item() * labels.numel()
-            correct += (logits.argmax(1) == labels).sum().item()
+            loss = loss.detach()
+            finite &= torch.isfinite(loss)
+            total_loss += loss.double() * labels.numel()
+            correct += (logits.detach().argmax(1) == labels).sum()
             seen += labels.numel()
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
             bar.update()
+            if n % t.sync_every == 0:  # every rank has as many batches: all reach this together
+                if _abandon(t, stop, finite):
+                    return None
+                if not bar.disable:
+                    sums = torch.stack([total_loss, correct]).tolist()
+                    bar.set_postfix(loss=f"{sums[0] / seen:.3f}", acc=f"{sums[1] / seen:.3f}")
     finally:
         bar.close()
-    if stop or not _finite(model) or (t.ema is not None and not _finite(t.ema.module)):
+    if _abandon(t, stop, finite, model):
         return None
-    total_loss, correct, seen = t.ranks.sum([total_loss, correct, seen], t.device)
+    total_loss, correct, seen = t.ranks.sum(
+        [*torch.stack([total_loss, correct]).tolist(), float(seen)], t.device
+    )
     t.ranks.sync_buffers(model)
-    val_loss, val_acc = evaluate(model, t.val_loader, t.device, t.ranks)
+    speed = {"bf16": t.bf16, "channels_last": t.channels_last}
+    val_loss, val_acc = evaluate(model, t.val_loader, t.device, t.ranks, **speed)
     ema_loss, ema_acc = (
-        evaluate(t.ema.module, t.val_loader, t.device, t.ranks)
+        evaluate(t.ema.module, t.val_loader, t.device, t.ranks, **speed)
         if t.ema is not None
         else (math.nan,) * 2
     )

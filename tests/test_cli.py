@@ -215,6 +215,24 @@ def test_plan_shows_the_decision_without_training(small_folder: Path) -> None:
     assert as_json["decision"]["size"]["images"] == 48
 
 
+def test_the_speed_options_are_in_the_help_and_reach_the_config(small_folder: Path) -> None:
+    helped = CliRunner().invoke(cli, ["fit", "--help"])
+    assert helped.exit_code == 0
+    for option in ("--precision [auto|fp32|bf16]", "--channels-last / --no-channels-last",
+                   "--compile", "--auto-batch-size"):  # fmt: skip
+        assert option in helped.output, option
+    speed = ["--precision", "bf16", "--no-channels-last", "--compile", "--auto-batch-size"]
+    result = run("plan", str(small_folder), "--strategy", "linear", "--image-size", "32", *speed)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith(" ".join(speed))  # the fit it suggests keeps them
+    config = json.loads(run("plan", str(small_folder), "--strategy", "linear", "--image-size",
+                            "32", *speed, "--json").stdout)["config"]  # fmt: skip
+    assert (config["precision"], config["channels_last"], config["compile"],
+            config["auto_batch_size"]) == ("bf16", False, True, True)  # fmt: skip
+    bad = CliRunner().invoke(cli, ["plan", str(small_folder), "--precision", "fp16"])
+    assert bad.exit_code == 2 and "'fp16' is not one of 'auto', 'fp32', 'bf16'" in bad.output
+
+
 def test_python_dash_m_and_help() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True, check=False

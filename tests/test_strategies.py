@@ -27,9 +27,10 @@ from finetune.models import (
     param_groups,
     set_train_mode,
 )
-from finetune.strategies import STRATEGIES, get_strategy
+from finetune.strategies import STRATEGIES, get_strategy, training_loaders
+from finetune.transforms import PRESETS, Preprocessing
 
-from .conftest import noise_folder, photo_crops
+from .conftest import copy_classes, noise_folder, photo_crops
 
 
 def _model() -> nn.Module:
@@ -260,3 +261,82 @@ def test_a_fine_tune_with_the_training_kit_follows_its_schedule_and_saves_its_av
     for block, trained in zip(blocks, trains, strict=True):
         assert block.drop_path.training == trained  # a frozen block computes its features
     assert classifier.dropout.training and classifier.dropout.p == 0.2
+
+
+def test_a_bf16_channels_last_fine_tune_learns_and_its_best_checkpoint_predicts(
+    fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = finetune.fit(
+        fashion, strategy="finetune-top", epochs=2, image_size=32, precision="bf16",
+        channels_last=True, auto_batch_size=True, ema=True, out=str(tmp_path / "bf16"),
+        report=False,
+    )  # fmt: skip
+    said = capsys.readouterr().err
+    assert "auto batch size: on CPU memory does not limit the batch; keeping 32" in said
+    assert "compute   cpu, bf16 autocast, channels_last, batch 32" in said
+    config = json.loads((run.dir / "config.json").read_text())
+    assert (config["precision"], config["channels_last"], config["batch_size"]) == (
+        "bf16", True, 32)  # fmt: skip
+    assert run.history[-1].train_loss < run.history[0].train_loss
+    assert run.best_metric > 0.25  # 10 classes: chance is 0.1
+    for name in ("best.pt", "ema.pt"):  # saved in the plain layout, whatever training used
+        state = load_checkpoint(run.dir / name)["state_dict"]
+        assert all(tensor.is_contiguous() for tensor in state.values()), name
+    predictor = finetune.load(run.dir, device="cpu")  # fp32, contiguous
+    predictions = predictor.predict(sorted((fashion / "val" / "bag").glob("*.png")))
+    assert len(predictions) == 10 and {p.label for p in predictions} <= set(predictor.classes)
+    accuracy = predictor.evaluate(fashion / "val").accuracy
+    assert accuracy == pytest.approx(run.best_metric, abs=0.05)  # bf16 rounding moves a few
+
+
+def test_a_compiled_fine_tune_saves_the_plain_uncompiled_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inductor takes minutes to compile on this 2-core CPU; the eager backend wraps the model
+    # in the same OptimizedModule (TorchDynamo traces it) and compiles nothing.
+    compiled: list[nn.Module] = []
+    real_compile = torch.compile
+
+    def compile_eagerly(module: nn.Module) -> nn.Module:
+        compiled.append(real_compile(module, backend="eager"))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    data = copy_classes(tmp_path / "data", ["bag", "sneaker", "trouser"], 8)
+    run = finetune.fit(
+        data, strategy="finetune-top", epochs=1, image_size=32, compile=True, ema=True,
+        out=str(tmp_path / "compiled"), verbose=False, report=False,
+    )  # fmt: skip
+    assert len(compiled) == 1 and any("_orig_mod." in k for k in compiled[0].state_dict())
+    assert json.loads((run.dir / "config.json").read_text())["compile"] is True
+    for name in ("best.pt", "last.pt", "ema.pt"):
+        saved = load_checkpoint(run.dir / name)
+        keys = [*saved["state_dict"], *saved.get("ema_state_dict", {})]
+        assert keys and not any("_orig_mod" in key for key in keys), name
+    prediction = finetune.load(run.dir, device="cpu").predict(next((data / "bag").iterdir()))
+    assert prediction[0].label in ("bag", "sneaker", "trouser")
+
+
+def test_an_epoch_brings_the_same_batches_whatever_the_workers_and_after_a_resume(
+    small_folder: Path,
+) -> None:
+    split = scan_folder(small_folder)  # 48 training images: 6 batches of 8
+    pre = Preprocessing(32, (0.5,) * 3, (0.5,) * 3, 0.875, "bicubic")
+
+    def last_epoch(workers: int, epochs: list[int]):
+        config = FitConfig(num_workers=workers, batch_size=8)
+        loader, _ = training_loaders(split, pre, config, torch.device("cpu"), PRESETS["strong"],
+                                     None)  # fmt: skip
+        for epoch in epochs:
+            loader.batch_sampler.set_epoch(epoch)
+            batches = list(loader)
+        return loader, batches
+
+    # Two workers that live through epochs 1 and 2, against a run resumed at epoch 2 with none.
+    persistent, through = last_epoch(2, [1, 2])
+    _, resumed = last_epoch(0, [2])
+    assert persistent.persistent_workers and len(through) == len(resumed) == 6
+    for (images, labels), (again, labels_again) in zip(through, resumed, strict=True):
+        assert torch.equal(images, again) and torch.equal(labels, labels_again)
+    _, first = last_epoch(0, [1])
+    assert not torch.equal(first[0][0], resumed[0][0])  # each epoch its own order and crops

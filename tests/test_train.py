@@ -133,6 +133,41 @@ def test_a_loss_that_stays_nan_stops_with_a_clear_message_and_a_good_last_checkp
     assert [r["epoch"] for r in rows] == ["1"]
 
 
+@pytest.mark.parametrize(("sync_every", "calls"), [(2, 8 + 4 + 8), (20, 8 + 8 + 8)])
+def test_a_nan_is_caught_at_the_next_flag_read_and_the_epoch_restarts(
+    tmp_path: Path, sync_every: int, calls: int
+) -> None:
+    # 8 batches an epoch; batch 3 of epoch 2 (training forward call 11) gives NaN. Reading the
+    # flags every 2 steps drops the epoch after its batch 4; every 20, at the epoch's end.
+    torch.manual_seed(0)
+    model = _Poisoned(poison={11})
+    x, y = _separable()
+    training = _training(model, x, y, epochs=2, sync_every=sync_every)
+    with pytest.warns(UserWarning, match=r"retry 1/3"):
+        history = train(model, training, _CheckingRecorder(tmp_path, DESCRIBE), progress=False)
+    assert model.calls == calls
+    assert [r.epoch for r in history] == [1, 2] and history[-1].val_acc > 0.9
+
+
+def test_evaluation_runs_in_the_layout_and_number_format_asked_for() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 2))  # fmt: skip
+    x, y = torch.randn(32, 3, 12, 12), torch.randint(0, 2, (32,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    with torch.no_grad():
+        logits = model(x)
+    expected = torch.nn.functional.cross_entropy(logits, y).item()
+    loss, acc = evaluate(model, loader, CPU)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    model.to(memory_format=torch.channels_last)
+    nhwc, _ = evaluate(model, loader, CPU, channels_last=True)
+    assert nhwc == pytest.approx(expected, rel=1e-4)
+    bf16, _ = evaluate(model, loader, CPU, bf16=True)
+    assert bf16 != expected and bf16 == pytest.approx(expected, rel=0.05)  # rounded, close
+
+
 def _separable(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 5, generator=generator)

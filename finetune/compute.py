@@ -1,0 +1,178 @@
+"""How a fine-tune runs on its device: number format, memory layout, compilation, batch size.
+
+``fit`` resolves the automatic choices once, before training, and ``config.json`` records what
+was used:
+
+- ``precision="auto"``: bf16 on a CUDA GPU that supports it (Ampere and later), else fp32.
+  bf16 autocast keeps float32's exponent range, so unlike fp16 it needs no loss scaling; on a
+  CPU it is used only when asked for (:func:`resolve_precision` has the measurements).
+- ``channels_last=None``: on, on CUDA and on CPU (:func:`resolve_channels_last` has the
+  measurements).
+- ``compile``: ``torch.compile`` of the training forward needs a C++ compiler
+  (:func:`check_compile`).
+- ``auto_batch_size``: on CUDA, the largest batch, doubling from ``batch_size``, whose training
+  step fits in the GPU's memory (:func:`largest_batch` with :func:`cuda_step_fits`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.errors import ConfigError
+
+__all__ = [
+    "MAX_AUTO_BATCH",
+    "MEMORY_SHARE",
+    "check_compile",
+    "cuda_step_fits",
+    "largest_batch",
+    "resolve_channels_last",
+    "resolve_precision",
+]
+
+MAX_AUTO_BATCH = 1024  # auto_batch_size never goes above this many images per step
+# auto_batch_size: a batch fits when its step's peak memory stays below this share of the GPU;
+# the rest is for what the probe step leaves out (optimizer state, the weight average,
+# torch.compile's buffers) and for fragmentation.
+MEMORY_SHARE = 0.85
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``"fp32"`` or ``"bf16"``: what ``requested`` ("auto", "fp32", "bf16") means on ``device``.
+
+    On a CPU, bf16 pays only on large inputs and only where the CPU has bfloat16 instructions
+    (most have none, and emulate it slowly). On this project's 2-core AMD EPYC (Zen 4,
+    AVX512-BF16), a tf_efficientnet_lite0 training step (batch 32, channels_last, median of 3-4)
+    took, fp32 against bf16: 79 / 140 ms at 32 px, 138 / 234 ms at 64 px, 617 / 624 ms at
+    128 px, 2050 / 1559 ms at 224 px. So auto means fp32 on a CPU; bf16 is there on request.
+
+    Raises:
+        ConfigError: bf16 asked for on a CUDA GPU without bfloat16 support.
+    """
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" and _native_bf16(device) else "fp32"
+    if requested == "bf16" and device.type == "cuda" and not _native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(
+            f"--precision bf16 asked for, but {torch.cuda.get_device_name(device)} (compute "
+            f"capability {major}.{minor}) has no bfloat16 arithmetic: it needs 8.0 (Ampere) or "
+            "newer. Use --precision fp32."
+        )
+    return requested
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` computes in bfloat16 natively (torch's own
+    ``is_bf16_supported`` also says yes where it is merely emulated, and asks the current GPU
+    rather than ``device``)."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_channels_last(requested: bool | None, device: torch.device) -> bool:
+    """Whether the model and its inputs use the NHWC layout (``requested``, when given).
+
+    On CUDA, NHWC is the layout the tensor cores' convolutions run in. On a CPU, oneDNN's
+    convolutions prefer it too: on this project's 2-core AMD EPYC a tf_efficientnet_lite0
+    training step (batch 32, fp32, median of 3-4) took, contiguous against channels_last,
+    164 / 79 ms at 32 px, 223 / 138 ms at 64 px, 775 / 617 ms at 128 px and 3788 / 2050 ms at
+    224 px: faster at every size, so None means on, on both.
+    """
+    if requested is not None:
+        return requested
+    return device.type in ("cuda", "cpu")
+
+
+def check_compile() -> None:
+    """Make sure ``torch.compile`` can build kernels here.
+
+    Raises:
+        ConfigError: No C++ compiler on PATH (inductor compiles C++ kernels for CPUs and the
+            launchers of its Triton kernels for GPUs).
+    """
+    names = [os.environ.get("CXX", ""), "clang++" if sys.platform == "darwin" else "g++", "c++"]
+    if not any(name and shutil.which(name) for name in names):
+        raise ConfigError(
+            "--compile needs a C++ compiler (torch.compile builds its kernels with one) and "
+            "none of $CXX, g++ or c++ is on PATH: install one (e.g. apt install g++) or drop "
+            "--compile."
+        )
+
+
+def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
+    """The largest batch that ``fits``: ``start``, doubled while the double is at most
+    ``limit`` and fits; or, when ``start`` itself does not fit, halved until it does.
+
+    ``fits`` is assumed monotonic (a batch fits when a larger one does), so the search stops at
+    the first failure. Returns 0 when not even a batch of 1 fits.
+    """
+    if start < 1:
+        raise ConfigError(f"The batch search must start at 1 image or more, got {start}.")
+    batch = start
+    if fits(batch):
+        while batch * 2 <= limit and fits(batch * 2):
+            batch *= 2
+        return batch
+    while batch > 1:
+        batch //= 2
+        if fits(batch):
+            return batch
+    return 0
+
+
+def cuda_step_fits(
+    model: nn.Module,
+    image_size: int,
+    device: torch.device,
+    *,
+    bf16: bool,
+    channels_last: bool,
+    share: float = MEMORY_SHARE,
+) -> Callable[[int], bool]:
+    """``fits(batch)``: whether a training step of ``model`` (forward under the given
+    precision and layout, backward; no optimizer) on ``batch`` random images of
+    ``image_size`` px stays below ``share`` of the memory of the CUDA ``device``.
+
+    With ``channels_last`` the model is converted to it first, as training will. Each call
+    leaves the model as it found it: mode, buffers (BatchNorm statistics) and gradients (none)
+    restored, the freed memory returned to the GPU.
+    """
+    total = torch.cuda.get_device_properties(device).total_memory
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    def step(batch: int) -> int:  # its tensors die with it, so the memory can be freed
+        images = torch.randn(batch, 3, image_size, image_size, device=device)
+        images = images.contiguous(memory_format=layout)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images).float()
+            loss = F.cross_entropy(logits, logits.argmax(1))
+        loss.backward()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+
+    def fits(batch: int) -> bool:
+        was_training = model.training
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        torch.cuda.reset_peak_memory_stats(device)
+        model.train()
+        try:
+            peak = step(batch)
+        except torch.cuda.OutOfMemoryError:
+            peak = None
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        torch.cuda.empty_cache()
+        return peak is not None and peak <= share * total
+
+    return fits
