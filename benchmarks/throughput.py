@@ -1,7 +1,8 @@
 """Training throughput: our ``fit`` loop against the model alone and a plain torchvision loop.
 
 For each case (a dataset of real images and a training size), side by side in one run, with the
-same model, image size, batch size, optimizer (AdamW), threads, workers and device:
+same model, image size, batch size, optimizer (AdamW), memory layout (channels_last, fit's
+default), threads, workers and device:
 
 - (a) ``model only``: forward + backward + step on random tensors already in memory: the
   ceiling for any input pipeline;
@@ -10,6 +11,9 @@ same model, image size, batch size, optimizer (AdamW), threads, workers and devi
 - (b') ``fit, no cache``: the same with ``--no-cache-images``: every epoch decodes every file;
 - (c) ``torchvision``: ``ImageFolder`` + ``RandomResizedCrop`` + flip + ``ToTensor`` +
   ``Normalize`` in a ``DataLoader``, the same model and optimizer.
+- (a') ``model only, malloc default``: (a) in a fresh process with glibc's default allocator
+  settings, where every other row runs with ``finetune.compute.keep_freed_memory`` (which
+  ``fit`` applies on a CPU): what that setting alone does to the ceiling.
 
 (b) and (b') are training images per second of the second epoch's wall time from metrics.csv,
 which includes that epoch's validation pass (a few images per class): slightly pessimistic.
@@ -33,6 +37,8 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -46,12 +52,14 @@ import torch.nn.functional as F
 from benchdata import fashion, photo_files  # benchmarks/benchdata.py
 
 import finetune
+from finetune.compute import keep_freed_memory
 from finetune.data import load_image, scan_folder
 from finetune.decoded import DecodedCache
 from finetune.models import create_backbone, create_classifier
 from finetune.train import read_metrics
 from finetune.transforms import Preprocessing
 
+NHWC = torch.channels_last  # as fit trains by default (--channels-last), for all three
 CASES = ("fashion@64", "photos-1600x1200@128", "photos-4032x3024@224")
 
 
@@ -65,9 +73,9 @@ def dataset(case: str, base: Path) -> tuple[Path, int]:
 
 
 def model_only(model_name: str, size: int, batch: int, seconds: float = 20.0) -> float:
-    model = create_classifier(create_backbone(model_name), 10).train()
+    model = create_classifier(create_backbone(model_name), 10).train().to(memory_format=NHWC)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size).to(memory_format=NHWC)
     y = torch.randint(0, 10, (batch,))
     steps, start = 0, 0.0
     while steps < 22 and (steps < 5 or time.perf_counter() - start < seconds):
@@ -78,6 +86,20 @@ def model_only(model_name: str, size: int, batch: int, seconds: float = 20.0) ->
         optimizer.step()
         steps += 1
     return (steps - 2) * batch / (time.perf_counter() - start)
+
+
+def model_only_default_malloc(model_name: str, size: int, batch: int) -> float:
+    """(a) in a child process that never calls keep_freed_memory."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from throughput import model_only; "
+        "print(model_only(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))"
+    )
+    here = str(Path(__file__).resolve().parent)
+    child = subprocess.run(
+        [sys.executable, "-c", code, here, model_name, str(size), str(batch)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(child.stdout.split()[-1])
 
 
 def ours(root: Path, size: int, args: argparse.Namespace, out: Path, cache: bool) -> float:
@@ -103,12 +125,13 @@ def plain_torchvision(root: Path, size: int, args: argparse.Namespace) -> float:
         data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True
     )
     model = create_classifier(create_backbone(args.model), len(data.classes)).train()
+    model.to(memory_format=NHWC)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(2):  # time the second epoch, as for ours
         start, seen = time.perf_counter(), 0
         for x, y in loader:
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(model(x.to(memory_format=NHWC)), y).backward()
             optimizer.step()
             seen += len(y)
     return seen / (time.perf_counter() - start)
@@ -148,6 +171,7 @@ def run_case(case: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]
     )
     print(f"cold fill of the cache: {cold.added} images in {cold.seconds:.1f} s "
           f"({cold.added / max(cold.seconds, 1e-9):.1f} img/s)")  # fmt: skip
+    default_malloc = model_only_default_malloc(args.model, size, args.batch_size)
     rates = {
         "(a) model only": model_only(args.model, size, args.batch_size),
         "(b) fit, cache": ours(root, size, args, tmp / f"{case}-cache", cache=True),
@@ -156,6 +180,8 @@ def run_case(case: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]
     }
     for name, rate in rates.items():
         print(f"{name:<20} {rate:8.1f} img/s")
+    print(f"(a') model only, malloc default {default_malloc:8.1f} img/s "
+          f"((a)/(a') {rates['(a) model only'] / default_malloc:.2f})")  # fmt: skip
     a, b, plain, c = rates.values()
     print(f"(b)/(a) {b / a:.2f}   (b)/(c) {b / c:.2f}   (b')/(c) {plain / c:.2f}")
     return rates
@@ -170,6 +196,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("benchmarks/data"))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    keep_freed_memory()  # as fit does on a CPU: every row but (a') runs with it
     print(
         f"{args.model}, batch {args.batch_size}, {args.workers} workers, cpu "
         f"({torch.get_num_threads()} threads, {os.cpu_count()} cores)"

@@ -39,6 +39,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
+from finetune.compute import keep_freed_memory
 from finetune.config import FitConfig
 from finetune.data import DatasetSplit, ImageDataset, collate_skipping_failed
 from finetune.decoded import DecodedCache
@@ -386,6 +387,8 @@ def _describe_compute(config: FitConfig) -> str:
     if config.compile:
         parts.append("torch.compile (the first step compiles)")
     parts.append(f"batch {config.batch_size}")
+    if torch.device(config.device or "cpu").type == "cpu" and keep_freed_memory():
+        parts.append("freed memory kept for the next step (glibc)")
     return ", ".join(parts)
 
 
