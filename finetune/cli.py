@@ -145,8 +145,8 @@ def _fit_option_list() -> list:
             "--cache-images/--no-cache-images",
             default=None,
             help="Fine-tunes: keep the images decoded and resized on disk (memory-mapped), so "
-            "no epoch or later run decodes them again [default: on when they take at most "
-            f"{CACHE_IMAGES_UP_TO // 1024**3} GB].",
+            "no epoch or later run decodes them again [default: on when the images are larger "
+            f"than the input and the cache takes at most {CACHE_IMAGES_UP_TO // 1024**3} GB].",
         ),
         click.option(
             "--balance",

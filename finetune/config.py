@@ -108,7 +108,8 @@ class FitConfig:
     device: str | None = None  # "cpu", "cuda", "cuda:1"...; None: cuda when available
     feature_cache: bool = True  # linear/stage-probe: reuse cached features of the same images
     # Fine-tunes: keep the images decoded, resized to the eval resize side, in memory-mapped
-    # files (finetune/decoded.py); None: when they take at most CACHE_IMAGES_UP_TO bytes.
+    # files (finetune/decoded.py); None: when the images are larger than that side (decoding
+    # costs something) and the arrays take at most CACHE_IMAGES_UP_TO bytes.
     cache_images: bool | None = None
     # Speed (fine-tuning strategies; the values used are written to config.json).
     precision: str = "auto"  # one of PRECISIONS; auto: bf16 on CUDA when supported, else fp32

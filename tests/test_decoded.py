@@ -104,10 +104,18 @@ def test_estimate_brings_the_short_side_down_and_never_up() -> None:
     assert estimate_bytes([small], 256) == 28 * 28 * 3 + 128
 
 
-def test_fit_fills_the_cache_once_and_a_second_run_reuses_it(
+def test_fit_leaves_small_images_alone_fills_the_cache_once_and_a_second_run_reuses_it(
     small_folder: Path, tmp_path: Path, cache_home: Path, capsys: pytest.CaptureFixture
 ) -> None:
     options = {"strategy": "finetune-top", "epochs": 1, "image_size": 32, "report": False}
+    run = finetune.fit(small_folder, out=str(tmp_path / "r0"), **options)  # 28 px images
+    assert "cache     off: the images are already small (median side 28 px" in (
+        capsys.readouterr().err
+    )
+    assert json.loads((run.dir / "config.json").read_text())["cache_images"] is False
+    assert not cache_home.exists()
+
+    options["cache_images"] = True
     run = finetune.fit(small_folder, out=str(tmp_path / "r1"), **options)
     log = capsys.readouterr().err
     assert "cache     60 decoded images" in log and "(60 decoded now" in log
@@ -119,6 +127,16 @@ def test_fit_fills_the_cache_once_and_a_second_run_reuses_it(
     assert "(0 decoded now" in log and "60 reused" in log
 
     shutil.rmtree(cache_home)
-    run = finetune.fit(small_folder, out=str(tmp_path / "r3"), cache_images=False, **options)
+    options["cache_images"] = False
+    run = finetune.fit(small_folder, out=str(tmp_path / "r3"), **options)
     assert "decoded images" not in capsys.readouterr().err and not cache_home.exists()
     assert json.loads((run.dir / "config.json").read_text())["cache_images"] is False
+
+
+def test_fit_caches_images_larger_than_the_input_by_default(
+    photos: Path, tmp_path: Path, cache_home: Path
+) -> None:
+    run = finetune.fit(photos, strategy="finetune-top", epochs=1, image_size=32,
+                       out=str(tmp_path / "run"), verbose=False, report=False)  # fmt: skip
+    assert json.loads((run.dir / "config.json").read_text())["cache_images"] is True
+    assert len(list(cache_home.rglob("*.npy"))) == 28  # 96 px photos, stored at 36 px
