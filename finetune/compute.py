@@ -197,11 +197,9 @@ def keep_freed_memory() -> bool:
     ``mmap`` and unmaps them when freed, and trims the heap when 128 kB are free at its top,
     so the next step takes a page fault, and a zeroed page from the kernel, for every 4 kB of
     activations again. Raising both thresholds to :data:`KEEP_FREED_BYTES` lets the steps
-    reuse the same memory. Measured on this project's 2 cores (tf_efficientnet_lite0,
-    channels_last, batch 32, ``benchmarks/throughput.py`` runs the comparison): 189 -> 205
-    img/s at 64 px, 66 -> 80 at 128 px and 15.5 -> 27.9 at 224 px, for a peak resident memory
-    0-19% higher (3.4 -> 4.0 GB at 224 px), which the process would otherwise give back
-    between steps only to take again.
+    reuse the same memory. ``benchmarks/cpu_settings.py`` on this project's 2 cores
+    (tf_efficientnet_lite0, channels_last, batch 32, training steps): 44.8 -> 67.1 img/s at
+    128 px and 12.1 -> 25.3 at 224 px (no gain at 64 px), peak resident memory 2-7% higher.
     """
     if not sys.platform.startswith("linux"):
         return False
