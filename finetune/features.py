@@ -24,7 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune.data import ImageDataset, Sample, cache_root, collate_skipping_failed
+from finetune.data import (
+    ImageDataset,
+    Sample,
+    cache_root,
+    collate_skipping_failed,
+    prepare_for_workers,
+)
 from finetune.transforms import Preprocessing, eval_transform
 
 __all__ = ["HEAD", "cache_dir", "extract_features", "probe_points", "weights_fingerprint"]
@@ -80,6 +86,7 @@ def _compute(
     desc: str,
 ) -> dict[str, np.ndarray]:
     backbone.eval()
+    prepare_for_workers(num_workers)
     loader = DataLoader(
         ImageDataset(samples, eval_transform(pre)),
         batch_size=batch_size,

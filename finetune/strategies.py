@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,12 @@ from torch.utils.data import (
 
 from finetune.compute import keep_freed_memory
 from finetune.config import FitConfig
-from finetune.data import DatasetSplit, ImageDataset, collate_skipping_failed
+from finetune.data import (
+    DatasetSplit,
+    ImageDataset,
+    collate_skipping_failed,
+    prepare_for_workers,
+)
 from finetune.decoded import DecodedCache
 from finetune.distributed import ALONE, World
 from finetune.errors import ConfigError
@@ -527,6 +531,7 @@ def training_loaders(
             f"batch_size {config.batch_size} does not split over {ranks.size} processes; give "
             f"a multiple of {ranks.size} (it is the global batch, shared by the processes)."
         )
+    prepare_for_workers(workers)
     common = {
         "num_workers": workers,
         "collate_fn": collate_skipping_failed,
@@ -536,7 +541,6 @@ def training_loaders(
         # their seeds (_SeededBatches), and validation is not random.
         "persistent_workers": workers > 0,
         "prefetch_factor": PREFETCH_BATCHES if workers else None,
-        "worker_init_fn": _init_worker,
     }
     augment = train_transform(pre, augmentation, lighting, seed=config.seed)
     train_set = ImageDataset(split.train, augment, cache)
@@ -623,19 +627,3 @@ class _BatchSeeded(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         return self.__getitems__([key])[0]
-
-
-def _init_worker(worker_id: int) -> None:
-    """In a DataLoader worker: one OpenCV thread, as torch gives each worker one thread. The
-    workers run side by side on the cores; a pool of OpenCV threads in each would only make
-    them fight over the cores (and over the cores the training step needs).
-
-    The main process (``num_workers=0``, the default on <= 2 cores) keeps OpenCV's default
-    pool, one thread per core: it decodes and augments between the training steps, never
-    while torch computes. Measured on this project's 2 cores (torch 2 threads), 30 training
-    steps of tf_efficientnet_lite0 at 128 px with this loader, OpenCV's default 2 threads
-    against 1: Fashion-MNIST PNGs 14.95 / 14.73 s and 15.23 / 13.50 s (the data 0.53-0.58 s
-    of it), 1600x1200 JPEGs (10 steps) 7.80 / 7.86 s and 7.66 / 7.63 s: no difference beyond
-    the noise, as decoding (PIL, one thread) is most of the data time.
-    """
-    cv2.setNumThreads(1)

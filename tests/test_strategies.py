@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -340,3 +342,41 @@ def test_an_epoch_brings_the_same_batches_whatever_the_workers_and_after_a_resum
         assert torch.equal(images, again) and torch.equal(labels, labels_again)
     _, first = last_epoch(0, [1])
     assert not torch.equal(first[0][0], resumed[0][0])  # each epoch its own order and crops
+
+
+# Workers forked after this process used OpenCV's thread pool (a resize of a large image, as the
+# decoded-cache fill does) once waited forever: each set its own OpenCV thread count, and
+# the copied pool's condition variable still counted the parent's waiting threads.
+_WORKERS_AFTER_OPENCV = """
+import sys
+import cv2, numpy as np, torch
+from finetune.config import FitConfig
+from finetune.data import scan_folder
+from finetune.features import extract_features
+from finetune.models import create_backbone
+from finetune.strategies import training_loaders
+from finetune.transforms import PRESETS, Preprocessing
+
+big = np.random.default_rng(0).integers(0, 255, (3000, 4000, 3), dtype=np.uint8)
+for _ in range(3):
+    cv2.resize(big, (1000, 750), interpolation=cv2.INTER_AREA)  # OpenCV's pool, in use
+split = scan_folder(sys.argv[1])
+pre = Preprocessing(32, (0.5,) * 3, (0.5,) * 3, 0.875, "bicubic")
+config = FitConfig(num_workers=2, batch_size=8)
+train, val = training_loaders(split, pre, config, torch.device("cpu"), PRESETS["strong"], None)
+print("batches", len(list(train)), len(list(val)), flush=True)
+backbone = create_backbone("tf_efficientnet_lite0")
+features, _ = extract_features(backbone, split.val, pre, ["head"], device=torch.device("cpu"),
+                               batch_size=8, num_workers=2, cache=False, progress=False)
+print("features", len(features["label"]), "threads", cv2.getNumThreads(), flush=True)
+"""
+
+
+def test_workers_start_after_the_main_process_used_opencv_threads(small_folder: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _WORKERS_AFTER_OPENCV, str(small_folder)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batches 6 " in done.stdout, done.stdout
+    assert "features 12 threads 1" in done.stdout, done.stdout
