@@ -271,6 +271,10 @@ def _resolve(
     if device.type == "cpu":  # before auto times training steps: they run faster with it
         keep_freed_memory()
     backbone.to(device)
+    # The layout first: auto times training steps in it.
+    config = dataclasses.replace(
+        config, channels_last=resolve_channels_last(config.channels_last, device)
+    )
     strategy, config, decision = strategy.resolve(split, backbone, config, device)
     if decision is not None:
         log.text(f"auto      {decision.cell} -> {decision.strategy}")
@@ -297,7 +301,6 @@ def _resolve(
         num_workers=_num_workers(config.num_workers),
         device=str(device),
         precision=resolve_precision(config.precision, device),
-        channels_last=resolve_channels_last(config.channels_last, device),
     )
     if config.compile:
         check_compile()
@@ -852,10 +855,11 @@ def plan(
         model = create_classifier(backbone, len(split.classes))
         n_train, n_val, side = len(split.train), len(split.val), config.image_size
         if strategy.trains_backbone:
-            epoch = training_epoch_seconds(model, side, device, n_train, n_val)
+            layout = bool(config.channels_last)
+            epoch = training_epoch_seconds(model, side, device, n_train, n_val, layout)
             seconds = config.epochs * epoch
         else:  # probes: one feature pass
-            seconds = pass_seconds(model, side, device, n_train + n_val)
+            seconds = pass_seconds(model, side, device, n_train + n_val, bool(config.channels_last))
     return Plan(split, strategy.name, config, decision, seconds, strategy.trains_backbone)
 
 

@@ -84,6 +84,7 @@ def _compute(
     num_workers: int,
     progress: bool,
     desc: str,
+    channels_last: bool,
 ) -> dict[str, np.ndarray]:
     backbone.eval()
     prepare_for_workers(num_workers)
@@ -103,6 +104,8 @@ def _compute(
             continue
         images, labels = batch
         images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if stage_ids:
             final, stages = backbone.forward_intermediates(images, indices=stage_ids)
             for i, feature in zip(stage_ids, stages, strict=True):
@@ -127,8 +130,12 @@ def extract_features(
     cache: bool = True,
     progress: bool = True,
     desc: str = "features",
+    channels_last: bool = False,
 ) -> tuple[dict[str, np.ndarray], bool]:
     """Pooled features of ``samples`` at each probe point, and whether they came from a cache.
+
+    Args:
+        channels_last: Feed the images NHWC (convert ``backbone`` to channels_last first).
 
     Returns:
         ``({point: (N, D) float32 array, ..., "label": (N,) int array}, cached)``. Images that
@@ -148,8 +155,9 @@ def extract_features(
             _remember(key, features)
             return features, True
     features = _compute(
-        backbone, samples, pre, points, device, batch_size, num_workers, progress, desc
-    )
+        backbone, samples, pre, points, device, batch_size, num_workers, progress, desc,
+        channels_last,
+    )  # fmt: skip
     if cache:
         _remember(key, features)
         try:

@@ -75,3 +75,21 @@ def test_a_damaged_cache_file_is_recomputed(small_folder: Path, cache: Path) -> 
     again, hit = extract_features(backbone, samples, pre, [HEAD], device=cpu, progress=False)
     assert not hit
     np.testing.assert_allclose(again[HEAD], good[HEAD], rtol=1e-5)
+
+
+def test_the_channels_last_pass_gives_the_same_features(small_folder: Path, cache: Path) -> None:
+    backbone = create_backbone("tf_efficientnet_lite0")
+    pre = Preprocessing.from_model(backbone, 32)
+    samples = scan_folder(small_folder).train[:8]
+    points = ["stage2", HEAD]
+    cpu = torch.device("cpu")
+    plain, _ = extract_features(
+        backbone, samples, pre, points, device=cpu, progress=False, cache=False
+    )
+    backbone.to(memory_format=torch.channels_last)
+    nhwc, _ = extract_features(
+        backbone, samples, pre, points, device=cpu, progress=False, cache=False,
+        channels_last=True,
+    )  # fmt: skip
+    for point in points:
+        np.testing.assert_allclose(nhwc[point], plain[point], rtol=1e-4, atol=1e-4)
