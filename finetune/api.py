@@ -594,7 +594,7 @@ def _train(
         ctx.say(
             f"tta       {config.tta}: val acc {tta_val_acc:.3f} (centre crop {best.val_acc:.3f})"
         )
-    page = _write_report(run_dir, head, config, log) if report and ctx.ranks.main else None
+    page = _write_report(ctx, head, log) if report and ctx.ranks.main else None
     result = FitResult(
         dir=run_dir,
         classes=ctx.split.classes,
@@ -619,18 +619,18 @@ def _train(
     return result
 
 
-def _write_report(
-    run_dir: Path, head: nn.Module | None, config: FitConfig, log: _Log
-) -> Path | None:
-    """report.html for a run that just ended; a warning (not an error: the run is saved) when
-    it cannot be made."""
+def _write_report(ctx: FitContext, head: nn.Module | None, log: _Log) -> Path | None:
+    """report.html for a run that just ended (its split as scanned, not scanned again); a
+    warning (not an error: the run is saved) when it cannot be made."""
     from finetune.reports import report
 
     started = time.perf_counter()
     try:
-        path = report(run_dir, head=head, device=config.device, progress=log.bars)
+        path = report(
+            ctx.run_dir, head=head, device=ctx.config.device, progress=log.bars, split=ctx.split
+        )
     except FinetuneError as exc:
-        warnings.warn(f"{run_dir}: no report.html ({exc})", stacklevel=3)
+        warnings.warn(f"{ctx.run_dir}: no report.html ({exc})", stacklevel=3)
         return None
     log.say(f"report    {path} ({time.perf_counter() - started:.1f}s)")
     return path

@@ -237,6 +237,7 @@ def report(
     max_images: int | None = DEFAULT_MAX_IMAGES,
     device: str | None = None,
     progress: bool = False,
+    split: DatasetSplit | None = None,
 ) -> Path:
     """Write ``RUN/report.html``: one self-contained page about a run (see the module doc).
 
@@ -251,6 +252,8 @@ def report(
             ``None``: all of them.
         device: Where to classify them [default: the run's device when it is available].
         progress: Show a progress bar while classifying (when stderr is a terminal).
+        split: The run's split, when the caller has it (``fit`` does): the data folder is
+            then not scanned again [default: scanned as the run scanned it].
 
     Returns:
         The path of ``report.html``.
@@ -259,7 +262,7 @@ def report(
         CheckpointError: ``run_dir`` is not a run directory, or no epoch of it finished.
     """
     run = read_run(run_dir)
-    page = _Page(run, head, max_images, device, progress)
+    page = _Page(run, head, max_images, device, progress, split)
     out = run.dir / REPORT_NAME
     _write_atomically(out, page.html())
     return out
@@ -279,6 +282,7 @@ class _Page:
         max_images: int | None,
         device: str | None,
         progress: bool,
+        split: DatasetSplit | None = None,
     ) -> None:
         from finetune.strategies import get_strategy
 
@@ -290,12 +294,13 @@ class _Page:
         self.tta = _read_json(self.dir / "tta.json")
         self.classes = _read_json(self.dir / "classes.json") or []
         self.data = self._data_folder()
-        self.split: DatasetSplit | None = None
+        self.split: DatasetSplit | None = split
         self.problems: dict[str, str] = {}  # section -> why part of it is missing
-        try:
-            self.split = _rescan(self.data, self.config)
-        except DataError as exc:
-            self.problems["data"] = f"The data folder cannot be read again: {exc}"
+        if split is None:
+            try:
+                self.split = _rescan(self.data, self.config)
+            except DataError as exc:
+                self.problems["data"] = f"The data folder cannot be read again: {exc}"
         self.evaluation: Evaluation | None = None
         self.evaluated_of = 0  # validation images in the split
         if self.split is not None:
