@@ -277,17 +277,16 @@ def _class_files(class_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The candidate image files below ``class_dir``, and the entries passed over, with why."""
     candidates: list[Path] = []
     passed: list[tuple[Path, str]] = []
-    hidden_dirs: set[Path] = set()
     for path in sorted(class_dir.rglob("*")):
-        rel = path.relative_to(class_dir)
-        if any(parent in hidden_dirs for parent in path.parents):
-            continue
-        if any(part.startswith(".") or part == "__MACOSX" for part in rel.parts):
-            if path.is_dir():
-                hidden_dirs.add(path)
-                passed.append((path, "hidden folder, not read"))
-            else:
-                passed.append((path, "hidden file, not read"))
+        parts = path.relative_to(class_dir).parts
+        hidden = next(
+            (i for i, part in enumerate(parts) if part.startswith(".") or part == "__MACOSX"),
+            None,
+        )
+        if hidden is not None:
+            if hidden == len(parts) - 1:  # the entry itself, not something inside a hidden folder
+                kind = "folder" if path.is_dir() else "file"
+                passed.append((path, f"hidden {kind}, not read"))
             continue
         if path.is_dir():
             continue
