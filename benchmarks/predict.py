@@ -1,5 +1,7 @@
-"""Prediction speed on CPU: the eager model (``finetune.load(run_dir)``) against its TorchScript
-and ONNX exports (``finetune.export``; ONNX runs through onnxruntime), side by side, one run.
+"""Prediction speed on CPU: the eager model (``finetune.load(run_dir)``, channels_last by
+default) against the same model in the contiguous NCHW layout (``eager NCHW``) and against its
+TorchScript and ONNX exports (``finetune.export``; ONNX runs through onnxruntime), side by side,
+one run.
 
     python benchmarks/predict.py [--image-size 224] [--repeats 7] [--batch-sizes 1 32]
 
@@ -117,6 +119,9 @@ def timed(
 
 
 def model_only(predictor: Predictor, batches: list[torch.Tensor]) -> Callable[[], None]:
+    layout = torch.channels_last if predictor.channels_last else torch.contiguous_format
+    batches = [x.contiguous(memory_format=layout) for x in batches]  # converted untimed
+
     def run() -> None:
         with torch.inference_mode():
             for x in batches:
@@ -151,11 +156,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         print("training and exporting...", file=sys.stderr, flush=True)
-        predictors = {
-            name: finetune.load(path, device="cpu")
-            for name, path in build_paths(args.data, args.image_size, tmp).items()
-        }
+        built = build_paths(args.data, args.image_size, tmp)
+        predictors = {name: finetune.load(path, device="cpu") for name, path in built.items()}
         eager = predictors["eager"]
+        # The same eager model in the layout it had before predict ran channels_last.
+        contiguous = finetune.load(built["eager"], device="cpu")
+        predictors["eager NCHW"] = Predictor(
+            contiguous.model.to(memory_format=torch.contiguous_format), contiguous.classes,
+            contiguous.preprocessing, "cpu", channels_last=False,
+        )  # fmt: skip
         transform = eval_transform(eager.preprocessing)
         x = torch.stack([transform(image=load_image(p))["image"] for p in paths])
 

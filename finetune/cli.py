@@ -26,6 +26,7 @@ from finetune.config import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     DEFAULT_MODEL,
+    FROZEN_CACHE_UP_TO,
     IMBALANCED_FROM,
     OPTIMIZERS,
     PRECISIONS,
@@ -147,6 +148,14 @@ def _fit_option_list() -> list:
             help="Fine-tunes: keep the images decoded and resized on disk (memory-mapped), so "
             "no epoch or later run decodes them again [default: on when the images are larger "
             f"than the input and the cache takes at most {CACHE_IMAGES_UP_TO // 1024**3} GB].",
+        ),
+        click.option(
+            "--cache-frozen/--no-cache-frozen",
+            default=None,
+            help="finetune-top: run the frozen layers once per image and train from their "
+            "outputs, kept in memory [default: on when the augmentation leaves their input the "
+            "same every epoch (--augment none, flips allowed) and the outputs take at most "
+            f"{FROZEN_CACHE_UP_TO // 1024**3} GB].",
         ),
         click.option(
             "--balance",

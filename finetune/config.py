@@ -49,6 +49,8 @@ TTA_MODES = ("none", "flip", "10crop")  # finetune.transforms.TestTimeViews
 BALANCE_MODES = ("none", "weighted-loss", "oversample")
 IMBALANCED_FROM = 5.0  # largest / smallest training class from which auto balances
 CACHE_IMAGES_UP_TO = 4 * 1024**3  # cache_images=None: cache decoded images up to these bytes
+# cache_frozen=None: keep the frozen layers' outputs in memory up to these bytes
+FROZEN_CACHE_UP_TO = 2 * 1024**3
 # Number formats of training and evaluation: auto (bf16 on a CUDA GPU that supports it, else
 # fp32), fp32, or bf16 (forward and loss under torch.autocast; weights and optimizer stay fp32).
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -111,6 +113,10 @@ class FitConfig:
     # files (finetune/decoded.py); None: when the images are larger than that side (decoding
     # costs something) and the arrays take at most CACHE_IMAGES_UP_TO bytes.
     cache_images: bool | None = None
+    # finetune-top: run the frozen layers once per image and keep their outputs in memory
+    # (finetune/frozen.py); None: when the augmentation leaves their input the same every
+    # epoch (none, or flips only) and the outputs take at most FROZEN_CACHE_UP_TO bytes.
+    cache_frozen: bool | None = None
     # Speed (fine-tuning strategies; the values used are written to config.json).
     precision: str = "auto"  # one of PRECISIONS; auto: bf16 on CUDA when supported, else fp32
     channels_last: bool | None = None  # NHWC layout; None: on (faster on CUDA and CPU alike)

@@ -27,6 +27,7 @@ from finetune.checkpoint import (
     rebuild_model,
     run_checkpoints,
 )
+from finetune.compute import resolve_channels_last
 from finetune.data import iter_image_files, load_image, pil_to_rgb
 from finetune.errors import CheckpointError, ConfigError, DataError
 from finetune.exports import (
@@ -250,6 +251,7 @@ class Predictor(BasePredictor):
         device: str | torch.device | None = None,
         source: str | Path | None = None,
         checkpoint: str | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         """
         Args:
@@ -260,9 +262,17 @@ class Predictor(BasePredictor):
             device: Where to run; default cuda when available.
             source: The file the model was read from, if any (for reports).
             checkpoint: Which checkpoint of a run directory it is ("best", "ema", ...), if any.
+            channels_last: Run a rebuilt classifier and its inputs in NHWC layout [default: on
+                CPUs and CUDA, as fit trains; ``benchmarks/predict.py`` measures it]. Exported
+                modules keep the layout they were exported in.
         """
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
+        self.channels_last = isinstance(model, Classifier) and resolve_channels_last(
+            channels_last, self.device
+        )
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.classes = tuple(classes)
         self.preprocessing = preprocessing
         self.source = None if source is None else str(source)
@@ -279,6 +289,8 @@ class Predictor(BasePredictor):
     def batch_proba(self, arrays: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
         views = self.views(tta)
         x = torch.cat([views(a) for a in arrays]).to(self.device)  # (images * views, 3, H, W)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             probs = self.model(x).float().softmax(1)
         return probs.view(len(arrays), views.count, -1).mean(1).cpu().numpy()

@@ -14,10 +14,11 @@ logistic-regression head; the two fine-tuning strategies train layer groups from
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,17 +40,27 @@ from torch.utils.data import (
 )
 
 from finetune.compute import keep_freed_memory
-from finetune.config import FitConfig
+from finetune.config import FROZEN_CACHE_UP_TO, FitConfig
 from finetune.data import (
     DatasetSplit,
     ImageDataset,
     collate_skipping_failed,
     prepare_for_workers,
 )
-from finetune.decoded import DecodedCache
+from finetune.decoded import DecodedCache, describe_size
 from finetune.distributed import ALONE, World
 from finetune.errors import ConfigError
 from finetune.features import HEAD, extract_features, probe_points
+from finetune.frozen import (
+    FrozenOutputs,
+    compute_frozen,
+    find_prefix,
+    frozen_loader,
+    frozen_views,
+    run_prefix,
+    skip_prefix,
+    view_agrees,
+)
 from finetune.measure import CPU_BUDGET_SECONDS, Decision, decide
 from finetune.models import (
     Classifier,
@@ -288,6 +299,10 @@ def _lr_groups(
 
 
 class _FineTune(Strategy):
+    # The same layers stay frozen for the whole run, so their outputs can be computed once
+    # (finetune.frozen) when the augmentation allows it.
+    fixed_frozen: ClassVar[bool] = False
+
     @abstractmethod
     def trainable_groups(self, model: Classifier, config: FitConfig) -> int:
         """How many backbone layer groups (from the top) train."""
@@ -319,7 +334,14 @@ class _FineTune(Strategy):
         ctx.say(f"compute   {_describe_compute(config)}")
         if config.channels_last:  # before the average copies the model: it runs NHWC too
             model.to(memory_format=torch.channels_last)
-        train_loader, val_loader = _loaders(ctx, _decoded_cache(ctx))
+        cache = _decoded_cache(ctx)
+        frozen = _frozen_outputs(ctx, cache, self.fixed_frozen)
+        view = None  # what runs on the loaders' tensors: the model, or its part above the cache
+        if frozen is None:
+            train_loader, val_loader = _loaders(ctx, cache)
+        else:
+            train_loader, val_loader = _frozen_loaders(ctx, frozen)
+            view = functools.partial(skip_prefix, prefix=frozen.prefix)
         optimizer = create_optimizer(groups, config)
         scheduler = create_scheduler(optimizer, config, len(train_loader))
         ema = None
@@ -334,7 +356,8 @@ class _FineTune(Strategy):
                 ema.module.load_state_dict(ctx.resumed["ema_state_dict"])
             first_epoch = ctx.resumed["epoch"] + 1
 
-        wrapped = None
+        net = model if view is None else view(model)  # shares the model's parameters
+        wrapped = None if view is None else net
         if ctx.ranks.distributed:
             if config.warmup_epochs:
                 raise ConfigError(
@@ -342,10 +365,10 @@ class _FineTune(Strategy):
                     "DistributedDataParallel cannot follow; use --lr-warmup-epochs instead."
                 )
             wrapped = DistributedDataParallel(
-                model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
+                net, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
             )
         if config.compile:  # compiles at the first step; shares the model's parameters
-            wrapped = torch.compile(wrapped if wrapped is not None else model)
+            wrapped = torch.compile(wrapped if wrapped is not None else net)
 
         training = Training(
             optimizer=optimizer,
@@ -367,6 +390,7 @@ class _FineTune(Strategy):
             wrapped=wrapped,
             bf16=config.precision == "bf16",
             channels_last=bool(config.channels_last),
+            view=view,
         )
         history = train(
             model,
@@ -430,6 +454,7 @@ class FinetuneTop(_FineTune):
 
     name = "finetune-top"
     summary = "a lot of similar data: the top third of the layers (--unfreeze K) and the head"
+    fixed_frozen = True
 
     def trainable_groups(self, model: Classifier, config: FitConfig) -> int:
         body = len(param_groups(model)) - 1
@@ -502,6 +527,90 @@ def _decoded_cache(ctx: FitContext) -> DecodedCache | None:
     return cache
 
 
+def _frozen_outputs(
+    ctx: FitContext, cache: DecodedCache | None, fixed: bool
+) -> FrozenOutputs | None:
+    """The frozen layers' outputs, computed once (``cache_frozen``: None when the augmentation
+    allows it, the model splits there and they take at most FROZEN_CACHE_UP_TO bytes; True:
+    always, or an error saying why not); None when the frozen layers run every step."""
+    config, split = ctx.config, ctx.split
+    if config.cache_frozen is False:
+        return None
+    if not fixed:
+        if config.cache_frozen:
+            raise ConfigError(
+                f"--cache-frozen needs --strategy finetune-top; {ctx.config.strategy} changes "
+                "which layers train, so no layer's output stays the same."
+            )
+        return None
+    views, why = frozen_views(ctx.augmentation)
+    if not views:
+        return _frozen_off(ctx, f"{why}; with --augment none (flips allowed) they run once")
+    loaded = [item for item in ImageDataset(split.train[:8], eval_transform(ctx.pre), cache)
+              if item is not None]  # fmt: skip
+    if len(loaded) < 2:
+        return _frozen_off(ctx, "fewer than 2 training images could be read to check the split")
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    example = torch.stack([image for image, _ in loaded]).to(ctx.device, memory_format=layout)
+    bf16 = config.precision == "bf16"
+    prefix = find_prefix(ctx.model, example)
+    if isinstance(prefix, str):
+        return _frozen_off(ctx, prefix)
+    if not view_agrees(ctx.model, prefix, example, bf16=bf16):
+        return _frozen_off(
+            ctx,
+            f"the layers above {prefix.output} do not take its output alone (a skip "
+            "connection or arithmetic between modules), so they cannot start from a cache",
+        )
+    with torch.no_grad(), torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+        ctx.model.eval()
+        one = run_prefix(ctx.model, prefix, example[:1])
+    val = split.val[ctx.ranks.rank :: ctx.ranks.size]
+    need = one.element_size() * one.numel() * (views * len(split.train) + len(val))
+    if config.cache_frozen is None and need > FROZEN_CACHE_UP_TO:
+        return _frozen_off(
+            ctx,
+            f"their outputs would take {describe_size(need)}, over "
+            f"{describe_size(FROZEN_CACHE_UP_TO)}; --cache-frozen keeps them anyway",
+        )
+    outputs = compute_frozen(
+        ctx.model, prefix, split.train, val, ctx.pre, views, device=ctx.device, bf16=bf16,
+        channels_last=bool(config.channels_last), batch_size=config.batch_size,
+        num_workers=config.num_workers or 0, cache=cache, progress=ctx.verbose,
+    )  # fmt: skip
+    versions = " (as they are and mirrored)" if views == 2 else ""
+    share = " (this process's share)" if ctx.ranks.distributed else ""
+    ctx.say(
+        f"frozen    {prefix.describe()} run once, not every step: {len(outputs.train_labels)} "
+        f"train images{versions} + {len(outputs.val_labels)} val{share} in "
+        f"{outputs.seconds:.1f} s, {describe_size(outputs.nbytes)} in memory; training starts "
+        f"at {prefix.first_trained}"
+    )
+    ctx.describe["frozen"] = {"skipped": list(prefix.skipped), "views": views}
+    return outputs
+
+
+def _frozen_off(ctx: FitContext, reason: str) -> None:
+    """Say why the frozen layers run every step (or refuse, when --cache-frozen asked)."""
+    if ctx.config.cache_frozen:
+        raise ConfigError(f"--cache-frozen: cannot compute the frozen layers once: {reason}.")
+    ctx.say(f"frozen    the frozen layers run every step: {reason}")
+
+
+def _frozen_loaders(ctx: FitContext, frozen: FrozenOutputs) -> tuple[DataLoader, DataLoader]:
+    """Loaders of the frozen layers' outputs: the training batches as the image loaders
+    draw them (order, oversampling, this rank's share), validation in order."""
+    pin = ctx.device.type == "cuda"
+    batches = seeded_batches(frozen.train_labels.tolist(), ctx.config, ctx.ranks)
+    train_loader = frozen_loader(
+        frozen.train, frozen.train_labels, batch_sampler=batches, pin_memory=pin
+    )
+    val_loader = frozen_loader(
+        frozen.val, frozen.val_labels, batch_size=batches.batches.batch_size, pin_memory=pin
+    )
+    return train_loader, val_loader
+
+
 def _loaders(ctx: FitContext, cache: DecodedCache | None) -> tuple[DataLoader, DataLoader]:
     return training_loaders(
         ctx.split, ctx.pre, ctx.config, ctx.device, ctx.augmentation, ctx.lighting, ctx.ranks,
@@ -530,11 +639,6 @@ def training_loaders(
     batch number), so an epoch's batches are the same whatever the number of workers, whether
     they outlive the epoch, and whether the run was resumed."""
     workers = config.num_workers or 0
-    if config.batch_size % ranks.size:
-        raise ConfigError(
-            f"batch_size {config.batch_size} does not split over {ranks.size} processes; give "
-            f"a multiple of {ranks.size} (it is the global batch, shared by the processes)."
-        )
     prepare_for_workers(workers)
     common = {
         "num_workers": workers,
@@ -548,30 +652,9 @@ def training_loaders(
     }
     augment = train_transform(pre, augmentation, lighting, seed=config.seed)
     train_set = ImageDataset(split.train, augment, cache)
-    order = torch.Generator().manual_seed(config.seed)  # the shuffling, reseeded per epoch
-    if ranks.distributed:
-        if config.balance == "oversample":
-            raise ConfigError(
-                "--balance oversample is not supported with several processes; use "
-                "--balance weighted-loss."
-            )
-        sampler = DistributedSampler(
-            train_set, ranks.size, ranks.rank, shuffle=True, seed=config.seed, drop_last=True
-        )
-    elif config.balance == "oversample":  # each class drawn equally often, with replacement
-        labels = [s.label for s in split.train]
-        counts = np.bincount(labels, minlength=len(split.classes))
-        sampler = WeightedRandomSampler(
-            [1.0 / counts[label] for label in labels], len(labels), generator=order
-        )
-    else:
-        sampler = RandomSampler(train_set, generator=order)
-    batches = BatchSampler(
-        sampler, config.batch_size // ranks.size, drop_last=len(split.train) > config.batch_size
-    )
     train_loader = DataLoader(
         _BatchSeeded(train_set),
-        batch_sampler=_SeededBatches(batches, order, config.seed, ranks.rank),
+        batch_sampler=seeded_batches([s.label for s in split.train], config, ranks),
         # The loader draws its workers' base seed from this generator, never from torch's
         # global one (which dropout uses, and last.pt saves).
         generator=torch.Generator().manual_seed(config.seed),
@@ -586,6 +669,41 @@ def training_loaders(
         **common,
     )
     return train_loader, val_loader
+
+
+def seeded_batches(
+    labels: Sequence[int], config: FitConfig, ranks: World = ALONE
+) -> _SeededBatches:
+    """The training batches over images with these ``labels``: shuffled by a generator seeded
+    per epoch (oversampling rarer classes with ``balance="oversample"``; this rank's share
+    when distributed), each index paired with its batch's augmentation seed."""
+    if config.batch_size % ranks.size:
+        raise ConfigError(
+            f"batch_size {config.batch_size} does not split over {ranks.size} processes; give "
+            f"a multiple of {ranks.size} (it is the global batch, shared by the processes)."
+        )
+    order = torch.Generator().manual_seed(config.seed)  # the shuffling, reseeded per epoch
+    indices = range(len(labels))
+    if ranks.distributed:
+        if config.balance == "oversample":
+            raise ConfigError(
+                "--balance oversample is not supported with several processes; use "
+                "--balance weighted-loss."
+            )
+        sampler = DistributedSampler(
+            indices, ranks.size, ranks.rank, shuffle=True, seed=config.seed, drop_last=True
+        )
+    elif config.balance == "oversample":  # each class drawn equally often, with replacement
+        counts = np.bincount(labels)
+        sampler = WeightedRandomSampler(
+            [1.0 / counts[label] for label in labels], len(labels), generator=order
+        )
+    else:
+        sampler = RandomSampler(indices, generator=order)
+    batches = BatchSampler(
+        sampler, config.batch_size // ranks.size, drop_last=len(labels) > config.batch_size
+    )
+    return _SeededBatches(batches, order, config.seed, ranks.rank)
 
 
 class _SeededBatches(Sampler[list[tuple[int, int]]]):

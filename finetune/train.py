@@ -150,6 +150,9 @@ class Training:
     bf16: bool = False  # forward and loss under bfloat16 autocast (training and evaluation)
     channels_last: bool = False  # images in NHWC layout (the model converted by the caller)
     sync_every: int = SYNC_EVERY  # steps between two reads of the stop / non-finite flags
+    # The part of a model (or of its average) that runs on what the loaders yield, when they
+    # yield the frozen layers' outputs (finetune.frozen) rather than images; None: all of it.
+    view: Callable[[nn.Module], nn.Module] | None = None
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -164,7 +167,9 @@ def _batches(loader: DataLoader, device: torch.device, channels_last: bool = Fal
             continue
         images, labels = batch
         # non_blocking: from pinned memory the copy overlaps the work already queued on the GPU
-        yield (images.to(device, non_blocking=True, memory_format=layout),
+        # (frozen layers' outputs need not be 4-D, and only 4-D tensors have an NHWC layout)
+        memory_format = layout if images.ndim == 4 else torch.preserve_format
+        yield (images.to(device, non_blocking=True, memory_format=memory_format),
                labels.to(device, non_blocking=True))  # fmt: skip
 
 
@@ -494,6 +499,8 @@ def _epoch(
     # DistributedDataParallel averages the gradients over the ranks. (Not `t.wrapped or model`:
     # a compiled module's truth value is its len(), which a model does not have.)
     net = t.wrapped if t.wrapped is not None else model
+    if net is not model:  # a view's containers are copies: their modes follow the model's here
+        set_train_mode(net)
     total_loss, correct, seen = _zero(t.device), _zero(t.device), 0  # sums stay on the device
     finite = torch.ones((), dtype=torch.bool, device=t.device)  # every loss so far was finite
     lr = t.optimizer.param_groups[-1]["lr"]
@@ -539,9 +546,10 @@ def _epoch(
     )
     t.ranks.sync_buffers(model)
     speed = {"bf16": t.bf16, "channels_last": t.channels_last}
-    val_loss, val_acc = evaluate(model, t.val_loader, t.device, t.ranks, **speed)
+    view = t.view or (lambda module: module)
+    val_loss, val_acc = evaluate(view(model), t.val_loader, t.device, t.ranks, **speed)
     ema_loss, ema_acc = (
-        evaluate(t.ema.module, t.val_loader, t.device, t.ranks, **speed)
+        evaluate(view(t.ema.module), t.val_loader, t.device, t.ranks, **speed)
         if t.ema is not None
         else (math.nan,) * 2
     )

@@ -34,6 +34,23 @@ def test_predictions_agree_with_the_validation_metric(
     assert correct / 100 == pytest.approx(linear_run.best_metric)
 
 
+def test_predict_runs_channels_last_like_training_and_agrees_with_nchw(
+    predictor: finetune.Predictor, linear_run: finetune.FitResult, fashion: Path
+) -> None:
+    paths = expand_inputs([fashion / "test"])[:40]
+    assert predictor.channels_last  # the CPU default, as fit trains
+    conv = next(m for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    nchw = finetune.load(linear_run.dir, device="cpu")
+    model = nchw.model.to(memory_format=torch.contiguous_format)
+    nchw = finetune.Predictor(model, nchw.classes, nchw.preprocessing, "cpu", channels_last=False)
+    conv = next(m for m in nchw.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not nchw.channels_last and conv.weight.is_contiguous()
+    np.testing.assert_allclose(
+        predictor.predict_proba(paths), nchw.predict_proba(paths), rtol=0, atol=1e-5
+    )
+
+
 def test_held_out_test_images_are_mostly_right(predictor: finetune.Predictor, fashion: Path):
     predictions = predictor.predict(expand_inputs([fashion / "test"]))
     accuracy = np.mean([Path(p.path).parent.name == p.label for p in predictions])
