@@ -5,7 +5,7 @@ same model, image size, batch size, optimizer (AdamW), memory layout (channels_l
 default), threads, workers and device:
 
 - (a) ``model only``: forward + backward + step on random tensors already in memory: the
-  ceiling for any input pipeline;
+  ceiling for any input pipeline (measured just before and just after (b); their mean);
 - (b) ``fit, cache``: ``finetune fit --strategy finetune-all --augment default`` with the
   decoded-image cache warm (filled beforehand; the cold fill is timed on its own line);
 - (b') ``fit, no cache``: the same with ``--no-cache-images``: every epoch decodes every file;
@@ -176,14 +176,21 @@ def run_case(case: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]
     print(f"cold fill of the cache: {cold.added} images in {cold.seconds:.1f} s "
           f"({cold.added / max(cold.seconds, 1e-9):.1f} img/s)")  # fmt: skip
     default_malloc = model_only_default_malloc(args.model, size, args.batch_size)
+    # The ceiling is measured right before and right after (b), and (a) is their mean: on a
+    # shared machine the speed drifts by 10-20% within minutes, and (b)/(a) should compare
+    # the two at the same time.
+    before = model_only(args.model, size, args.batch_size)
+    cached = ours(root, size, args, tmp / f"{case}-cache", cache=True)
+    after = model_only(args.model, size, args.batch_size)
     rates = {
-        "(a) model only": model_only(args.model, size, args.batch_size),
-        "(b) fit, cache": ours(root, size, args, tmp / f"{case}-cache", cache=True),
+        "(a) model only": (before + after) / 2,
+        "(b) fit, cache": cached,
         "(b') fit, no cache": ours(root, size, args, tmp / f"{case}-plain", cache=False),
         "(c) torchvision": plain_torchvision(root, size, args),
     }
     for name, rate in rates.items():
         print(f"{name:<20} {rate:8.1f} img/s")
+    print(f"    (a) before and after (b): {before:.1f} and {after:.1f} img/s")
     print(f"(a') model only, malloc default {default_malloc:8.1f} img/s "
           f"((a)/(a') {rates['(a) model only'] / default_malloc:.2f})")  # fmt: skip
     a, b, plain, c = rates.values()

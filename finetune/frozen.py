@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from finetune.data import ImageDataset, Sample, collate_skipping_failed, prepare_for_workers
@@ -127,11 +127,15 @@ def find_prefix(model: nn.Module, images: torch.Tensor) -> FrozenPrefix | str:
     """The frozen prefix of ``model`` (its trainable parameters already chosen), found from
     the order its modules run in on ``images``; or why there is none."""
     calls = _call_order(model, images)
-    trained = [
+    owners = [
         name
         for name, module in model.named_modules()
-        if name in calls and any(p.requires_grad for p in module.parameters(recurse=False))
+        if any(p.requires_grad for p in module.parameters(recurse=False))
     ]
+    uncalled = [name for name in owners if name not in calls]
+    if uncalled:  # e.g. a position embedding added in a forward method, outside any module
+        return f"{uncalled[0] or 'the model'} uses trainable parameters outside its modules"
+    trained = owners
     if not trained:
         return "no module with trainable parameters runs"
     first = min(trained, key=lambda name: calls[name][0][0])
@@ -379,7 +383,7 @@ def frozen_loader(
     labels: torch.Tensor,
     *,
     batch_size: int | None = None,
-    batch_sampler: Any = None,
+    batch_sampler: Sampler[list[Any]] | None = None,
     pin_memory: bool = False,
 ) -> DataLoader:
     """A loader of frozen outputs: training batches from ``batch_sampler`` (its keys (index,

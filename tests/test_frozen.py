@@ -4,6 +4,7 @@ the model computes, and that a fine-tune from the cache trains exactly as one fr
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,44 @@ def test_asking_for_the_cache_where_it_cannot_run_says_why(tmp_path: Path) -> No
         _fit(data, tmp_path / "b", strategy="finetune-all", cache_frozen=True)
     with pytest.raises(ConfigError, match="no frozen layer runs before"):
         _fit(data, tmp_path / "c", unfreeze=len(param_groups(_lite0())) - 1, cache_frozen=True)
+
+
+class _CrashingHead(nn.Linear):
+    """A linear head that raises at its ``crash_at``-th training call of 4 images: a run that
+    dies in epoch 2 after epoch 1 was saved (the split check's calls, on 8 images, and the
+    validation passes, in eval mode, do not count)."""
+
+    calls = 0  # on the class: the copies the split check makes count too
+
+    def __init__(self, crash_at: int) -> None:
+        super().__init__(1280, 3)
+        self.crash_at = crash_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and len(x) == 4:
+            type(self).calls += 1
+            if type(self).calls == self.crash_at:
+                raise RuntimeError("crashed")
+        return super().forward(x)
+
+
+def test_a_run_from_the_cache_resumes_exactly(tmp_path: Path) -> None:
+    data = copy_classes(tmp_path / "data", ["bag", "sneaker", "trouser"], 10)  # 24 train
+    options = {"epochs": 3, "batch_size": 4, "hflip": True, "dropout": 0.2, "ema": True}
+
+    def head(crash_at: int = 0) -> nn.Module:
+        torch.manual_seed(0)  # the same initial head for every run
+        return _CrashingHead(crash_at)
+
+    whole = _fit(data, tmp_path / "whole", head=head(), **options)
+    _CrashingHead.calls = 0
+    with pytest.raises(RuntimeError, match="crashed"):
+        _fit(data, tmp_path / "crashed", head=head(crash_at=7), **options)  # 6 steps an epoch
+    assert [r.epoch for r in read_metrics(tmp_path / "crashed" / "metrics.csv")] == [1]
+    resumed = finetune.resume(tmp_path / "crashed", head=head(), verbose=False, report=False)
+    mine, theirs = (read_metrics(r.dir / "metrics.csv") for r in (resumed, whole))
+    assert len(mine) == 3
+    assert mine == [replace(r, seconds=m.seconds) for r, m in zip(theirs, mine, strict=True)]
+    for name in ("last.pt", "ema.pt"):
+        a, b = (load_checkpoint(r.dir / name)["state_dict"] for r in (whole, resumed))
+        assert all(torch.equal(a[key], b[key]) for key in a), name
