@@ -804,11 +804,17 @@ def augment_preview(
     *,
     images: int = 4,
     versions: int = 5,
+    pca: Lighting | None = None,
     **options: Any,
 ) -> Path:
     """Write a PNG grid of training images beside augmented versions of them: what the model
     sees in training with these options (``augment``, ``crop_scale``, ``lighting``... of
     :class:`FitConfig`; the preset is chosen from the data size as ``fit`` would).
+
+    Args:
+        pca: The principal components of the training images' colours for PCA lighting, when
+            the caller has them (a run's checkpoint does) [default: measured on the images,
+            as ``fit`` measures them: seconds for camera-sized JPEGs].
 
     Returns:
         The path of the PNG.
@@ -821,7 +827,7 @@ def augment_preview(
     pre = Preprocessing.from_model(backbone, side)
     preset, _ = preset_for(measure_size(split).per_class_median)
     augmentation = augmentation_of(dataclasses.replace(config, augment=config.augment or preset))
-    lighting = fit_lighting([s.path for s in split.train], seed=config.seed)
+    lighting = pca or fit_lighting([s.path for s in split.train], seed=config.seed)
     # One image from each of the first classes, so the rows differ.
     picked = list({s.label: s for s in split.train}.values())[: max(1, images)]
     figure = preview_figure(

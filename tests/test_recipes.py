@@ -12,7 +12,7 @@ import finetune
 from finetune.config import FitConfig
 from finetune.errors import ConfigError
 from finetune.recipes import field_comments, load_recipe, write_recipe
-from tests.test_cli import run
+from tests.test_cli import run, run_many
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -128,8 +128,11 @@ def test_cli_typed_options_beat_the_recipe_and_defaults_do_not(
         "feature_cache = false\n"
     )
     out = tmp_path / "run"
-    fit = run("fit", str(small_folder), "--recipe", str(recipe), "--image-size", "40",
-              "--out", str(out))  # fmt: skip
+    fit, plan = run_many(
+        ("fit", str(small_folder), "--recipe", str(recipe), "--image-size", "40", "--out",
+         str(out)),
+        ("plan", str(small_folder), "--recipe", str(recipe), "--batch-size", "32"),
+    )  # fmt: skip
     assert fit.returncode == 0, fit.stderr
     assert f"recipe    {recipe}, overridden by --image-size 40" in fit.stderr
     used = json.loads((out / "config.json").read_text())
@@ -137,7 +140,6 @@ def test_cli_typed_options_beat_the_recipe_and_defaults_do_not(
     assert used["strategy"] == "linear" and used["batch_size"] == 16
     assert used["val_split"] == 0.25 and used["feature_cache"] is False
     assert used["image_size"] == 40  # ... except what was typed
-    plan = run("plan", str(small_folder), "--recipe", str(recipe), "--batch-size", "32")
     assert plan.returncode == 0, plan.stderr
     assert "strategy   linear: one feature pass at 32 px" in plan.stdout
     rerun = f"finetune fit {small_folder} --recipe {recipe} --batch-size 32"
