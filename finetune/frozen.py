@@ -135,10 +135,9 @@ def find_prefix(model: nn.Module, images: torch.Tensor) -> FrozenPrefix | str:
     uncalled = [name for name in owners if name not in calls]
     if uncalled:  # e.g. a position embedding added in a forward method, outside any module
         return f"{uncalled[0] or 'the model'} uses trainable parameters outside its modules"
-    trained = owners
-    if not trained:
+    if not owners:
         return "no module with trainable parameters runs"
-    first = min(trained, key=lambda name: calls[name][0][0])
+    first = min(owners, key=lambda name: calls[name][0][0])
     start = calls[first][0][0]
     done = {name for name, ticks in calls.items() if ticks[-1][1] < start}
     top = [name for name in done if name.rpartition(".")[0] not in done]
@@ -148,14 +147,13 @@ def find_prefix(model: nn.Module, images: torch.Tensor) -> FrozenPrefix | str:
     if not with_params:
         return f"no frozen layer runs before the first trained one ({first})"
     output = max(with_params, key=lambda name: calls[name][-1][1])
+    end = calls[output][-1][1]
     skipped = sorted(
-        (name for name in top if calls[name][-1][1] <= calls[output][-1][1]),
-        key=lambda name: calls[name][0][0],
+        (name for name in top if calls[name][-1][1] <= end), key=lambda name: calls[name][0][0]
     )
     again = [name for name in skipped if len(calls[name]) > 1]
     if again:
         return f"{again[0]} runs more than once in a forward pass"
-    end = calls[output][-1][1]
     while (parent := first.rpartition(".")[0]) in calls and calls[parent][0][0] > end:
         first = parent  # the outermost module that starts above the prefix, e.g. blocks.4
     return FrozenPrefix(tuple(skipped), output, first)
