@@ -19,7 +19,7 @@ Data (real images, ``--images`` of each):
   largest one that fits, resized; chelsea is 451x300, so its windows are upsampled), out 224 px.
 
 Pipelines, for tf_efficientnet_lite0's preprocessing (mean = std = 0.5, bicubic) and each preset:
-- ours: ``finetune.data.load_image`` + ``train_transform(pre, PRESETS[preset], lighting)``:
+- ours: ``finetune.data.images.load_image`` + ``train_transform(pre, PRESETS[preset], lighting)``:
   RandomResizedCrop (cv2 bicubic), HorizontalFlip, ColorJitter(p=jitter_p), PCALighting
   (on uint8), Normalize, ToTensorV2. Preset ``none``: SmallestMaxSize + CenterCrop instead.
 - torchvision: ``Image.open(path).convert("RGB")`` + v2 RandomResizedCrop(bicubic,
@@ -68,8 +68,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from finetune.data import load_image
-from finetune.transforms import (
+from finetune.data.images import load_image
+from finetune.data.transforms import (
     PRESETS,
     Augmentation,
     Lighting,

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchdata import fashion, photos  # benchmarks/benchdata.py
 
 import finetune
-from finetune.evaluate import evaluate
+from finetune.inference.evaluate import evaluate
 
 PRESETS = ("none", "light", "default", "strong")
 TTA = ("none", "flip", "10crop")

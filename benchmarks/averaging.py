@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchdata import fashion  # benchmarks/benchdata.py
 
 import finetune
-from finetune.evaluate import evaluate
+from finetune.inference.evaluate import evaluate
 
 ROWS = ("final", "best", "ema", "restarts final", "snapshots", "models")
 

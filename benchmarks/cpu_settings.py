@@ -7,7 +7,7 @@ undone inside one):
 - ``contiguous`` / ``channels_last``: the NCHW layout against NHWC (``--channels-last``, fit's
   default);
 - ``malloc default`` / ``freed kept``: glibc as it comes against
-  ``finetune.compute.keep_freed_memory`` (which fit applies on a CPU).
+  ``finetune.training.compute.keep_freed_memory`` (which fit applies on a CPU).
 
 Prints images/s (the median step after 3 of warm-up) and the peak resident memory.
 

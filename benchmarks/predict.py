@@ -47,10 +47,10 @@ import onnxruntime
 import torch
 
 import finetune
-from finetune.data import load_image
-from finetune.exports import export
-from finetune.predict import Predictor, expand_inputs
-from finetune.transforms import eval_transform
+from finetune.data.images import load_image
+from finetune.data.transforms import eval_transform
+from finetune.inference.export import export
+from finetune.inference.predict import Predictor, expand_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 2  # passes before timing; TorchScript's profiling executor optimises on the 2nd call

@@ -25,11 +25,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-from finetune.data import scan_folder
-from finetune.features import extract_features, probe_points
-from finetune.models import create_backbone
-from finetune.probe import C_GRID, fit_probe
-from finetune.transforms import Preprocessing
+from finetune.data.features import extract_features, probe_points
+from finetune.data.scan import scan_folder
+from finetune.data.transforms import Preprocessing
+from finetune.model.backbone import create_backbone
+from finetune.strategies.logistic import C_GRID, fit_probe
 
 
 def independent_fits(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -6,13 +6,13 @@ character, next to two alternatives, and what each predicts about the best probe
 
 For each dataset (benchmarks/benchdata.py, plus uniform noise as the far extreme):
 
-- ``bn shift``: finetune.measure.batchnorm_shift at the model's native size (what auto uses):
+- ``bn shift``: finetune.strategies.measure.batchnorm_shift at the model's native size (what auto uses):
   mean KL divergence between the per-channel Gaussian of each BatchNorm layer's input on these
   images and the running statistics stored from ImageNet.
 - ``in1k conf``: the pretrained ImageNet classifier's mean top-1 probability, the other
   measurement often suggested; it does not separate the datasets.
 - ``head cv`` / ``best stage cv``: cross-validated accuracy of a linear probe on the top features
-  and on the best stage (finetune.probe): where the shift is large, earlier stages win or tie,
+  and on the best stage (finetune.strategies.logistic): where the shift is large, earlier stages win or tie,
   the premise of the "different data" row of the matrix.
 """
 
@@ -30,12 +30,13 @@ import torch
 from benchdata import build  # benchmarks/benchdata.py
 from PIL import Image
 
-from finetune.data import ImageDataset, collate_skipping_failed, scan_folder
-from finetune.features import HEAD, extract_features, probe_points
-from finetune.measure import SIMILAR_BELOW, batchnorm_shift
-from finetune.models import create_backbone
-from finetune.probe import fit_probe
-from finetune.transforms import Preprocessing, choose_image_size, eval_transform
+from finetune.data.features import HEAD, extract_features, probe_points
+from finetune.data.loaders import ImageDataset, collate_skipping_failed
+from finetune.data.scan import scan_folder
+from finetune.data.transforms import Preprocessing, choose_image_size, eval_transform
+from finetune.model.backbone import create_backbone
+from finetune.strategies.logistic import fit_probe
+from finetune.strategies.measure import SIMILAR_BELOW, batchnorm_shift
 
 
 def noise_folder(root: Path, classes: int = 4, per_class: int = 40) -> Path:

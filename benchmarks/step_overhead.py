@@ -2,7 +2,7 @@
 
 The same model and optimizer alternate, in rounds, between training steps on one random
 tensor kept in memory (the ceiling of ``throughput.py``'s (a)) and training steps on batches
-from ``fit``'s own training loader (``finetune.strategies.training_loaders``, the decoded-image
+from ``fit``'s own training loader (``finetune.strategies.loaders.training_loaders``, the decoded-image
 cache warm, the default augmentation). Per round it prints the images/s of each kind of step and
 how long the loader took to prepare a batch: on a machine whose speed drifts within minutes,
 steps measured side by side, round after round, show whether the real batches make the model
@@ -28,13 +28,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 
-from finetune.compute import keep_freed_memory
 from finetune.config import FitConfig
-from finetune.data import scan_folder
-from finetune.decoded import DecodedCache
-from finetune.models import create_backbone, create_classifier
-from finetune.strategies import training_loaders
-from finetune.transforms import PRESETS, Preprocessing
+from finetune.data.decoded import DecodedCache
+from finetune.data.scan import scan_folder
+from finetune.data.transforms import PRESETS, Preprocessing
+from finetune.model.backbone import create_backbone, create_classifier
+from finetune.strategies.loaders import training_loaders
+from finetune.training.compute import keep_freed_memory
 
 NHWC = torch.channels_last
 

@@ -22,7 +22,7 @@ import numpy as np
 from benchdata import build  # benchmarks/benchdata.py
 
 import finetune
-from finetune.predict import expand_inputs
+from finetune.inference.predict import expand_inputs
 
 STRATEGIES = ("linear", "stage-probe", "finetune-top", "finetune-all", "auto")
 

@@ -12,7 +12,7 @@ default), threads, workers and device:
 - (c) ``torchvision``: ``ImageFolder`` + ``RandomResizedCrop`` + flip + ``ToTensor`` +
   ``Normalize`` in a ``DataLoader``, the same model and optimizer.
 - (a') ``model only, malloc default``: (a) in a fresh process with glibc's default allocator
-  settings, where every other row runs with ``finetune.compute.keep_freed_memory`` (which
+  settings, where every other row runs with ``finetune.training.compute.keep_freed_memory`` (which
   ``fit`` applies on a CPU): what that setting alone does to the ceiling.
 
 (b) and (b') are training images per second of an epoch's wall time from metrics.csv, which
@@ -54,12 +54,13 @@ import torch.nn.functional as F
 from benchdata import fashion, photo_files  # benchmarks/benchdata.py
 
 import finetune
-from finetune.compute import keep_freed_memory
-from finetune.data import load_image, scan_folder
-from finetune.decoded import DecodedCache
-from finetune.models import create_backbone, create_classifier
-from finetune.train import read_metrics
-from finetune.transforms import Preprocessing
+from finetune.data.decoded import DecodedCache
+from finetune.data.images import load_image
+from finetune.data.scan import scan_folder
+from finetune.data.transforms import Preprocessing
+from finetune.model.backbone import create_backbone, create_classifier
+from finetune.training.compute import keep_freed_memory
+from finetune.training.loop import read_metrics
 
 NHWC = torch.channels_last  # as fit trains by default (--channels-last), for all three
 EPOCHS = 4  # (b), (b') and (c): the median epoch of epochs 2-4

@@ -31,7 +31,7 @@ from predict import cpu_seconds, others_share  # benchmarks/predict.py
 
 import finetune
 from finetune.config import DEFAULT_LR, FitConfig
-from finetune.evaluate import evaluate
+from finetune.inference.evaluate import evaluate
 
 
 def test_accuracy(run_dir: Path, test_dir: Path, device: str | None) -> float:

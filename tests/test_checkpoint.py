@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import finetune
-from finetune.checkpoint import (
+from finetune.errors import CheckpointError
+from finetune.run.checkpoint import (
     file_mode,
     find_checkpoint,
     load_checkpoint,
     rebuild_model,
     save_checkpoint,
 )
-from finetune.errors import CheckpointError
 
 
 class _Payload:

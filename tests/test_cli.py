@@ -17,10 +17,10 @@ import torch
 from click.testing import CliRunner
 
 import finetune
-from finetune.checkpoint import load_checkpoint
-from finetune.cli import cli
-from finetune.predict import expand_inputs
-from finetune.train import EpochResult, read_metrics
+from finetune.cli.commands import cli
+from finetune.inference.predict import expand_inputs
+from finetune.run.checkpoint import load_checkpoint
+from finetune.training.loop import EpochResult, read_metrics
 
 from .conftest import copy_classes
 
@@ -403,16 +403,16 @@ def test_ensemble_and_checkpoint_mistakes_are_clean_errors(tiny_runs: list[Path]
 
 
 def test_checkpoint_choices_match_the_library() -> None:
-    from finetune.checkpoint import CHECKPOINTS
-    from finetune.cli import _CHECKPOINTS
+    from finetune.cli.commands import _CHECKPOINTS
+    from finetune.run.checkpoint import CHECKPOINTS
 
     assert _CHECKPOINTS == CHECKPOINTS
 
 
 def test_log_formats_and_report_sample_size_match_the_library() -> None:
-    from finetune.api import LOG_FORMATS
-    from finetune.cli import _LOG_FORMATS, _MAX_IMAGES
-    from finetune.reports import DEFAULT_MAX_IMAGES
+    from finetune.cli.commands import _LOG_FORMATS, _MAX_IMAGES
+    from finetune.log import LOG_FORMATS
+    from finetune.reporting.html import DEFAULT_MAX_IMAGES
 
     assert (_LOG_FORMATS, _MAX_IMAGES) == (LOG_FORMATS, DEFAULT_MAX_IMAGES)
 
@@ -421,9 +421,9 @@ def test_cache_shows_and_clears_what_runs_keep(
     photo_folder_for_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))  # the command inherits it
-    from finetune.data import scan_folder
-    from finetune.decoded import DecodedCache
-    from finetune.transforms import Preprocessing
+    from finetune.data.decoded import DecodedCache
+    from finetune.data.scan import scan_folder
+    from finetune.data.transforms import Preprocessing
 
     samples = scan_folder(photo_folder_for_cache).train
     pre = Preprocessing(32, (0.5,) * 3, (0.5,) * 3, 0.875, "bicubic")

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.compute import (
+from finetune.errors import ConfigError
+from finetune.training.compute import (
     check_compile,
     cuda_step_fits,
     largest_batch,
     resolve_channels_last,
     resolve_precision,
 )
-from finetune.errors import ConfigError
 
 CPU = torch.device("cpu")
 

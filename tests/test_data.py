@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.data import ImageDataset, collate_skipping_failed, load_image, scan_folder
+from finetune.data.images import load_image
+from finetune.data.loaders import ImageDataset, collate_skipping_failed
+from finetune.data.scan import scan_folder
 from finetune.errors import DataError
 
 from .conftest import copy_classes

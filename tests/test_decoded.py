@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 import finetune
-from finetune.data import ImageDataset, Sample, load_image, scan_folder
-from finetune.decoded import DecodedCache, estimate_bytes
-from finetune.transforms import Preprocessing, eval_transform, resize_side
+from finetune.data.decoded import DecodedCache, estimate_bytes
+from finetune.data.images import load_image
+from finetune.data.loaders import ImageDataset
+from finetune.data.scan import Sample, scan_folder
+from finetune.data.transforms import Preprocessing, eval_transform, resize_side
 
 from .conftest import photo_crops
 

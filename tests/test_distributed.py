@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import finetune
-from finetune.checkpoint import load_checkpoint
-from finetune.distributed import ALONE, world
-from finetune.train import read_metrics
+from finetune.run.checkpoint import load_checkpoint
+from finetune.training.distributed import ALONE, world
+from finetune.training.loop import read_metrics
 
 OPTIONS = ["--strategy", "finetune-top", "--epochs", "2", "--image-size", "32"]
 

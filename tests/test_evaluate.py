@@ -12,8 +12,8 @@ from PIL import Image
 
 import finetune
 from finetune.errors import DataError
-from finetune.evaluate import evaluate
-from finetune.predict import expand_inputs
+from finetune.inference.evaluate import evaluate
+from finetune.inference.predict import expand_inputs
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import finetune
-from finetune.checkpoint import file_mode
-from finetune.data import load_image
+from finetune.data.images import load_image
+from finetune.data.transforms import eval_transform
 from finetune.errors import CheckpointError, NotAvailableError
-from finetune.exports import export, is_bundle, is_torchscript, read_bundle
-from finetune.predict import expand_inputs
-from finetune.transforms import eval_transform
+from finetune.inference.export import export, is_bundle, is_torchscript, read_bundle
+from finetune.inference.predict import expand_inputs
+from finetune.run.checkpoint import file_mode
 
 
 def _logits(predictor: finetune.Predictor, paths: list[Path]) -> torch.Tensor:
@@ -212,9 +212,9 @@ def test_class_names_that_look_like_paths_never_become_paths(
 
 
 def test_finetune_export_is_the_function_whatever_was_imported_first() -> None:
-    """The module is ``finetune.exports``: importing it (``finetune.load`` does) must not turn
+    """The module is ``finetune.inference.export``: importing it (``finetune.load`` does) must not turn
     ``finetune.export`` into a module, as a submodule named ``export`` did."""
-    import finetune.predict  # imports the exports module
+    import finetune.inference.predict  # imports the exports module
 
     assert callable(finetune.load) and callable(finetune.export)
     assert finetune.export is export

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import features
-from finetune.data import scan_folder
-from finetune.features import HEAD, extract_features, probe_points
-from finetune.models import create_backbone
-from finetune.transforms import Preprocessing
+from finetune.data import features as features
+from finetune.data.features import HEAD, extract_features, probe_points
+from finetune.data.scan import scan_folder
+from finetune.data.transforms import Preprocessing
+from finetune.model.backbone import create_backbone
 
 
 @pytest.fixture()
@@ -38,8 +38,8 @@ def test_features_match_the_backbone_and_are_cached_by_content(
     assert list(first["label"]) == [s.label for s in samples]
 
     # The head point is exactly the backbone's pooled features of the eval transform.
-    from finetune.data import ImageDataset
-    from finetune.transforms import eval_transform
+    from finetune.data.loaders import ImageDataset
+    from finetune.data.transforms import eval_transform
 
     image = ImageDataset(samples[:1], eval_transform(pre))[0][0][None]
     with torch.inference_mode():

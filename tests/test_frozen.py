@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 import finetune
-from finetune.checkpoint import load_checkpoint
 from finetune.config import FitConfig
-from finetune.data import ImageDataset, scan_folder
+from finetune.data.loaders import ImageDataset
+from finetune.data.scan import scan_folder
+from finetune.data.transforms import PRESETS, Augmentation, Preprocessing, eval_transform
 from finetune.errors import ConfigError
-from finetune.frozen import (
+from finetune.model.backbone import create_backbone, create_classifier, param_groups
+from finetune.model.frozen import (
     FrozenPrefix,
     compute_frozen,
     find_prefix,
@@ -27,10 +29,10 @@ from finetune.frozen import (
     skip_prefix,
     view_agrees,
 )
-from finetune.models import create_backbone, create_classifier, param_groups
-from finetune.strategies import get_strategy, seeded_batches
-from finetune.train import read_metrics
-from finetune.transforms import PRESETS, Augmentation, Preprocessing, eval_transform
+from finetune.run.checkpoint import load_checkpoint
+from finetune.strategies import get_strategy
+from finetune.strategies.loaders import seeded_batches
+from finetune.training.loop import read_metrics
 
 from .conftest import copy_classes
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import finetune
 from finetune.errors import ConfigError
-from finetune.lr_range import LRFinding, plot_lr_finding
+from finetune.training.lr_range import LRFinding, plot_lr_finding
 
 from .conftest import copy_classes
 
@@ -55,7 +55,7 @@ def test_the_plot_and_the_numbers_are_written(finding: LRFinding) -> None:
 
 
 def test_backbone_groups_keep_their_ratio_to_the_head() -> None:
-    from finetune.lr_range import find_lr
+    from finetune.training.lr_range import find_lr
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     optimizer = torch.optim.SGD(

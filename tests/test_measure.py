@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data import scan_folder
-from finetune.measure import SIMILAR_BELOW, batchnorm_shift, measure_size, time_per_image
-from finetune.models import create_backbone
-from finetune.transforms import Preprocessing
+from finetune.data.scan import scan_folder
+from finetune.data.transforms import Preprocessing
+from finetune.model.backbone import create_backbone
+from finetune.strategies.measure import SIMILAR_BELOW, batchnorm_shift, measure_size, time_per_image
 
 from .conftest import photo_crops
 

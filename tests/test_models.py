@@ -12,15 +12,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from finetune.data import load_image
+from finetune.data.images import load_image
+from finetune.data.transforms import Preprocessing, eval_transform
 from finetune.errors import ModelError
-from finetune.models import (
-    Classifier,
-    create_backbone,
-    create_classifier,
-    param_groups,
-)
-from finetune.transforms import Preprocessing, eval_transform
+from finetune.model.backbone import Classifier, create_backbone, create_classifier, param_groups
 
 SKIMAGE = Path(skimage.__file__).parent / "data"
 SKLEARN = Path(sklearn.__file__).parent / "datasets" / "images"

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.config import DEFAULT_LR, OPTIMIZERS, SCHEDULES, FitConfig
-from finetune.data import load_image
+from finetune.data.images import load_image
+from finetune.data.transforms import Preprocessing, eval_transform
 from finetune.errors import ConfigError
-from finetune.models import create_backbone, create_classifier, freeze
-from finetune.optim import create_optimizer, create_scheduler, cycle_ends, lr_factor
+from finetune.model.backbone import create_backbone, create_classifier, freeze
 from finetune.strategies import get_strategy
-from finetune.transforms import Preprocessing, eval_transform
+from finetune.training.optim import create_optimizer, create_scheduler, cycle_ends, lr_factor
 
 EXPECTED = {
     "sgd": (torch.optim.SGD, {"momentum": 0.0, "nesterov": False}),

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import finetune
-from finetune.evaluate import Evaluation
-from finetune.plots import compare_figure, learning_curves, per_class_figure, save_png
-from finetune.train import EpochResult
+from finetune.inference.evaluate import Evaluation
+from finetune.reporting.figures import compare_figure, learning_curves, per_class_figure, save_png
+from finetune.training.loop import EpochResult
 
 
 def _png(path: Path, width: tuple[int, int], height: tuple[int, int]) -> Image.Image:

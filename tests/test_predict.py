@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import finetune
-import finetune.evaluate
+import finetune.inference.evaluate
 from finetune.errors import CheckpointError, ConfigError, DataError
-from finetune.predict import expand_inputs, is_model_path, leading_models
+from finetune.inference.predict import expand_inputs, is_model_path, leading_models
 
 from .conftest import copy_classes
 
@@ -156,9 +156,9 @@ def test_ensemble_averages_its_members_decoding_each_image_once(
     images = _test_images(fashion)
 
     decoded = []
-    real_load_image = finetune.predict.load_image
+    real_load_image = finetune.inference.predict.load_image
     monkeypatch.setattr(
-        finetune.predict, "load_image", lambda p: decoded.append(p) or real_load_image(p)
+        finetune.inference.predict, "load_image", lambda p: decoded.append(p) or real_load_image(p)
     )
     probs = ensemble.predict_proba(images, batch_size=4)
     assert decoded == images  # once per image, whatever the number of members
@@ -177,7 +177,7 @@ def test_ensemble_averages_its_members_decoding_each_image_once(
 
     # evaluate() measures the averaged probabilities and records the members.
     folder = copy_classes(tmp_path / "test", list(THREE), 3, split="test")
-    result = finetune.evaluate.evaluate(ensemble, folder)
+    result = finetune.inference.evaluate.evaluate(ensemble, folder)
     truth = np.array([THREE.index(Path(p).parent.name) for p in result.paths])
     assert result.accuracy == pytest.approx(np.mean(expected.argmax(1) == truth))
     model = result.to_dict()["model"]
@@ -187,7 +187,7 @@ def test_ensemble_averages_its_members_decoding_each_image_once(
 
 def _reordered(run: Path, out: Path, classes: tuple[str, ...]) -> Path:
     """A copy of run's best.pt whose classes (and head rows) are permuted and/or renamed."""
-    from finetune.checkpoint import load_checkpoint, save_checkpoint
+    from finetune.run.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(run)
     order = [state["classes"].index(c) if c in state["classes"] else i
@@ -230,7 +230,7 @@ def test_ensemble_maps_reordered_classes_by_name_and_refuses_other_classes(
 
 def _with_custom_head(run: Path, out: Path) -> Path:
     """run's best.pt as if trained with head=nn.Sequential(nn.Linear(...))."""
-    from finetune.checkpoint import load_checkpoint, save_checkpoint
+    from finetune.run.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(run)
     weights = {

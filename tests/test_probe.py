@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from finetune.probe import C_GRID, fit_probe
+from finetune.strategies.logistic import C_GRID, fit_probe
 
 
 def test_probe_on_real_digits_chooses_c_by_cv_and_folds_into_a_linear_layer() -> None:

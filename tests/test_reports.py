@@ -18,7 +18,8 @@ from PIL import Image
 import finetune
 from finetune.config import FitConfig
 from finetune.errors import CheckpointError
-from finetune.reports import SECTIONS, list_runs, read_run, runs_table
+from finetune.reporting.html import SECTIONS
+from finetune.reporting.runs import list_runs, read_run, runs_table
 
 from .conftest import copy_classes
 

@@ -16,12 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import finetune
-from finetune.checkpoint import load_checkpoint, rebuild_model
 from finetune.config import FitConfig
-from finetune.data import scan_folder
+from finetune.data.scan import scan_folder
+from finetune.data.transforms import PRESETS, Preprocessing
 from finetune.errors import ConfigError
-from finetune.measure import LOTS_PER_CLASS, decide
-from finetune.models import (
+from finetune.model.backbone import (
     create_backbone,
     create_classifier,
     default_unfreeze,
@@ -29,8 +28,10 @@ from finetune.models import (
     param_groups,
     set_train_mode,
 )
-from finetune.strategies import STRATEGIES, get_strategy, training_loaders
-from finetune.transforms import PRESETS, Preprocessing
+from finetune.run.checkpoint import load_checkpoint, rebuild_model
+from finetune.strategies import STRATEGIES, get_strategy
+from finetune.strategies.loaders import training_loaders
+from finetune.strategies.measure import LOTS_PER_CLASS, decide
 
 from .conftest import copy_classes, noise_folder, photo_crops
 
@@ -218,8 +219,8 @@ def test_the_time_budget_option_reaches_auto(tmp_path: Path) -> None:
 def test_a_fine_tune_with_the_training_kit_follows_its_schedule_and_saves_its_averages(
     fashion, tmp_path: Path
 ) -> None:
-    from finetune.optim import lr_factor
-    from finetune.train import read_metrics
+    from finetune.training.loop import read_metrics
+    from finetune.training.optim import lr_factor
 
     run = finetune.fit(
         fashion, strategy="finetune-top", epochs=4, image_size=32, ema=True, ema_decay=0.99,

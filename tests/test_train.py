@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune.checkpoint import load_checkpoint
 from finetune.errors import TrainingError
-from finetune.train import EpochResult, Recorder, Training, evaluate, overfitting, train
+from finetune.run.checkpoint import load_checkpoint
+from finetune.training.loop import EpochResult, Recorder, Training, evaluate, overfitting, train
 
 CPU = torch.device("cpu")
 DESCRIBE = {"model": {}, "classes": ["a", "b"], "preprocessing": {}}

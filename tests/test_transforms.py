@@ -8,9 +8,8 @@ import timm
 import torch
 
 from finetune.config import PRESET_NAMES, TTA_MODES, FitConfig
-from finetune.data import load_image
-from finetune.errors import ConfigError
-from finetune.transforms import (
+from finetune.data.images import load_image
+from finetune.data.transforms import (
     IMAGENET_LIGHTING,
     PRESETS,
     Augmentation,
@@ -25,6 +24,7 @@ from finetune.transforms import (
     preset_for,
     train_transform,
 )
+from finetune.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

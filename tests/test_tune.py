@@ -38,7 +38,7 @@ def _stand_in(monkeypatch: pytest.MonkeyPatch, interrupt_at: int | None = None) 
         acc = 0.9 - 0.2 * abs(math.log10(config.lr / 1e-3)) - 0.01 * config.weight_decay
         return SimpleNamespace(best=SimpleNamespace(val_acc=acc, val_loss=1 - acc))
 
-    monkeypatch.setattr("finetune.api.fit", fit)
+    monkeypatch.setattr("finetune.pipeline.fit", fit)
     return configs
 
 
@@ -145,7 +145,7 @@ def test_auto_is_decided_once_and_a_probe_is_refused(
         return SimpleNamespace(strategy=chosen, config=decided, decision=cell,
                                trains_backbone=chosen.startswith("finetune"))  # fmt: skip
 
-    monkeypatch.setattr("finetune.api.plan", plan)
+    monkeypatch.setattr("finetune.pipeline.plan", plan)
     chosen = "stage-probe"
     with pytest.raises(ConfigError, match=r"auto chose stage-probe .*\(little data, different"):
         finetune.tune(FASHION, out=tmp_path / "b", verbose=False)

@@ -27,7 +27,6 @@ import os
 import shlex
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,200 +34,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from finetune import __version__
-from finetune.errors import CheckpointError, DataError, FinetuneError
-from finetune.train import EpochResult, read_metrics
+from finetune.errors import DataError, FinetuneError
+from finetune.reporting.runs import _EXPORTS, REPORT_NAME, RunSummary, _duration, _shown, read_run
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from finetune.data import DatasetSplit, Sample
-    from finetune.evaluate import Evaluation
-    from finetune.transforms import Lighting
+    from finetune.data.scan import DatasetSplit, Sample
+    from finetune.data.transforms import Lighting
+    from finetune.inference.evaluate import Evaluation
 
-__all__ = [
-    "DEFAULT_MAX_IMAGES",
-    "REPORT_NAME",
-    "SECTIONS",
-    "Comparison",
-    "RunSummary",
-    "compare",
-    "compare_table",
-    "list_runs",
-    "read_run",
-    "report",
-    "runs_table",
-]
+__all__ = ["DEFAULT_MAX_IMAGES", "REPORT_NAME", "SECTIONS", "report"]
 
-REPORT_NAME = "report.html"
 # The report's sections, in page order; each is a <section id=...> (tests look for them).
 SECTIONS = ("summary", "dataset", "decision", "augmentation", "curves", "evaluation", "files",
             "reproduce")  # fmt: skip
 # At most this many validation images are classified for the report (a stratified sample
 # beyond): on a CPU, ~1000 images at 224 px take about as long as one validation pass of fit.
 DEFAULT_MAX_IMAGES = 1000
-_EXPORTS = ("bundle", "model.torchscript.pt", "model.onnx")  # what `finetune export` writes
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """The key facts of one run directory, read from its config.json and metrics.csv."""
-
-    dir: Path
-    config: dict[str, Any]  # config.json: every setting the run used
-    history: tuple[EpochResult, ...]  # metrics.csv, one row per finished epoch
-    date: datetime  # when the last epoch was written (metrics.csv's modification time)
-
-    @property
-    def strategy(self) -> str:
-        return str(self.config.get("strategy"))
-
-    @property
-    def model(self) -> str:
-        return str(self.config.get("model"))
-
-    @property
-    def image_size(self) -> int | None:
-        return self.config.get("image_size")
-
-    @property
-    def planned_epochs(self) -> int:
-        return int(self.config.get("epochs") or len(self.history))
-
-    @property
-    def best(self) -> EpochResult:
-        """The epoch whose weights are in best.pt."""
-        best = [r for r in self.history if r.best]
-        return best[-1] if best else self.history[-1]
-
-    @property
-    def seconds(self) -> float:
-        """Training time: the epochs' seconds summed (the data scan and model load excluded)."""
-        return sum(r.seconds for r in self.history)
-
-    @property
-    def report(self) -> Path | None:
-        path = self.dir / REPORT_NAME
-        return path if path.is_file() else None
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """What :func:`compare` produced."""
-
-    runs: tuple[RunSummary, ...]
-    plot: Path  # val accuracy and val loss per epoch of every run, overlaid
-
-    def table(self) -> str:
-        return compare_table(self.runs)
-
-
-def read_run(run_dir: str | Path) -> RunSummary:
-    """Read a run directory's ``config.json`` and ``metrics.csv``.
-
-    Raises:
-        CheckpointError: ``run_dir`` is not a run directory of ``finetune fit``, or no epoch
-            of it finished.
-    """
-    run_dir = Path(run_dir).expanduser()
-    config_file, metrics_file = run_dir / "config.json", run_dir / "metrics.csv"
-    if not config_file.is_file() or not metrics_file.is_file():
-        missing = "config.json" if not config_file.is_file() else "metrics.csv"
-        raise CheckpointError(
-            f"{run_dir} is not a run directory of `finetune fit` (it has no {missing}). Give "
-            "a folder that fit wrote, e.g. runs/<name>; `finetune runs` lists them."
-        )
-    try:
-        config = json.loads(config_file.read_text())
-        history = tuple(read_metrics(metrics_file))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{run_dir}: cannot read config.json / metrics.csv ({exc}); were they edited?"
-        ) from exc
-    if not history:
-        raise CheckpointError(
-            f"{run_dir}: no epoch finished (metrics.csv has no rows), so there is nothing to "
-            f"report. Continue it with `finetune fit --resume {run_dir}` or start it again."
-        )
-    date = datetime.fromtimestamp(metrics_file.stat().st_mtime)
-    return RunSummary(run_dir, config, history, date)
-
-
-def list_runs(root: str | Path = "runs") -> list[RunSummary]:
-    """The runs under ``root`` (its sub-folders, and the trials of a ``finetune tune`` folder
-    one level deeper), oldest first; folders whose first epoch never finished are left out.
-
-    Raises:
-        CheckpointError: ``root`` is not a folder.
-    """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise CheckpointError(
-            f"{root} is not a folder. `finetune runs` lists the run directories under a folder "
-            "(default runs/, where `finetune fit` writes them); give that folder."
-        )
-    found = []
-    for depth in ("", "*/", "*/*/"):
-        for metrics in root.glob(f"{depth}metrics.csv"):
-            try:
-                found.append(read_run(metrics.parent))
-            except CheckpointError:
-                continue  # killed before its first epoch ended: nothing to list
-    return sorted(found, key=lambda run: (run.date, str(run.dir)))
-
-
-def runs_table(runs: Sequence[RunSummary], root: Path | None = None) -> str:
-    """A text table of runs: strategy, best val acc, epochs, training time and date."""
-    names = [_name(run.dir, root) for run in runs]
-    header = ["run", "strategy", "val acc", "epochs", "train time", "date", "report"]
-    rows = [
-        [
-            name,
-            run.strategy,
-            f"{run.best.val_acc:.3f}",
-            f"{len(run.history)}/{run.planned_epochs}",
-            _duration(run.seconds),
-            run.date.strftime("%Y-%m-%d %H:%M"),
-            "yes" if run.report else "-",
-        ]
-        for name, run in zip(names, runs, strict=True)
-    ]
-    return _text_table(header, rows, right={2, 3, 4})
-
-
-def compare(run_dirs: Iterable[str | Path], out: str | Path = "compare.png") -> Comparison:
-    """Read several runs and plot their validation accuracy and loss per epoch in one PNG.
-
-    Raises:
-        CheckpointError: Fewer than one run, or a path that is not a run directory.
-    """
-    from finetune.plots import compare_figure, save_png
-
-    runs = tuple(read_run(d) for d in run_dirs)
-    if not runs:
-        raise CheckpointError("compare needs at least one run directory (two to compare).")
-    labels = _labels([run.dir for run in runs])
-    figure = compare_figure([(label, run.history) for label, run in zip(labels, runs, strict=True)])
-    return Comparison(runs, save_png(figure, out))
-
-
-def compare_table(runs: Sequence[RunSummary]) -> str:
-    """A text table: strategy, model, image size, epochs, best val acc, best epoch, time."""
-    header = ["run", "strategy", "model", "px", "epochs", "best val acc", "best epoch",
-              "train time"]  # fmt: skip
-    rows = [
-        [
-            label,
-            run.strategy,
-            run.model,
-            str(run.image_size),
-            f"{len(run.history)}/{run.planned_epochs}",
-            f"{run.best.val_acc:.3f}",
-            str(run.best.epoch),
-            _duration(run.seconds),
-        ]
-        for label, run in zip(_labels([r.dir for r in runs]), runs, strict=True)
-    ]
-    return _text_table(header, rows, right={3, 4, 5, 6, 7})
 
 
 def report(
@@ -315,7 +138,7 @@ class _Page:
 
     def _data_folder(self) -> Path | None:
         """The run's data folder: as its checkpoint records it (absolute), else scan.json's."""
-        from finetune.checkpoint import find_checkpoint, load_checkpoint
+        from finetune.run.checkpoint import find_checkpoint, load_checkpoint
 
         try:
             return Path(load_checkpoint(find_checkpoint(self.dir))["data"])
@@ -325,8 +148,8 @@ class _Page:
 
     def _pca_lighting(self) -> Lighting | None:
         """The PCA of the training images' colours the run measured (in its checkpoint)."""
-        from finetune.checkpoint import find_checkpoint, load_checkpoint
-        from finetune.transforms import Lighting
+        from finetune.data.transforms import Lighting
+        from finetune.run.checkpoint import find_checkpoint, load_checkpoint
 
         try:
             saved = load_checkpoint(find_checkpoint(self.dir)).get("augmentation") or {}
@@ -491,8 +314,9 @@ class _Page:
                 "training images are never augmented.</p>"
             )
             return _section("augmentation", "Augmentation", text)
-        from finetune.api import augment_preview, augmentation_of
         from finetune.config import FitConfig
+        from finetune.data.transforms import augmentation_of
+        from finetune.reporting.preview import augment_preview
 
         config = FitConfig.from_kwargs(**self.config)
         parts = [f"<p>{_e(augmentation_of(config).describe())}</p>"]
@@ -509,7 +333,7 @@ class _Page:
         return _section("augmentation", "Augmentation", "\n".join(parts))
 
     def _curves(self) -> str:
-        from finetune.plots import learning_curves, save_png
+        from finetune.reporting.figures import learning_curves, save_png
 
         history = self.run.history
         out = save_png(learning_curves(history, self.dir.name), self.dir / "curves.png")
@@ -548,7 +372,7 @@ class _Page:
             why = self.problems.get("evaluation") or self.problems.get("data", "")
             parts.append(f'<p class="warn">{_e(why)}</p>')
         else:
-            from finetune.plots import per_class_figure, save_png
+            from finetune.reporting.figures import per_class_figure, save_png
 
             folder = self.dir / "eval-val"
             files = ev.save(folder)
@@ -650,7 +474,7 @@ class _Page:
 
 def _rescan(data: Path | None, config: dict[str, Any]) -> DatasetSplit:
     """The run's split, found again as fit found it (same folder, val_split and seed)."""
-    from finetune.data import scan_folder
+    from finetune.data.scan import scan_folder
 
     if data is None:
         raise DataError("neither best.pt nor scan.json records the data folder.")
@@ -683,8 +507,8 @@ def _evaluate_val(
     """best.pt on the run's validation images, as finetune evaluate measures a folder."""
     from tqdm.auto import tqdm
 
-    from finetune.evaluate import Evaluation
-    from finetune.predict import load
+    from finetune.inference.evaluate import Evaluation
+    from finetune.inference.predict import load
 
     predictor = load(run_dir, head=copy.deepcopy(head), device=device)
     samples = _sample(split.val, max_images)
@@ -781,54 +605,8 @@ def _size(path: Path) -> str:
     return f"{sum(p.stat().st_size for p in files) / 1e6:.1f} MB"
 
 
-def _shown(path: Path | str | None) -> str:
-    """``path`` relative to the working directory when it is inside it (as people type it)."""
-    if path is None:
-        return ""
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def _cmd(*words: object) -> str:
     return shlex.join(["finetune", *(_shown(w) if isinstance(w, Path) else str(w) for w in words)])
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.1f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _name(path: Path, root: Path | None) -> str:
-    if root is not None:
-        try:
-            return str(path.relative_to(root))
-        except ValueError:
-            pass
-    return path.name
-
-
-def _labels(dirs: Sequence[Path]) -> list[str]:
-    """Short names for runs: the folder names, or the paths where two names are the same."""
-    names = [d.name for d in dirs]
-    return names if len(set(names)) == len(names) else [_shown(d) for d in dirs]
-
-
-def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            str(c).rjust(w) if i in right else str(c).ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    return "\n".join([line(header), *(line(r) for r in rows)])
 
 
 _CSS = """

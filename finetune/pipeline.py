@@ -9,11 +9,8 @@ import dataclasses
 import json
 import os
 import random
-import shutil
-import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,8 +21,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.checkpoint import load_checkpoint, new_run_dir, preprocessing_of
-from finetune.compute import (
+from finetune.config import (
+    CACHE_IMAGES_UP_TO,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    IMBALANCED_FROM,
+    FitConfig,
+)
+from finetune.data.decoded import describe_size, estimate_bytes
+from finetune.data.scan import DatasetSplit, ScanReport, scan_folder
+from finetune.data.transforms import (
+    Augmentation,
+    Lighting,
+    Preprocessing,
+    augmentation_of,
+    choose_image_size,
+    fit_lighting,
+    preset_for,
+    resize_side,
+)
+from finetune.errors import CheckpointError, ConfigError, DataError, FinetuneError
+from finetune.log import _Log, _on_epoch
+from finetune.model.backbone import EMBEDDED_WEIGHTS, create_backbone, create_classifier
+from finetune.run.checkpoint import load_checkpoint, new_run_dir, preprocessing_of
+from finetune.strategies import FitContext, Strategy, get_strategy
+from finetune.strategies.loaders import training_loaders
+from finetune.strategies.measure import (
+    DataSize,
+    Decision,
+    measure_size,
+    pass_seconds,
+    training_epoch_seconds,
+)
+from finetune.training.compute import (
     MAX_AUTO_BATCH,
     check_compile,
     cuda_step_fits,
@@ -34,51 +62,12 @@ from finetune.compute import (
     resolve_channels_last,
     resolve_precision,
 )
-from finetune.config import (
-    AUGMENT_FIELDS,
-    CACHE_IMAGES_UP_TO,
-    DEFAULT_EPOCHS,
-    DEFAULT_LR,
-    IMBALANCED_FROM,
-    FitConfig,
-)
-from finetune.data import DatasetSplit, ScanReport, cache_root, load_image, scan_folder
-from finetune.decoded import describe_size, estimate_bytes
-from finetune.distributed import World, world
-from finetune.errors import CheckpointError, ConfigError, DataError, FinetuneError
-from finetune.lr_range import LRFinding, find_lr, plot_lr_finding
-from finetune.measure import DataSize, Decision, measure_size, pass_seconds, training_epoch_seconds
-from finetune.models import EMBEDDED_WEIGHTS, create_backbone, create_classifier
-from finetune.optim import create_optimizer
-from finetune.strategies import FitContext, Strategy, get_strategy, training_loaders
-from finetune.train import EpochResult, read_metrics
-from finetune.transforms import (
-    Augmentation,
-    Lighting,
-    Preprocessing,
-    augmentation_ops,
-    choose_image_size,
-    fit_lighting,
-    preset_for,
-    preview_figure,
-    resize_side,
-)
+from finetune.training.distributed import World, world
+from finetune.training.loop import EpochResult, read_metrics
+from finetune.training.lr_range import LRFinding, find_lr, plot_lr_finding
+from finetune.training.optim import create_optimizer
 
-__all__ = [
-    "CACHES",
-    "LOG_FORMATS",
-    "CacheUsage",
-    "FitResult",
-    "Plan",
-    "augment_preview",
-    "cache_usage",
-    "check",
-    "clear_cache",
-    "fit",
-    "lr_find",
-    "plan",
-    "resume",
-]
+__all__ = ["FitResult", "Plan", "check", "fit", "lr_find", "plan", "resume"]
 
 
 @dataclass(frozen=True)
@@ -153,66 +142,6 @@ class Plan:
             "decision": self.decision.to_dict() if self.decision is not None else None,
             "estimate_seconds": self.estimate_seconds,
         }
-
-
-LOG_FORMATS = ("text", "json")
-
-
-@dataclass(frozen=True)
-class _Log:
-    """Where a run's progress goes, always stderr (stdout is for results): human lines and
-    progress bars ("text"), one JSON object per line ("json": events "data", "decision",
-    "epoch", "summary", and "message" for the other lines), or nothing (not ``verbose``)."""
-
-    verbose: bool = True
-    format: str = "text"
-
-    def __post_init__(self) -> None:
-        if self.format not in LOG_FORMATS:
-            raise ConfigError(
-                f"Unknown log format {self.format!r}; choose one of {', '.join(LOG_FORMATS)}."
-            )
-
-    @property
-    def bars(self) -> bool:
-        """Progress bars: text only (tqdm still hides them when stderr is not a terminal)."""
-        return self.verbose and self.format == "text"
-
-    def text(self, message: str) -> None:
-        """A line that only the text format prints (JSON has it in an event)."""
-        if self.verbose and self.format == "text":
-            print(message, file=sys.stderr, flush=True)
-
-    def say(self, message: str) -> None:
-        """A line for people: printed, or a "message" event."""
-        self.text(message)
-        self.event("message", text=message)
-
-    def event(self, name: str, **fields: Any) -> None:
-        """A JSON line (the json format only); nan and inf become null, as JSON has neither."""
-        if self.verbose and self.format == "json":
-            line = json.dumps({"event": name, **_finite(fields)}, default=str)
-            print(line, file=sys.stderr, flush=True)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _on_epoch(log: _Log, epochs: int) -> Callable[[EpochResult], None]:
-    """What fit does with each epoch's result: a line, or an "epoch" event with every field."""
-
-    def on_epoch(r: EpochResult) -> None:
-        log.text(_epoch_line(r, epochs))
-        log.event("epoch", **dataclasses.asdict(r), epochs=epochs)
-
-    return on_epoch
 
 
 def _seed_everything(seed: int) -> None:
@@ -340,12 +269,6 @@ def _hyperparameters(config: FitConfig, strategy: Strategy) -> dict[str, Any]:
         "schedule": config.schedule,
         "ema": config.ema,
     }
-
-
-def augmentation_of(config: FitConfig) -> Augmentation:
-    """The training augmentation ``config`` asks for: its preset with its overrides."""
-    overrides = {name: getattr(config, name) for name in AUGMENT_FIELDS}
-    return Augmentation.from_preset(config.augment or "default", **overrides)
 
 
 def fit(
@@ -499,7 +422,7 @@ def _auto_batch_size(
 ) -> FitConfig:
     """``config`` with the largest batch whose training step fits in the GPU's memory (each
     process's share of it, when distributed), doubling from ``batch_size`` up to the number of
-    training images or :data:`~finetune.compute.MAX_AUTO_BATCH`; said, and unchanged, where
+    training images or :data:`~finetune.training.compute.MAX_AUTO_BATCH`; said, and unchanged, where
     memory does not limit the batch."""
     device = torch.device(config.device)
     if not strategy.trains_backbone:
@@ -622,7 +545,7 @@ def _train(
 def _write_report(ctx: FitContext, head: nn.Module | None, log: _Log) -> Path | None:
     """report.html for a run that just ended (its split as scanned, not scanned again); a
     warning (not an error: the run is saved) when it cannot be made."""
-    from finetune.reports import report
+    from finetune.reporting.html import report
 
     started = time.perf_counter()
     try:
@@ -728,7 +651,7 @@ def _decision(data: dict[str, Any]) -> Decision:
 
 def _tta_val_accuracy(run_dir: Path, split: DatasetSplit, config: FitConfig) -> float:
     """Validation accuracy of ``best.pt`` with test-time augmentation; written to tta.json."""
-    from finetune.predict import load
+    from finetune.inference.predict import load
 
     predictor = load(run_dir, device=config.device)
     paths = [s.path for s in split.val]
@@ -749,99 +672,6 @@ def check(data: str | Path, val_split: float = 0.2, seed: int = 0) -> ScanReport
         DataError: The folder cannot be used at all (missing, one class, a class too small).
     """
     return scan_folder(data, val_split=val_split, seed=seed, progress=True).report
-
-
-CACHES = {  # the folders under cache_root() and what each holds
-    "decoded": "images decoded and resized once (fit --no-cache-images: none)",
-    "features": "frozen-backbone features (linear, stage-probe; --no-feature-cache: none)",
-    "scan": "file checks, by path, size and modification time",
-}
-
-
-@dataclass(frozen=True)
-class CacheUsage:
-    """What one cache folder holds."""
-
-    name: str  # a key of CACHES
-    folder: Path
-    files: int
-    bytes: int
-
-
-def cache_usage() -> list[CacheUsage]:
-    """Files and disk space of each cache under :func:`finetune.data.cache_root`
-    (``$FINETUNE_CACHE_DIR``, else ``~/.cache/finetune``)."""
-    usage = []
-    for name in CACHES:
-        folder = cache_root() / name
-        sizes = [f.stat().st_size for f in folder.rglob("*") if f.is_file()]
-        usage.append(CacheUsage(name, folder, len(sizes), sum(sizes)))
-    return usage
-
-
-def clear_cache(names: Sequence[str] = tuple(CACHES)) -> int:
-    """Delete the named caches (every one by default); the bytes freed. Runs never need them:
-    what they hold is computed again when missing.
-
-    Raises:
-        ConfigError: A name that is not a cache.
-    """
-    unknown = sorted(set(names) - set(CACHES))
-    if unknown:
-        raise ConfigError(f"Unknown cache {', '.join(unknown)}; choose from {', '.join(CACHES)}.")
-    freed = 0
-    for usage in cache_usage():
-        if usage.name in names:
-            shutil.rmtree(usage.folder, ignore_errors=True)
-            freed += usage.bytes
-    return freed
-
-
-def augment_preview(
-    data: str | Path,
-    out: str | Path,
-    config: FitConfig | None = None,
-    *,
-    images: int = 4,
-    versions: int = 5,
-    pca: Lighting | None = None,
-    **options: Any,
-) -> Path:
-    """Write a PNG grid of training images beside augmented versions of them: what the model
-    sees in training with these options (``augment``, ``crop_scale``, ``lighting``... of
-    :class:`FitConfig`; the preset is chosen from the data size as ``fit`` would).
-
-    Args:
-        pca: The principal components of the training images' colours for PCA lighting, when
-            the caller has them (a run's checkpoint does) [default: measured on the images,
-            as ``fit`` measures them: seconds for camera-sized JPEGs].
-
-    Returns:
-        The path of the PNG.
-    """
-    config = FitConfig.from_kwargs(config, **options)
-    split = scan_folder(data, val_split=config.val_split, seed=config.seed)
-    backbone = create_backbone(config.model, pretrained=False)
-    native = Preprocessing.from_model(backbone).input_size
-    side = config.image_size or choose_image_size(native, split.median_side)
-    pre = Preprocessing.from_model(backbone, side)
-    preset, _ = preset_for(measure_size(split).per_class_median)
-    augmentation = augmentation_of(dataclasses.replace(config, augment=config.augment or preset))
-    lighting = pca or fit_lighting([s.path for s in split.train], seed=config.seed)
-    # One image from each of the first classes, so the rows differ.
-    picked = list({s.label: s for s in split.train}.values())[: max(1, images)]
-    figure = preview_figure(
-        [load_image(s.path) for s in picked],
-        augmentation_ops(pre, augmentation, lighting),
-        versions=versions,
-        seed=config.seed,
-        titles=[split.classes[s.label] for s in picked],
-    )
-    figure.suptitle(f"augmentation {augmentation.describe()}, {side} px", fontsize=8)
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110, bbox_inches="tight")
-    return out
 
 
 def plan(
@@ -884,7 +714,7 @@ def lr_find(
     augmentation and loss ``fit`` would use (same options); nothing is saved but the plot.
 
     Returns:
-        An :class:`~finetune.lr_range.LRFinding`: the loss per LR, the suggested head LR
+        An :class:`~finetune.training.lr_range.LRFinding`: the loss per LR, the suggested head LR
         (``.suggestion``) and the plot's path (``.plot``; ``lr-find.json`` is written beside).
 
     Raises:
@@ -932,16 +762,3 @@ def _check_head(model: nn.Module, num_classes: int) -> None:
             f"The custom head maps (2, {model.num_features}) to {tuple(out.shape)}; it must give "
             f"(N, {num_classes}), one logit per class."
         )
-
-
-def _epoch_line(r: EpochResult, epochs: int) -> str:
-    ema = r.ema_val_acc == r.ema_val_acc  # not nan
-    return (
-        f"epoch {r.epoch:>{len(str(epochs))}}/{epochs}  train loss {r.train_loss:.3f} "
-        f"acc {r.train_acc:.3f}  val loss {r.val_loss:.3f} acc {r.val_acc:.3f}  "
-        f"gap {r.gap:+.3f}  "
-        + (f"ema acc {r.ema_val_acc:.3f}{'*' if r.ema_best else ' '}  " if ema else "")
-        + (f"lr {r.lr:.2e}  " if r.lr > 0 else "")
-        + f"{r.seconds:.1f}s"
-        + ("  *" if r.best else "")
-    )

@@ -38,9 +38,9 @@ from finetune.config import (
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
-    from finetune.api import FitResult, Plan
-    from finetune.evaluate import Evaluation
-    from finetune.predict import BasePredictor, Prediction
+    from finetune.inference.evaluate import Evaluation
+    from finetune.inference.predict import BasePredictor, Prediction
+    from finetune.pipeline import FitResult, Plan
     from finetune.tuning import TuneResult
 
 # The commands import the API inside their bodies: `finetune --help` stays instant instead of
@@ -381,10 +381,10 @@ def _recipe_words(recipe: Path | None) -> list[str]:
     return ["--recipe", str(recipe)] if recipe is not None else []
 
 
-# finetune.checkpoint.CHECKPOINTS, repeated so that `finetune --help` need not import torch
+# finetune.run.checkpoint.CHECKPOINTS, repeated so that `finetune --help` need not import torch
 # (tests/test_cli.py checks that the two agree).
 _CHECKPOINTS = ("best", "last", "ema", "snapshots")
-# finetune.api.LOG_FORMATS and finetune.reports.DEFAULT_MAX_IMAGES, for the same reason.
+# finetune.log.LOG_FORMATS and finetune.reporting.html.DEFAULT_MAX_IMAGES, for the same reason.
 _LOG_FORMATS = ("text", "json")
 _MAX_IMAGES = 1000
 
@@ -486,7 +486,7 @@ def fit_command(
                 "--resume continues a run with its own data and options; give only the run "
                 "directory: finetune fit --resume RUN_DIR"
             )
-        from finetune.api import resume as resume_run
+        from finetune.pipeline import resume as resume_run
 
         _json_warnings(log_format, quiet)
         result = resume_run(resume, verbose=not quiet, log_format=log_format)
@@ -495,7 +495,7 @@ def fit_command(
     if data is None:
         raise click.UsageError("Give DATA, the image folder (or --resume RUN_DIR).")
     config = _config_from(options, recipe, out=str(out) if out else None)  # before torch loads
-    from finetune.api import fit
+    from finetune.pipeline import fit
 
     if recipe is not None and not quiet and log_format == "text":
         typed = shlex.join(_given_options(options))
@@ -601,7 +601,7 @@ def plan_command(data: Path, as_json: bool, recipe: Path | None, **options) -> N
         finetune plan sample_data/fashion
     """
     config = _config_from(options, recipe)  # a bad recipe fails before torch loads
-    from finetune.api import plan
+    from finetune.pipeline import plan
 
     result = plan(data, config)
     rerun = shlex.join(
@@ -632,7 +632,7 @@ def _given_options(options: dict[str, object]) -> list[str]:
 
 
 def _plan_text(plan: Plan, rerun: str) -> str:
-    from finetune.api import augmentation_of
+    from finetune.data.transforms import augmentation_of
 
     split, config, decision = plan.data, plan.config, plan.decision
     lines = [
@@ -843,7 +843,7 @@ def _load_models(
     models: Sequence[Path], ensemble: bool, checkpoint: str, device: str | None
 ) -> BasePredictor:
     """One model, or with --ensemble all of them averaged."""
-    from finetune.predict import load, load_ensemble
+    from finetune.inference.predict import load, load_ensemble
 
     if ensemble:
         return load_ensemble(models, device=device, checkpoint=checkpoint)
@@ -924,7 +924,7 @@ def export_command(model: Path, fmt: str, out: Path | None) -> None:
 
         finetune export runs/fashion-stage-probe-20261123-092021
     """
-    from finetune.exports import export
+    from finetune.inference.export import export
 
     click.echo(str(export(model, fmt, out)))
 
@@ -978,7 +978,7 @@ def predict_command(
         finetune predict --ensemble runs/lite0 runs/lite2/model.onnx sample_data/fashion/test
         finetune predict runs/fashion-restarts sample_data/fashion/test --checkpoint snapshots
     """
-    from finetune.predict import expand_inputs, leading_models
+    from finetune.inference.predict import expand_inputs, leading_models
 
     models = [model]
     if ensemble:
@@ -1065,7 +1065,7 @@ def augment_preview_command(data: Path, out: Path, images: int, versions: int, *
 
         finetune augment-preview sample_data/fashion --augment strong -o preview.png
     """
-    from finetune.api import augment_preview
+    from finetune.reporting.preview import augment_preview
 
     config = FitConfig.from_kwargs(**options)
     click.echo(str(augment_preview(data, out, config, images=images, versions=versions)))
@@ -1101,7 +1101,7 @@ def lr_find_command(
 
         finetune lr-find sample_data/fashion --strategy finetune-top -o lr-find.png
     """
-    from finetune.api import lr_find
+    from finetune.pipeline import lr_find
 
     finding = lr_find(
         data, FitConfig.from_kwargs(**options), out=out, steps=steps, start_lr=start_lr,
@@ -1146,7 +1146,7 @@ def check_command(data: Path, val_split: float, seed: int, as_json: bool) -> Non
 
         finetune check sample_data/fashion
     """
-    from finetune.api import check
+    from finetune.pipeline import check
 
     report = check(data, val_split=val_split, seed=seed)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.text())
@@ -1168,8 +1168,8 @@ def cache_command(names: tuple[str, ...]) -> None:
 
         finetune cache --clear decoded
     """
-    from finetune.api import CACHES, cache_usage, clear_cache
-    from finetune.decoded import describe_size
+    from finetune.data.caches import CACHES, cache_usage, clear_cache
+    from finetune.data.decoded import describe_size
 
     if names:
         freed = clear_cache(tuple(CACHES) if "all" in names else names)
@@ -1204,7 +1204,7 @@ def report_command(run: Path, max_images: int, device: str | None) -> None:
 
         finetune report runs/fashion-finetune-top-20261123-160502
     """
-    from finetune.reports import report
+    from finetune.reporting.html import report
 
     click.echo(str(report(run, max_images=max_images, device=device, progress=True)))
 
@@ -1219,7 +1219,7 @@ def runs_command(folder: Path) -> None:
 
         finetune runs
     """
-    from finetune.reports import list_runs, runs_table
+    from finetune.reporting.runs import list_runs, runs_table
 
     found = list_runs(folder)
     if not found:
@@ -1248,7 +1248,7 @@ def compare_command(runs: tuple[Path, ...], out: Path) -> None:
         finetune compare runs/fashion-stage-probe-20261123-092021 \\
             runs/fashion-finetune-top-20261123-101500 -o compare.png
     """
-    from finetune.reports import compare
+    from finetune.reporting.runs import compare
 
     result = compare(runs, out)
     click.echo(result.table())

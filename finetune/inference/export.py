@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from finetune import __version__
-from finetune.checkpoint import file_mode, find_checkpoint, load_checkpoint, rebuild_model
 from finetune.errors import CheckpointError, NotAvailableError
+from finetune.run.checkpoint import file_mode, find_checkpoint, load_checkpoint, rebuild_model
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -247,7 +247,7 @@ def is_onnx(path: str | Path) -> bool:
 
 class OnnxModule(nn.Module):
     """An ONNX export run by onnxruntime behind the ``nn.Module`` interface (tensor in, logits
-    out), so a :class:`~finetune.predict.Predictor` treats it like the eager model."""
+    out), so a :class:`~finetune.inference.predict.Predictor` treats it like the eager model."""
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()

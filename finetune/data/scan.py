@@ -22,57 +22,37 @@ import json
 import os
 import statistics
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from finetune.config import IMBALANCED_FROM
+from finetune.data.caches import cache_root
+from finetune.data.images import IMAGE_EXTENSIONS, _is_hidden
 from finetune.errors import DataError
 
 if TYPE_CHECKING:
-    from finetune.decoded import DecodedCache
+    pass
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "TINY_SIDE",
     "DatasetSplit",
     "FileCheck",
-    "ImageDataset",
     "Sample",
     "ScanReport",
-    "cache_root",
     "check_file",
     "check_files",
-    "collate_skipping_failed",
-    "iter_image_files",
-    "load_image",
-    "pil_to_rgb",
     "scan_folder",
 ]
-
-IMAGE_EXTENSIONS = frozenset(
-    {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
-)
 _VAL_NAMES = ("val", "valid", "validation")
-_EXIF_ORIENTATION = 0x0112
 TINY_SIDE = 16  # images with a side below this many pixels are noted (kept, upscaled)
 _SCAN_VERSION = 1  # bump when check_file's verdicts change, to invalidate cached scans
-
-
-def cache_root() -> Path:
-    """Where finetune caches things: ``$FINETUNE_CACHE_DIR``, else ``~/.cache/finetune``."""
-    root = os.environ.get("FINETUNE_CACHE_DIR")
-    if root:
-        return Path(root).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"
 
 
 @dataclass(frozen=True)
@@ -262,15 +242,6 @@ class DatasetSplit:
         for s in samples:
             counts[self.classes[s.label]] += 1
         return counts
-
-
-def _is_hidden(path: Path) -> bool:
-    return path.name.startswith(".") or path.name == "__MACOSX"
-
-
-def iter_image_files(folder: Path) -> list[Path]:
-    """All files below ``folder`` with an image extension, sorted, hidden entries excluded."""
-    return _class_files(folder)[0]
 
 
 def _class_files(class_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -477,92 +448,6 @@ def _split(
     return sorted(train, key=lambda s: s.path), sorted(val, key=lambda s: s.path)
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to an RGB ``uint8`` array of shape (H, W, 3).
-
-    Greyscale, palette, CMYK and alpha images become 3-channel RGB (alpha on white).
-    """
-    with Image.open(path) as img:
-        return pil_to_rgb(img)
-
-
-def pil_to_rgb(img: Image.Image) -> np.ndarray:
-    """Convert a PIL image of any mode to an RGB ``uint8`` array, upright (EXIF orientation
-    applied), alpha composited on white, 16-bit scaled (not clamped) to 8 bits."""
-    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-        img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        grey = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    return np.array(img.convert("RGB"))  # a writable copy
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Decodes samples (or reads them from a :class:`~finetune.decoded.DecodedCache`) and
-    applies an albumentations transform; a failed decode yields ``None``."""
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        transform: Callable[..., dict] | None = None,
-        cache: DecodedCache | None = None,
-    ) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
-        sample = self.samples[index]
-        try:
-            image = self.cache.load(sample) if self.cache else load_image(sample.path)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            warnings.warn(f"Skipping {sample.path}: cannot decode it ({exc})", stacklevel=2)
-            return None
-        if self.transform is not None:
-            try:
-                image = self.transform(image=image)["image"]
-            except Exception as exc:  # in a DataLoader worker the file would otherwise be lost
-                raise DataError(
-                    f"Preparing {sample.path} ({image.shape[1]}x{image.shape[0]} px) failed: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-        return image, sample.label
-
-
-def prepare_for_workers(num_workers: int) -> None:
-    """Before a DataLoader forks ``num_workers`` worker processes: OpenCV runs one thread here,
-    and the workers inherit it.
-
-    A forked worker cannot set OpenCV's thread count itself: once this process has used
-    OpenCV's thread pool (the decoded-cache fill, a resize in the main process), the call
-    waits forever in the worker on the copied pool's condition variable, whose waiting
-    threads were not copied. Setting it here stops this process's pool cleanly before the
-    fork. One thread per worker is what the workers want (they run side by side on the
-    cores); this process does no OpenCV work while workers load its batches.
-
-    Without workers (the default on <= 2 cores) OpenCV keeps its default pool, one thread per
-    core. Measured on this project's 2 cores (torch 2 threads), 30 training steps of
-    tf_efficientnet_lite0 at 128 px, OpenCV's default 2 threads against 1: Fashion-MNIST PNGs
-    14.95 / 14.73 s and 15.23 / 13.50 s, 1600x1200 JPEGs (10 steps) 7.80 / 7.86 s and
-    7.66 / 7.63 s: no difference beyond the noise (PIL's one-thread decoding is most of the
-    data time), so one thread costs nothing where workers need it.
-    """
-    if num_workers and cv2.getNumThreads() != 1:
-        cv2.setNumThreads(1)
-
-
-def collate_skipping_failed(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Default collation without the images that failed to decode (``None`` entries)."""
-    batch = [item for item in batch if item is not None]
-    if not batch:
-        return None
-    return torch.utils.data.default_collate(batch)
+def iter_image_files(folder: Path) -> list[Path]:
+    """All files below ``folder`` with an image extension, sorted, hidden entries excluded."""
+    return _class_files(folder)[0]

@@ -20,17 +20,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from finetune.checkpoint import (
-    CHECKPOINTS,
-    load_checkpoint,
-    preprocessing_of,
-    rebuild_model,
-    run_checkpoints,
-)
-from finetune.compute import resolve_channels_last
-from finetune.data import iter_image_files, load_image, pil_to_rgb
+from finetune.data.images import load_image, pil_to_rgb
+from finetune.data.scan import iter_image_files
+from finetune.data.transforms import Preprocessing, TestTimeViews
 from finetune.errors import CheckpointError, ConfigError, DataError
-from finetune.exports import (
+from finetune.inference.export import (
     is_bundle,
     is_onnx,
     is_torchscript,
@@ -38,11 +32,18 @@ from finetune.exports import (
     read_onnx,
     read_torchscript,
 )
-from finetune.models import Classifier
-from finetune.transforms import Preprocessing, TestTimeViews
+from finetune.model.backbone import Classifier
+from finetune.run.checkpoint import (
+    CHECKPOINTS,
+    load_checkpoint,
+    preprocessing_of,
+    rebuild_model,
+    run_checkpoints,
+)
+from finetune.training.compute import resolve_channels_last
 
 if TYPE_CHECKING:
-    from finetune.evaluate import Evaluation
+    from finetune.inference.evaluate import Evaluation
 
 __all__ = [
     "BasePredictor",
@@ -234,8 +235,8 @@ class BasePredictor:
         self, folder: str | Path, top_k: int = 5, batch_size: int = 32, tta: str = "none"
     ) -> Evaluation:
         """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder (one
-        sub-folder per class); see :func:`finetune.evaluate.evaluate`."""
-        from finetune.evaluate import evaluate
+        sub-folder per class); see :func:`finetune.inference.evaluate.evaluate`."""
+        from finetune.inference.evaluate import evaluate
 
         return evaluate(self, folder, top_k=top_k, batch_size=batch_size, tta=tta)
 

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from finetune.data import iter_image_files, load_image
+from finetune.data.images import load_image
+from finetune.data.scan import iter_image_files
 from finetune.errors import DataError
 
 if TYPE_CHECKING:
-    from finetune.predict import BasePredictor
+    from finetune.inference.predict import BasePredictor
 
 __all__ = ["Evaluation", "Mistake", "evaluate"]
 
@@ -185,7 +186,7 @@ def evaluate(
 ) -> Evaluation:
     """Classify every image of ``folder`` (one sub-folder per class, named as the model's
     classes) and measure the result; ``tta`` as in :meth:`Predictor.iter_proba`. ``predictor``
-    may be an :class:`~finetune.predict.Ensemble`: its averaged probabilities are measured.
+    may be an :class:`~finetune.inference.predict.Ensemble`: its averaged probabilities are measured.
 
     Raises:
         DataError: ``folder`` has no class folders with images, or classes the model lacks.

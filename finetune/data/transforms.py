@@ -32,7 +32,11 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from torch import nn
 
-from finetune.config import TTA_MODES
+from finetune.config import (
+    AUGMENT_FIELDS,
+    TTA_MODES,
+    FitConfig,
+)
 from finetune.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -248,7 +252,7 @@ def fit_lighting(
     each (JPEGs decode at reduced size, so large photos cost little). Falls back to
     :data:`IMAGENET_LIGHTING` when no image can be read.
     """
-    from finetune.data import pil_to_rgb
+    from finetune.data.images import pil_to_rgb
 
     chosen = sorted(random.Random(seed).sample(range(len(paths)), min(len(paths), max_images)))
     rng = np.random.default_rng(seed)
@@ -473,3 +477,9 @@ def preview_figure(
             ax.imshow(pipeline(image=image)["image"])
             ax.axis("off")
     return fig
+
+
+def augmentation_of(config: FitConfig) -> Augmentation:
+    """The training augmentation ``config`` asks for: its preset with its overrides."""
+    overrides = {name: getattr(config, name) for name in AUGMENT_FIELDS}
+    return Augmentation.from_preset(config.augment or "default", **overrides)

@@ -2,7 +2,7 @@
 
 Every function returns a matplotlib :class:`~matplotlib.figure.Figure` built without pyplot, so
 nothing depends on a display or on global state (headless, thread-safe); :func:`save_png`
-writes one. The confusion matrix and the mistakes grid are :mod:`finetune.evaluate`'s own
+writes one. The confusion matrix and the mistakes grid are :mod:`finetune.inference.evaluate`'s own
 (``Evaluation.save``); the per-class bars here sit beside them.
 """
 
@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune.train import EpochResult
+from finetune.training.loop import EpochResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from finetune.evaluate import Evaluation
+    from finetune.inference.evaluate import Evaluation
 
 __all__ = ["compare_figure", "learning_curves", "per_class_figure", "save_png"]
 

@@ -24,14 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune.data import (
-    ImageDataset,
-    Sample,
-    cache_root,
-    collate_skipping_failed,
-    prepare_for_workers,
-)
-from finetune.transforms import Preprocessing, eval_transform
+from finetune.data.caches import cache_root
+from finetune.data.loaders import ImageDataset, collate_skipping_failed, prepare_for_workers
+from finetune.data.scan import Sample
+from finetune.data.transforms import Preprocessing, eval_transform
 
 __all__ = ["HEAD", "cache_dir", "extract_features", "probe_points", "weights_fingerprint"]
 
@@ -41,7 +37,7 @@ _MEMORY_ENTRIES = 8
 
 
 def cache_dir() -> Path:
-    """Where feature caches live: ``features/`` under :func:`finetune.data.cache_root`."""
+    """Where feature caches live: ``features/`` under :func:`finetune.data.caches.cache_root`."""
     return cache_root() / "features"
 
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from finetune import __version__
+from finetune.data.transforms import Preprocessing
 from finetune.errors import CheckpointError, ConfigError
-from finetune.models import Classifier, create_classifier, prune_to_stage
-from finetune.transforms import Preprocessing
+from finetune.model.backbone import Classifier, create_classifier, prune_to_stage
 
 __all__ = [
     "CHECKPOINTS",

@@ -34,11 +34,12 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 from tqdm.auto import tqdm
 
-from finetune.data import ImageDataset, Sample, collate_skipping_failed, prepare_for_workers
-from finetune.decoded import DecodedCache
+from finetune.data.decoded import DecodedCache
+from finetune.data.loaders import ImageDataset, collate_skipping_failed, prepare_for_workers
+from finetune.data.scan import Sample
+from finetune.data.transforms import Augmentation, Preprocessing, eval_transform
 from finetune.errors import ModelError
-from finetune.models import set_train_mode
-from finetune.transforms import Augmentation, Preprocessing, eval_transform
+from finetune.model.backbone import set_train_mode
 
 __all__ = [
     "FrozenOutputs",

@@ -4,7 +4,7 @@ Decoding a JPEG or PNG and resizing it costs the same every epoch, and for large
 more than the model does on a small CPU. :class:`DecodedCache` stores each image once as a
 ``uint8`` array whose short side is at most the evaluation resize side (``input_size /
 crop_pct``: a bit above the training size), in a ``.npy`` file named by the SHA-1 of the file's
-content (which scanning already computed) under ``decoded/`` in :func:`finetune.data.cache_root`.
+content (which scanning already computed) under ``decoded/`` in :func:`finetune.data.caches.cache_root`.
 Later epochs and later runs memory-map the array instead of decoding; augmentation runs on it.
 
 - Evaluation is unchanged, bit for bit: the eval transform's resize of a cached array is the
@@ -31,8 +31,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from finetune.data import Sample, cache_root, load_image
-from finetune.transforms import Preprocessing, resize_side
+from finetune.data.caches import cache_root
+from finetune.data.images import load_image
+from finetune.data.scan import Sample
+from finetune.data.transforms import Preprocessing, resize_side
 
 __all__ = ["CacheFill", "DecodedCache", "describe_size", "estimate_bytes"]
 
@@ -84,7 +86,7 @@ class DecodedCache:
     Args:
         side: The short side images are brought down to (the eval resize side).
         interpolation: The OpenCV interpolation flag of that resize (the model's).
-        root: The cache folder; defaults to ``decoded/`` under :func:`finetune.data.cache_root`.
+        root: The cache folder; defaults to ``decoded/`` under :func:`finetune.data.caches.cache_root`.
     """
 
     def __init__(self, side: int, interpolation: int, root: Path | None = None) -> None:
@@ -108,7 +110,7 @@ class DecodedCache:
 
         Raises:
             OSError, ValueError, PIL.Image.DecompressionBombError: The file cannot be decoded
-                (as :func:`finetune.data.load_image`).
+                (as :func:`finetune.data.images.load_image`).
         """
         digest = sample.digest or _digest(sample.path)
         file = self.path(digest)

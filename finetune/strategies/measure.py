@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.data import DatasetSplit, ImageDataset, collate_skipping_failed
-from finetune.models import default_unfreeze, layer_group_count
-from finetune.transforms import Preprocessing, choose_image_size, eval_transform
+from finetune.data.loaders import ImageDataset, collate_skipping_failed
+from finetune.data.scan import DatasetSplit
+from finetune.data.transforms import Preprocessing, choose_image_size, eval_transform
+from finetune.model.backbone import default_unfreeze, layer_group_count
 
 __all__ = [
     "CPU_BUDGET_SECONDS",

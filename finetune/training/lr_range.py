@@ -3,7 +3,7 @@
 Train for a few dozen steps while the LR grows exponentially from ``start_lr`` to ``end_lr``,
 recording the loss. The loss first stays flat (LR too small to matter), then falls, then
 explodes; a good LR lies on the falling slope. :func:`find_lr` runs the test on a model and its
-optimizer groups; ``finetune.lr_find`` (in :mod:`finetune.api`) prepares them as ``fit`` would.
+optimizer groups; ``finetune.lr_find`` (in :mod:`finetune.pipeline`) prepares them as ``fit`` would.
 (This module is not called ``lr_find`` so that importing it never hides that function.)
 The suggestion is the LR of the lowest smoothed loss divided by 10, the rule of Smith and of
 fastai's ``minimum`` (at the minimum the LR is already too large to train with); the steepest
@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune.models import set_train_mode
+from finetune.model.backbone import set_train_mode
 
 __all__ = ["LRFinding", "find_lr", "plot_lr_finding"]
 

@@ -49,10 +49,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune.checkpoint import save_checkpoint
-from finetune.distributed import ALONE, World
 from finetune.errors import TrainingError
-from finetune.models import set_train_mode
+from finetune.model.backbone import set_train_mode
+from finetune.run.checkpoint import save_checkpoint
+from finetune.training.distributed import ALONE, World
 
 __all__ = [
     "MAX_RETRIES",
@@ -151,7 +151,7 @@ class Training:
     channels_last: bool = False  # images in NHWC layout (the model converted by the caller)
     sync_every: int = SYNC_EVERY  # steps between two reads of the stop / non-finite flags
     # The part of a model (or of its average) that runs on what the loaders yield, when they
-    # yield the frozen layers' outputs (finetune.frozen) rather than images; None: all of it.
+    # yield the frozen layers' outputs (finetune.model.frozen) rather than images; None: all of it.
     view: Callable[[nn.Module], nn.Module] | None = None
 
 
@@ -222,7 +222,7 @@ class Recorder:
     Args:
         run_dir: The run directory.
         describe: What the checkpoints say about the model besides its weights (model spec,
-            classes, preprocessing, config, strategy); see :mod:`finetune.checkpoint`.
+            classes, preprocessing, config, strategy); see :mod:`finetune.run.checkpoint`.
         resumed: ``last.pt`` of the run being resumed: its rows of metrics.csv are kept (any
             later ones dropped) and its best scores carry on.
         write: False: keep the scores but write nothing (the ranks other than 0 of a
