@@ -27,8 +27,8 @@ import json, os, resource, statistics, sys, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
-from finetune.compute import keep_freed_memory
-from finetune.models import create_backbone, create_classifier
+from finetune.training.compute import keep_freed_memory
+from finetune.model.backbone import create_backbone, create_classifier
 
 size, steps, nhwc, kept = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
 if kept:

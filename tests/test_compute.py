@@ -133,7 +133,7 @@ def test_compile_without_a_compiler_says_how_to_fix_it(
 _FREED = """
 import re, sys
 import torch
-from finetune.compute import keep_freed_memory
+from finetune.training.compute import keep_freed_memory
 
 def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.data import features as features
+from finetune.data import features
 from finetune.data.features import HEAD, extract_features, probe_points
 from finetune.data.scan import scan_folder
 from finetune.data.transforms import Preprocessing

@@ -352,11 +352,11 @@ _WORKERS_AFTER_OPENCV = """
 import sys
 import cv2, numpy as np, torch
 from finetune.config import FitConfig
-from finetune.data import scan_folder
-from finetune.features import extract_features
-from finetune.models import create_backbone
-from finetune.strategies import training_loaders
-from finetune.transforms import PRESETS, Preprocessing
+from finetune.data.scan import scan_folder
+from finetune.data.features import extract_features
+from finetune.model.backbone import create_backbone
+from finetune.strategies.loaders import training_loaders
+from finetune.data.transforms import PRESETS, Preprocessing
 
 big = np.random.default_rng(0).integers(0, 255, (3000, 4000, 3), dtype=np.uint8)
 for _ in range(3):
