@@ -19,7 +19,7 @@ PACKAGE = Path(finetune.__file__).parent
 # The stages, lowest first: a module may import its own stage and those before it, never one
 # after it. The root package (``finetune.__version__``) and ``__main__`` stand outside.
 LAYERS = (
-    ("errors",),
+    ("errors", "files"),
     ("config",),
     ("recipes",),
     ("data",),
