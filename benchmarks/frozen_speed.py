@@ -3,7 +3,7 @@ side in one run, on the same data, options and seed.
 
 For each case, ``finetune fit --strategy finetune-top --augment none`` (with ``--hflip`` in the
 ``+flip`` rows) runs twice: with the frozen layers' outputs computed once before epoch 1
-(finetune/frozen.py) and with ``--no-cache-frozen``. Printed per row: the median epoch time of
+(finetune/model/frozen.py) and with ``--no-cache-frozen``. Printed per row: the median epoch time of
 epochs 2..N (from metrics.csv: training and validation), the whole run's wall time (start-up,
 the cache's pass, the report left out), the best val accuracy and the accuracy of best.pt on the
 held-out test folder. Without flips the two runs must agree to the last digit (the same batches,

@@ -6,13 +6,15 @@ character, next to two alternatives, and what each predicts about the best probe
 
 For each dataset (benchmarks/benchdata.py, plus uniform noise as the far extreme):
 
-- ``bn shift``: finetune.strategies.measure.batchnorm_shift at the model's native size (what auto uses):
+- ``bn shift``: finetune.strategies.measure.batchnorm_shift at the model's native size (what
+  auto uses):
   mean KL divergence between the per-channel Gaussian of each BatchNorm layer's input on these
   images and the running statistics stored from ImageNet.
 - ``in1k conf``: the pretrained ImageNet classifier's mean top-1 probability, the other
   measurement often suggested; it does not separate the datasets.
 - ``head cv`` / ``best stage cv``: cross-validated accuracy of a linear probe on the top features
-  and on the best stage (finetune.strategies.logistic): where the shift is large, earlier stages win or tie,
+  and on the best stage (finetune.strategies.logistic): where the shift is large, earlier
+  stages win or tie,
   the premise of the "different data" row of the matrix.
 """
 

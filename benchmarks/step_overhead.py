@@ -2,7 +2,8 @@
 
 The same model and optimizer alternate, in rounds, between training steps on one random
 tensor kept in memory (the ceiling of ``throughput.py``'s (a)) and training steps on batches
-from ``fit``'s own training loader (``finetune.strategies.loaders.training_loaders``, the decoded-image
+from ``fit``'s own training loader
+(``finetune.strategies.loaders.training_loaders``, the decoded-image
 cache warm, the default augmentation). Per round it prints the images/s of each kind of step and
 how long the loader took to prepare a batch: on a machine whose speed drifts within minutes,
 steps measured side by side, round after round, show whether the real batches make the model

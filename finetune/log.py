@@ -1,4 +1,4 @@
-"""Moved from finetune/api.py."""
+"""Where a run's progress goes: human lines and progress bars, or JSON events, on stderr."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from finetune.config import LOG_FORMATS  # torch-free there: the CLI's --log-format choices
 from finetune.errors import ConfigError
 from finetune.training.loop import EpochResult
 
 __all__ = ["LOG_FORMATS"]
-
-
-LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,13 @@ import random
 import time
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from finetune.config import (
     CACHE_IMAGES_UP_TO,
@@ -41,9 +40,11 @@ from finetune.data.transforms import (
     resize_side,
 )
 from finetune.errors import CheckpointError, ConfigError, DataError, FinetuneError
+from finetune.files import atomic_write
 from finetune.log import _Log, _on_epoch
 from finetune.model.backbone import EMBEDDED_WEIGHTS, create_backbone, create_classifier
-from finetune.run.checkpoint import load_checkpoint, new_run_dir, preprocessing_of
+from finetune.run.checkpoint import CheckpointMeta, ModelSpec, load_checkpoint
+from finetune.run.layout import RunDir
 from finetune.strategies import FitContext, Strategy, get_strategy
 from finetune.strategies.loaders import training_loaders
 from finetune.strategies.measure import (
@@ -63,8 +64,8 @@ from finetune.training.compute import (
     resolve_precision,
 )
 from finetune.training.distributed import World, world
-from finetune.training.loop import EpochResult, read_metrics
-from finetune.training.lr_range import LRFinding, find_lr, plot_lr_finding
+from finetune.training.loop import EpochResult, TrainStep, balanced_class_weights, read_metrics
+from finetune.training.lr_range import LRFinding, check_range, find_lr, plot_lr_finding
 from finetune.training.optim import create_optimizer
 
 __all__ = ["FitResult", "Plan", "check", "fit", "lr_find", "plan", "resume"]
@@ -86,6 +87,11 @@ class FitResult:
     report: Path | None = None  # report.html in the run directory (None: it could not be made)
 
     @property
+    def run(self) -> RunDir:
+        """The run directory's files by name (:class:`~finetune.run.layout.RunDir`)."""
+        return RunDir(self.dir)
+
+    @property
     def best(self) -> EpochResult:
         """The epoch whose weights are in ``best.pt``."""
         return [r for r in self.history if r.best][-1]
@@ -104,16 +110,15 @@ class FitResult:
     @property
     def snapshots(self) -> tuple[Path, ...]:
         """The snapshot checkpoints (one per LR cycle of ``schedule="restarts"``)."""
-        found = self.dir.glob("snapshot-*.pt")
-        return tuple(sorted(found, key=lambda p: int(p.stem.removeprefix("snapshot-"))))
+        return tuple(self.run.snapshots())
 
     @property
     def best_checkpoint(self) -> Path:
-        return self.dir / "best.pt"
+        return self.run.best
 
     @property
     def last_checkpoint(self) -> Path:
-        return self.dir / "last.pt"
+        return self.run.last
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,7 @@ def _num_workers(requested: int | None) -> int:
 
 
 def _run_dir(config: FitConfig, root: Path) -> Path:
-    return new_run_dir(config.out, f"{root.resolve().name}-{config.strategy}", "last.pt")
+    return RunDir.create(config.out, f"{root.resolve().name}-{config.strategy}").path
 
 
 def _resolve(
@@ -349,26 +354,25 @@ def fit(
     config = dataclasses.replace(config, out=str(run_dir), batch_size=batch_size)
     if not (ranks.main or strategy.trains_backbone):  # a probe is one pass: rank 0's alone
         return ranks.share(None)
-    describe = {
-        "model": {
-            "name": config.model,
-            "num_features": model.num_features,
-            "head": "linear" if head is None else f"custom:{type(head).__qualname__}",
-            "stage": None,
-        },
-        "data": str(split.root.resolve()),
-        "classes": list(split.classes),
-        "preprocessing": pre.to_dict(),
-        "config": config.to_dict(),
-        "strategy": strategy.name,
-        "decision": decision.to_dict() if decision is not None else None,
-        "augmentation": {
+    meta = CheckpointMeta(
+        model=ModelSpec(
+            name=config.model,
+            num_features=model.num_features,
+            head="linear" if head is None else f"custom:{type(head).__qualname__}",
+        ),
+        data=str(split.root.resolve()),
+        classes=split.classes,
+        preprocessing=pre,
+        config=config.to_dict(),
+        strategy=strategy.name,
+        decision=decision.to_dict() if decision is not None else None,
+        augmentation={
             **augmentation.to_dict(),
             "pca_lighting": lighting.to_dict() if lighting else None,
         }
         if strategy.trains_backbone
         else None,
-    }
+    )
     ctx = FitContext(
         model=model,
         split=split,
@@ -376,7 +380,7 @@ def fit(
         config=config,
         device=device,
         run_dir=run_dir,
-        describe=describe,
+        meta=meta,
         verbose=log.bars,
         say=log.say,
         on_epoch=_on_epoch(log, config.epochs),
@@ -393,8 +397,9 @@ def _cache_images(
     """Resolve ``cache_images=None``: cache the decoded images when decoding them costs
     something (they are larger than the resize side) and the arrays fit the size limit.
 
-    Small images decode faster than a cached array is read: a 28 px PNG in 0.1 ms against
-    0.2 ms (``benchmarks/throughput.py`` prints both), a 1600x1200 JPEG in 10 ms.
+    Small images decode faster than a cached array is read, camera photos far slower
+    (``benchmarks/throughput.py`` prints both; docs/speed.md has the numbers), so the cache pays
+    only for images larger than the resize side.
     """
     side = resize_side(pre)
     if split.median_side <= side:
@@ -488,11 +493,17 @@ def _write_run_files(
     run_dir: Path, config: FitConfig, split: DatasetSplit, decision: Decision | None
 ) -> None:
     """config.json, classes.json, scan.json and (when auto chose) decision.json."""
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    (run_dir / "classes.json").write_text(json.dumps(list(split.classes), indent=2) + "\n")
-    (run_dir / "scan.json").write_text(json.dumps(split.report.to_dict(), indent=2) + "\n")
+    run = RunDir(run_dir)
+    atomic_write(run.config, _json(config.to_dict()))
+    atomic_write(run.classes, _json(list(split.classes)))
+    atomic_write(run.scan, _json(split.report.to_dict()))
     if decision is not None:
-        (run_dir / "decision.json").write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
+        atomic_write(run.decision, _json(decision.to_dict()))
+
+
+def _json(data: Any) -> str:
+    """How a run's JSON records are written: indented for people, newline-terminated."""
+    return json.dumps(data, indent=2) + "\n"
 
 
 def _train(
@@ -506,9 +517,9 @@ def _train(
 ) -> FitResult:
     """Run the strategy, then the optional TTA scoring and the report (best.pt loaded with
     ``head``, the custom head if any); the :class:`FitResult`."""
-    _, history = strategy.fit(ctx)
+    history = strategy.fit(ctx)  # ctx.model is the trained model; the checkpoints hold it
     if ctx.resumed is not None:  # the epochs before the resume, as metrics.csv holds them
-        history = read_metrics(ctx.run_dir / "metrics.csv")
+        history = read_metrics(RunDir(ctx.run_dir).metrics)
     config, run_dir = ctx.config, ctx.run_dir
     tta_val_acc = None
     if config.tta != "none" and ctx.ranks.main:
@@ -536,7 +547,7 @@ def _train(
         cell=decision.cell if decision is not None else None, best_epoch=best.epoch,
         epochs=len(result.history), val_acc=best.val_acc, val_loss=best.val_loss,
         train_acc=best.train_acc, tta_val_acc=tta_val_acc, seconds=result.seconds,
-        checkpoints=[str(p) for p in sorted(run_dir.glob("*.pt"))],
+        checkpoints=[str(p) for p in sorted(RunDir(run_dir).checkpoints())],
         report=str(page) if page else None,
     )  # fmt: skip
     return result
@@ -580,20 +591,21 @@ def resume(
     """
     started = time.perf_counter()
     log = _Log(verbose, log_format)
-    run_dir = Path(run_dir).expanduser()
+    run = RunDir(run_dir)
+    run_dir = run.path
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             "--resume runs in one process for now; continue without torchrun: "
             f"finetune fit --resume {run_dir} (--batch-size is the global batch, so the run "
             "optimises the same way)."
         )
-    if not (run_dir / "last.pt").is_file():
+    if not run.last.is_file():
         raise CheckpointError(
             f"{run_dir} holds no last.pt: no epoch finished, so there is nothing to resume. "
             "Start the run again with finetune fit."
         )
-    last = load_checkpoint(run_dir / "last.pt")
-    config = FitConfig.from_kwargs(**json.loads((run_dir / "config.json").read_text()))
+    last = load_checkpoint(run.last)
+    config = FitConfig.from_kwargs(**json.loads(run.config.read_text()))
     strategy = get_strategy(config.strategy)
     if not strategy.trains_backbone:
         raise ConfigError(f"{run_dir} is a {strategy.name} run: one pass, nothing to resume.")
@@ -619,15 +631,17 @@ def resume(
     model.to(device)
     saved = last.get("augmentation") or {}
     lighting = saved.get("pca_lighting")
-    describe = {k: last[k] for k in _DESCRIBE_KEYS if k in last}
+    # The description goes on as it was; the strategy records the frozen layers again if it
+    # computes them once again.
+    meta = dataclasses.replace(CheckpointMeta.from_dict(last), frozen=None)
     ctx = FitContext(
         model=model,
         split=split,
-        pre=preprocessing_of(last),
+        pre=meta.preprocessing,
         config=config,
         device=device,
         run_dir=run_dir,
-        describe=describe,
+        meta=meta,
         verbose=log.bars,
         say=log.say,
         on_epoch=_on_epoch(log, config.epochs),
@@ -637,11 +651,6 @@ def resume(
     )
     decision = _decision(last["decision"]) if last.get("decision") else None  # as recorded
     return _train(ctx, strategy, decision, started, log, report, head)
-
-
-# What fit puts in every checkpoint besides weights and training state (resume copies it).
-_DESCRIBE_KEYS = ("model", "data", "classes", "preprocessing", "config", "strategy", "decision",
-                  "augmentation")  # fmt: skip
 
 
 def _decision(data: dict[str, Any]) -> Decision:
@@ -659,7 +668,7 @@ def _tta_val_accuracy(run_dir: Path, split: DatasetSplit, config: FitConfig) -> 
     labels = np.array([s.label for s in split.val])
     accuracy = float(np.mean(probs.argmax(1) == labels))
     record = {"tta": config.tta, "val_acc": accuracy, "val_images": len(paths)}
-    (run_dir / "tta.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write(RunDir(run_dir).tta, _json(record))
     return accuracy
 
 
@@ -711,15 +720,30 @@ def lr_find(
     **options: Any,
 ) -> LRFinding:
     """The learning-rate range test on ``data`` with the model, layer groups, optimizer,
-    augmentation and loss ``fit`` would use (same options); nothing is saved but the plot.
+    augmentation and training step ``fit`` would use (same options: precision, memory layout,
+    class weights and label smoothing included); nothing is saved but the plot.
+
+    Args:
+        data: The image folder, as for :func:`fit`.
+        config: Base configuration; ``options`` override its fields.
+        out: The plot's path; ``lr-find.json`` with the numbers is written beside it.
+        steps: Training steps (at least :data:`~finetune.training.lr_range.MIN_STEPS`).
+        start_lr: The head LR of the first step.
+        end_lr: The head LR of the last step, above ``start_lr``.
+        verbose: Print what was decided, with a progress bar.
+        **options: Fields of :class:`FitConfig`.
 
     Returns:
         An :class:`~finetune.training.lr_range.LRFinding`: the loss per LR, the suggested head LR
         (``.suggestion``) and the plot's path (``.plot``; ``lr-find.json`` is written beside).
 
     Raises:
-        ConfigError: The strategy (or auto's choice) is a probe, which has no LR to find.
+        ConfigError: Too few ``steps``, a range that is not ``0 < start_lr < end_lr``, or a
+            strategy (or auto's choice) that is a probe, which has no LR to find.
+        DataError: The folder has too few readable images.
+        TrainingError: The loss diverged at once (``start_lr`` too large).
     """
+    check_range(start_lr, end_lr, steps)  # before minutes are spent building the model
     config = FitConfig.from_kwargs(config, **options)
     split, backbone, strategy, config, _, device = _resolve(data, config, _Log(verbose))
     if not strategy.trains_backbone:
@@ -729,17 +753,51 @@ def lr_find(
         )
     pre = Preprocessing.from_model(backbone, config.image_size)
     model = create_classifier(backbone, len(split.classes), dropout=config.dropout).to(device)
-    optimizer = create_optimizer(strategy.param_groups(model, config, config.lr), config)
-    loader, _ = training_loaders(split, pre, config, device, augmentation_of(config), None)
-    loss = partial(F.cross_entropy, label_smoothing=config.label_smoothing)
+    loader = _lr_find_loader(split, pre, config, device)
     finding = find_lr(
-        model, optimizer, loader, device, start_lr=start_lr, end_lr=end_lr, steps=steps,
-        loss_fn=loss, progress=verbose,
+        _lr_find_step(model, strategy, split, config, device), loader,
+        start_lr=start_lr, end_lr=end_lr, steps=steps, progress=verbose,
+        reseed=loader.batch_sampler.set_epoch,  # each pass its own order and augmentation
     )  # fmt: skip
     title = f"{split.root.name}: {strategy.name}, {config.model}, {config.optimizer}"
     plot = plot_lr_finding(finding, out, title)
-    plot.with_suffix(".json").write_text(json.dumps(finding.to_dict(), indent=2) + "\n")
+    atomic_write(plot.with_suffix(".json"), json.dumps(finding.to_dict(), indent=2) + "\n")
     return dataclasses.replace(finding, plot=plot)
+
+
+def _lr_find_step(
+    model: nn.Module,
+    strategy: Strategy,
+    split: DatasetSplit,
+    config: FitConfig,
+    device: torch.device,
+) -> TrainStep:
+    """The training step ``fit`` would run for ``strategy`` (finetune.strategies.finetune
+    builds its :class:`~finetune.training.loop.Training` from the same settings), without the
+    scheduler and the average, which a range test has no use for."""
+    if config.channels_last:  # as fit converts it: the weights in the layout of the images
+        model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(strategy.param_groups(model, config, config.lr), config)
+    weights = None
+    if config.balance == "weighted-loss":
+        weights = balanced_class_weights([s.label for s in split.train], len(split.classes), device)
+    return TrainStep(
+        model, optimizer, device, bf16=config.precision == "bf16",
+        channels_last=bool(config.channels_last), class_weights=weights,
+        label_smoothing=config.label_smoothing,
+    )  # fmt: skip
+
+
+def _lr_find_loader(
+    split: DatasetSplit, pre: Preprocessing, config: FitConfig, device: torch.device
+) -> DataLoader:
+    """The training loader ``fit`` would use: augmentation, PCA lighting, oversampling."""
+    augmentation = augmentation_of(config)
+    lighting = None
+    if augmentation.lighting:
+        lighting = fit_lighting([s.path for s in split.train], seed=config.seed)
+    loader, _ = training_loaders(split, pre, config, device, augmentation, lighting)
+    return loader
 
 
 def _check_head(model: nn.Module, num_classes: int) -> None:

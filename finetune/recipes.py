@@ -6,39 +6,36 @@ starts from; options typed on the command line override it. In Python::
     config = finetune.load_recipe("recipes/finetune-top.toml")
     run = finetune.fit("sample_data/fashion", config, epochs=3)  # keyword options override it
 
-``write_recipe`` writes one back: only the fields that differ from the defaults, each with the
-comment its field carries in ``finetune/config.py``. ``recipes/`` at the top of the repository
-holds one recipe per cell of the strategy matrix and two for speed and accuracy.
+``write_recipe`` writes one back: only the fields that differ from the defaults, each with its
+field's help (the ``--help`` text, declared once in ``finetune/config.py``) as its comment.
+``recipes/`` at the top of the repository holds one recipe per cell of the strategy matrix and two
+for speed and accuracy.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import functools
-import inspect
-import io
 import json
 import math
-import re
-import tokenize
+import sys
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from finetune import config as _config_module
-from finetune.config import FitConfig
-from finetune.errors import ConfigError, NotAvailableError
+from finetune.config import SETTINGS, FitConfig
+from finetune.errors import ConfigError
+from finetune.files import atomic_write
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: writing recipes works, reading needs 3.11
-    tomllib = None  # type: ignore[assignment]
+else:  # Python 3.10: the same parser, from PyPI (a dependency there, see pyproject.toml)
+    import tomli as tomllib
 
-__all__ = ["field_comments", "load_recipe", "write_recipe"]
+__all__ = ["load_recipe", "write_recipe"]
 
 _WHERE_LISTED = (
     "a recipe's keys are the fields of finetune.FitConfig, each explained in finetune/config.py "
@@ -66,8 +63,6 @@ def load_recipe(path: str | Path) -> FitConfig:
         >>> config.image_size
         64
     """
-    if tomllib is None:
-        raise NotAvailableError("Reading a recipe needs Python 3.11 or later (tomllib).")
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
@@ -103,7 +98,7 @@ def write_recipe(
     path: str | Path, config: FitConfig | Mapping[str, Any], header_comment: str = ""
 ) -> Path:
     """Write ``config`` as a recipe: the fields that differ from the defaults, one per line,
-    each followed by the comment its field has in ``finetune/config.py``.
+    each followed by its field's help as a comment (a recipe reads without ``--help`` open).
 
     Args:
         path: The ``.toml`` file to write (its folder is created).
@@ -119,7 +114,7 @@ def write_recipe(
     """
     if not isinstance(config, FitConfig):
         config = FitConfig.from_kwargs(**dict(config))
-    defaults, comments = FitConfig(), field_comments()
+    defaults = FitConfig()
     lines = [f"# {line}".rstrip() for line in header_comment.strip().splitlines()]
     if lines:
         lines.append("")
@@ -127,77 +122,19 @@ def write_recipe(
         value = getattr(config, field.name)
         if value == getattr(defaults, field.name):
             continue
-        line = f"{field.name} = {_toml_value(value)}"
-        comment = comments.get(field.name)
-        lines.append(f"{line}  # {comment}" if comment else line)
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-@functools.cache
-def field_comments() -> dict[str, str]:
-    """Each :class:`FitConfig` field's comment, read from the source of ``finetune/config.py``.
-
-    A field's comment is the one on its own lines; else the comment block just above it
-    (``ema``, ``balance``); a comment line right below that starts with ``(`` or a lower-case
-    letter continues the field above (``lr_gamma``); a field with no comment of its own shares
-    the one of the field before it (``contrast`` and ``saturation``, after ``brightness``).
-    Empty when the source is not available (a zipped install).
-    """
-    try:
-        source = inspect.getsource(_config_module)
-    except (OSError, TypeError):
-        return {}
-    comments: dict[int, str] = {}
-    code_lines: set[int] = set()
-    layout = {tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            comments[token.start[0]] = token.string.lstrip("#").strip()
-        elif token.type not in layout:
-            code_lines.update(range(token.start[0], token.end[0] + 1))
-    own_line = {line for line in comments if line not in code_lines}  # comment-only lines
-    tree = ast.parse(source)
-    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FitConfig").body
-    result: dict[str, str] = {}
-    previous = ""
-    for node in body:
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            continue
-        end = node.end_lineno or node.lineno
-        parts = [comments[n] for n in range(node.lineno, end + 1) if n in comments]
-        if not parts:
-            above = node.lineno - 1
-            while above in own_line:
-                above -= 1
-            parts = [comments[n] for n in range(above + 1, node.lineno)]
-        below = end + 1
-        while below in own_line and comments[below][:1] in ("(", *"abcdefghijklmnopqrstuvwxyz"):
-            parts.append(comments[below])
-            below += 1
-        text = " ".join(p for p in parts if p) or previous
-        result[node.target.id] = previous = text
-    return {name: _constants_spelled_out(text) for name, text in result.items()}
-
-
-def _constants_spelled_out(comment: str) -> str:
-    """``one of OPTIMIZERS`` -> ``one of sgd, momentum, ...``: a recipe reader has no config.py
-    open beside it."""
-
-    def spelled(match: re.Match[str]) -> str:
-        value = getattr(_config_module, match.group(0), None)
-        if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
-            return ", ".join(value)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return f"{value:g}"
-        return match.group(0)
-
-    return re.sub(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b|\b[A-Z]{4,}\b", spelled, comment)
+        lines.append(f"{field.name} = {_toml_value(value)}  # {_comment(field.name)}")
+    return atomic_write(Path(path).expanduser(), "\n".join(lines) + "\n")
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _comment(name: str) -> str:
+    """Field ``name``'s help, plus its choices: ``--help`` shows those as ``[a|b]``, a recipe
+    has only this comment."""
+    meta = SETTINGS[name]
+    choices = f" One of: {', '.join(meta.choices)}." if meta.choices else ""
+    return meta.help + choices
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import sys
 import time
@@ -28,8 +29,9 @@ import numpy as np
 
 from finetune.config import DEFAULT_EPOCHS, DEFAULT_LR, FitConfig
 from finetune.errors import ConfigError, TrainingError
+from finetune.files import atomic_write
 from finetune.recipes import write_recipe
-from finetune.run.checkpoint import new_run_dir
+from finetune.run.layout import TuneDir
 
 __all__ = [
     "COARSE_FRACTION",
@@ -104,15 +106,15 @@ class TuneResult:
     @property
     def recipe(self) -> Path:
         """``best.toml``: the base config with the best trial's LR and weight decay."""
-        return self.dir / "best.toml"
+        return TuneDir(self.dir).best_recipe
 
     @property
     def trials_csv(self) -> Path:
-        return self.dir / "trials.csv"
+        return TuneDir(self.dir).trials
 
     @property
     def plot(self) -> Path:
-        return self.dir / "tune.png"
+        return TuneDir(self.dir).plot
 
     def table(self) -> str:
         """The trials as a text table for people, the best one marked with ``*``."""
@@ -217,16 +219,16 @@ def tune(
                 break
         if stage not in stages:
             stages.append(stage)
-        run_dir = tune_dir / f"trial-{len(done) + 1:0{max(2, len(str(trials)))}d}"
+        run_dir = TuneDir(tune_dir).trial(len(done) + 1, of=trials).path
         try:
             done.append(_run_trial(data, base, stage, len(done) + 1, lr, weight_decay, run_dir))
         except TrainingError as exc:  # interrupted: keep what finished, then stop
             _write_outputs(tune_dir, done, base, data, stages)
             raise TrainingError(
                 f"tune stopped in trial {len(done) + 1}: {exc} The {len(done)} finished "
-                f"trial(s) are in {tune_dir / 'trials.csv'}."
+                f"trial(s) are in {TuneDir(tune_dir).trials}."
             ) from exc
-        _write_csv(tune_dir / "trials.csv", done)
+        _write_csv(TuneDir(tune_dir).trials, done)
         _say(verbose, _trial_line(done[-1], trials))
     result = TuneResult(
         dir=tune_dir,
@@ -380,27 +382,31 @@ def _diverged(exc: TrainingError) -> bool:
 
 
 def _tune_dir(out: str | Path | None, data: str | Path) -> Path:
-    return new_run_dir(out, f"{Path(data).resolve().name}-tune", "trials.csv", kind="tune")
+    return TuneDir.create(out, f"{Path(data).resolve().name}-tune").path
 
 
 def _write_csv(path: Path, trials: list[Trial]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_FIELDS)
-        for t in trials:
-            writer.writerow([getattr(t, name) for name in CSV_FIELDS])
+    text = io.StringIO()  # csv's own line ends, as the file always had
+    writer = csv.writer(text)
+    writer.writerow(CSV_FIELDS)
+    for t in trials:
+        writer.writerow([getattr(t, name) for name in CSV_FIELDS])
+    atomic_write(path, text.getvalue())
 
 
 def _write_outputs(
     tune_dir: Path, trials: list[Trial], base: FitConfig, data: str | Path, stages: list[Stage]
 ) -> None:
     """trials.csv, tune.png and (when a trial did not diverge) best.toml."""
-    _write_csv(tune_dir / "trials.csv", trials)
+    files = TuneDir(tune_dir)
+    _write_csv(files.trials, trials)
     if not trials:
         return
     full = base.epochs or DEFAULT_EPOCHS
     figure = _plot(trials, stages, base.strategy, full)
-    figure.savefig(tune_dir / "tune.png", dpi=120, bbox_inches="tight")
+    atomic_write(
+        files.plot, lambda f: figure.savefig(f, dpi=120, bbox_inches="tight", format="png")
+    )
     if all(t.diverged for t in trials):
         return
     best = _best(trials, full)
@@ -414,16 +420,16 @@ def _write_outputs(
             f"epoch(s), lr {_range(s.lr)}, weight decay {_range(s.weight_decay)}"
             for s in stages
         ),
-        f"All trials: {tune_dir / 'trials.csv'} and {tune_dir / 'tune.png'}.",
+        f"All trials: {files.trials} and {files.plot}.",
     ]
     if best.epochs != full:
         header.append(
             f"Trial {best.trial} trained {best.epochs} epoch(s); this recipe trains the full "
             f"{full}."
         )
-    header.append(f"Train with it: finetune fit {data} --recipe {tune_dir / 'best.toml'}")
+    header.append(f"Train with it: finetune fit {data} --recipe {files.best_recipe}")
     recipe = dataclasses.replace(base, lr=best.lr, weight_decay=best.weight_decay, out=None)
-    write_recipe(tune_dir / "best.toml", recipe, "\n".join(header))
+    write_recipe(files.best_recipe, recipe, "\n".join(header))
 
 
 def _plot(trials: list[Trial], stages: list[Stage], strategy: str, full_epochs: int):  # -> Figure

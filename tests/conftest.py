@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 # Tests never wait on the network: hub look-ups fail at once, as they must in CI. Set before
@@ -121,3 +125,43 @@ def report_run(tmp_path_factory: pytest.TempPathFactory) -> finetune.FitResult:
         out=str(root / "runs" / "top"),
         verbose=False,
     )
+
+
+@dataclass(frozen=True)
+class CliRuns:
+    """Runs of the real ``finetune fit`` command, shared by the CLI tests that read them."""
+
+    data: Path  # bag, sneaker, trouser x 20 images, folder-per-class
+    runs: Path  # the folder holding the three run directories
+    auto: Path  # `fit DATA --image-size 32`: auto's choice (stage-probe on this data)
+    json: Path  # `--strategy finetune-top --epochs 2 --log-format json`
+    quiet: Path  # `--strategy linear -q`
+    fits: dict[str, subprocess.CompletedProcess]  # each fit's output, by run name
+
+
+@pytest.fixture(scope="session")
+def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> CliRuns:
+    """Three ``finetune fit`` processes, run once side by side (each spends most of its time
+    importing torch on one core) on 3 Fashion classes x 20 images at 32 px. The predict,
+    evaluate, export, report and runs tests read these runs instead of training their own;
+    tests that write into a run directory write only files of their own names."""
+    root = tmp_path_factory.mktemp("cli")
+    data = copy_classes(root / "data", ["bag", "sneaker", "trouser"], 20)
+    runs = root / "runs"
+    common = [str(data), "--image-size", "32"]
+    commands = {
+        "auto": [*common, "--out", str(runs / "auto")],
+        "json": [*common, "--strategy", "finetune-top", "--epochs", "2", "--log-format", "json",
+                 "--out", str(runs / "json")],
+        "quiet": [*common, "--strategy", "linear", "-q", "--out", str(runs / "quiet")],
+    }  # fmt: skip
+    exe = Path(sys.executable).with_name("finetune")
+
+    def fit(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(exe), "fit", *args], capture_output=True, text=True, timeout=600, check=False
+        )
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        fits = dict(zip(commands, pool.map(fit, commands.values()), strict=True))
+    return CliRuns(data, runs, runs / "auto", runs / "json", runs / "quiet", fits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import torch
 
 import finetune
 from finetune.errors import CheckpointError
+from finetune.files import file_mode
 from finetune.run.checkpoint import (
-    file_mode,
+    CheckpointMeta,
     find_checkpoint,
     load_checkpoint,
     rebuild_model,
@@ -88,3 +90,64 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
         load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# --- the description: CheckpointMeta -------------------------------------------------------
+
+# What fit wrote before the description became a dataclass (a finetune-top run whose frozen
+# layers were computed once, and a stage-probe's model): every key, as the old dict held it.
+_OLD_DESCRIPTION = {
+    "model": {"name": "resnet18", "num_features": 256, "head": "linear", "stage": 3},
+    "data": "/data/flowers",
+    "classes": ["daisy", "rose"],
+    "preprocessing": {
+        "input_size": 224,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+    },
+    "config": {"strategy": "finetune-top", "epochs": 3, "lr": 0.001},
+    "strategy": "finetune-top",
+    "decision": None,
+    "augmentation": {"preset": "default", "pca_lighting": None},
+    "frozen": {"skipped": ["conv1", "bn1"], "views": 2},
+}
+
+
+def test_an_old_description_round_trips_key_for_key() -> None:
+    meta = CheckpointMeta.from_dict(_OLD_DESCRIPTION)
+    assert meta.model.stage == 3 and meta.classes == ("daisy", "rose")
+    assert meta.frozen is not None and meta.frozen.views == 2
+    assert meta.to_dict() == _OLD_DESCRIPTION
+    assert list(meta.to_dict()) == list(_OLD_DESCRIPTION)  # the same keys, in the same order
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        meta.strategy = "linear"  # type: ignore[misc]
+
+
+def test_a_description_without_the_optional_keys_loads() -> None:
+    minimal = {k: _OLD_DESCRIPTION[k] for k in ("classes", "preprocessing")}
+    meta = CheckpointMeta.from_dict({**minimal, "model": {"name": "resnet18"}})
+    assert meta.model.head == "linear" and meta.model.stage is None
+    assert meta.data is None and meta.decision is None and meta.frozen is None
+    assert "frozen" not in meta.to_dict()  # written only when the frozen layers were cached
+    with pytest.raises(CheckpointError, match="not written by finetune fit"):
+        CheckpointMeta.from_dict({"classes": ["a"]})
+
+
+def test_a_saved_description_loads_back_with_weights_only(tmp_path: Path) -> None:
+    meta = CheckpointMeta.from_dict(_OLD_DESCRIPTION)
+    save_checkpoint(tmp_path / "best.pt", {**meta.to_dict(), "state_dict": {}})
+    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert {k: payload[k] for k in _OLD_DESCRIPTION} == _OLD_DESCRIPTION
+    assert CheckpointMeta.from_dict(load_checkpoint(tmp_path)) == meta
+
+
+def test_a_fit_checkpoint_is_its_description_plus_training_state(
+    linear_run: finetune.FitResult,
+) -> None:
+    best = load_checkpoint(linear_run.dir)
+    meta = CheckpointMeta.from_dict(best)
+    assert meta.to_dict() == {k: best[k] for k in meta.to_dict()}
+    assert meta.strategy == "linear" and meta.augmentation is None  # a probe: no augmentation
+    assert meta.data == str(Path(best["data"])) and meta.classes == linear_run.classes

@@ -8,13 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
+import click
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 import finetune
 from finetune.cli.commands import cli
@@ -22,7 +24,7 @@ from finetune.inference.predict import expand_inputs
 from finetune.run.checkpoint import load_checkpoint
 from finetune.training.loop import EpochResult, read_metrics
 
-from .conftest import copy_classes
+from .conftest import CliRuns, copy_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,9 +44,18 @@ def run(
     )
 
 
-def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    fit = run("fit", str(small_folder), "--image-size", "32", "--out", str(out))
+def invoke(*args: str, stdin: str | None = None) -> Result:
+    """A command run in this process: the commands that only read runs, whose seconds in a new
+    process would go to importing torch. The process's warning display is left as it was."""
+    shown = warnings.showwarning
+    try:
+        return CliRunner().invoke(cli, list(args), input=stdin)
+    finally:
+        warnings.showwarning = shown
+
+
+def test_fit_says_what_auto_chose_why_and_where_the_run_is(cli_runs: CliRuns) -> None:
+    fit, out = cli_runs.fits["auto"], cli_runs.auto
     assert fit.returncode == 0, fit.stderr
     assert "best epoch" in fit.stdout and f"finetune predict {out}" in fit.stdout
     # auto (the default) says what it chose and why before it trains.
@@ -53,71 +64,81 @@ def test_fit_then_predict(small_folder: Path, tmp_path: Path) -> None:
     assert "strategy     stage-probe" in fit.stdout
     assert (out / "best.pt").is_file() and (out / "metrics.csv").is_file()
 
-    bags = sorted((small_folder / "bag").glob("*.png"))
-    listed = "\n".join(map(str, bags)) + "\n"
-    (table, as_csv, as_json, exported, scripted, as_onnx, with_tta, flipped, preview,
-     from_last) = run_many(
-        ("predict", str(out), str(small_folder / "bag")),
-        ("predict", str(out), "-", "--format", "csv", "--top-k", "5"),
-        ("predict", str(out), "-", "--format", "json"),
-        ("export", str(out)),
-        ("export", str(out), "--format", "torchscript"),
-        ("export", str(out), "--format", "onnx"),
-        ("evaluate", str(out), str(small_folder), "--tta", "10crop", "--json",
-         "-o", str(out / "eval-tta")),
-        ("predict", str(out), str(small_folder / "bag"), "--tta", "flip"),
-        ("augment-preview", str(small_folder), "-o", str(out / "preview.png"),
-         "--augment", "strong", "--rotate90"),
-        ("predict", str(out / "last.pt"), str(small_folder), "--json", "--top-k", "2"),
-        stdin={1: listed, 2: listed},
-    )  # fmt: skip
-    assert table.returncode == 0, table.stderr
-    lines = table.stdout.strip().splitlines()
+
+def _table(cli_runs: CliRuns) -> str:
+    table = invoke("predict", str(cli_runs.auto), str(cli_runs.data / "bag"))
+    assert table.exit_code == 0, table.output
+    return table.stdout
+
+
+def test_predict_gives_one_answer_per_image_in_every_format(cli_runs: CliRuns) -> None:
+    out, data = cli_runs.auto, cli_runs.data
+    listed = "\n".join(map(str, sorted((data / "bag").glob("*.png")))) + "\n"
+    table = _table(cli_runs)
+    lines = table.strip().splitlines()
     assert len(lines) == 20 and all(line.split("\t")[1] in {"bag", "sneaker", "trouser"}
                                     for line in lines)  # fmt: skip
-
     # Paths on stdin (`-`), CSV and JSON give the same answers as the table.
-    assert as_csv.returncode == 0, as_csv.stderr
+    as_csv = invoke("predict", str(out), "-", "--format", "csv", "--top-k", "5", stdin=listed)
+    assert as_csv.exit_code == 0, as_csv.output
     rows = list(csv.reader(as_csv.stdout.splitlines()))
     assert rows[0] == ["path", "label", "probability"] + [
         f"{name}_{i}" for i in range(2, 6) for name in ("label", "probability")
     ]
     assert all(len(r) == len(rows[0]) for r in rows)  # 3 classes: the missing ranks are empty
     assert [(r[0], r[1]) for r in rows[1:]] == [tuple(line.split("\t")[:2]) for line in lines]
+    as_json = invoke("predict", str(out), "-", "--format", "json", stdin=listed)
     assert [(p["path"], p["label"]) for p in json.loads(as_json.stdout)] == [
         (r[0], r[1]) for r in rows[1:]]  # fmt: skip
-
-    # Every export answers exactly as the run directory does.
-    assert exported.returncode == 0, exported.stderr
-    assert exported.stdout.strip() == str(out / "bundle")
-    assert scripted.returncode == 0 and scripted.stdout.strip() == str(out / "model.torchscript.pt")
-    assert as_onnx.returncode == 0 and as_onnx.stdout.strip() == str(out / "model.onnx")
-    from_bundle, evaluated, from_script, from_onnx = run_many(
-        ("predict", str(out / "bundle"), str(small_folder / "bag")),
-        ("evaluate", str(out / "bundle"), str(small_folder), "-o", str(out / "eval")),
-        ("predict", str(out / "model.torchscript.pt"), str(small_folder / "bag")),
-        ("predict", str(out / "model.onnx"), str(small_folder / "bag")),
-    )
-    assert from_bundle.returncode == 0 and from_bundle.stdout == table.stdout
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert evaluated.stdout.startswith("accuracy     ") and "confusion" in evaluated.stdout
-    assert (out / "eval" / "confusion.png").is_file() and (out / "eval" / "mistakes.png").is_file()
-    assert from_script.returncode == 0 and from_script.stdout == table.stdout
-    assert from_onnx.returncode == 0 and from_onnx.stdout == table.stdout
-
-    assert with_tta.returncode == 0, with_tta.stderr
-    assert json.loads(with_tta.stdout)["tta"] == "10crop"
-    assert flipped.returncode == 0 and len(flipped.stdout.strip().splitlines()) == 20
-    assert flipped.stdout != table.stdout  # probabilities averaged over two views
-    assert preview.returncode == 0, preview.stderr
-    assert preview.stdout.strip() == str(out / "preview.png")
-    assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    assert from_last.returncode == 0, from_last.stderr
+    # Another checkpoint of the run, a whole folder, the top 2 of each.
+    from_last = invoke("predict", str(out / "last.pt"), str(data), "--json", "--top-k", "2")
+    assert from_last.exit_code == 0, from_last.output
     items = json.loads(from_last.stdout)
     assert len(items) == 60
     assert set(items[0]) == {"path", "label", "probability", "top_k"}
     assert len(items[0]["top_k"]) == 2 and items[0]["top_k"][0]["label"] == items[0]["label"]
+    # Test-time augmentation averages over views: other probabilities, the same images.
+    flipped = invoke("predict", str(out), str(data / "bag"), "--tta", "flip")
+    assert flipped.exit_code == 0 and len(flipped.stdout.strip().splitlines()) == 20
+    assert flipped.stdout != table
+
+
+def test_every_export_answers_exactly_as_the_run_does(cli_runs: CliRuns) -> None:
+    out, bags = cli_runs.auto, str(cli_runs.data / "bag")
+    table = _table(cli_runs)
+    exports = {
+        (): "bundle",  # the default format: safetensors
+        ("--format", "torchscript"): "model.torchscript.pt",
+        ("--format", "onnx"): "model.onnx",
+    }
+    for options, name in exports.items():
+        exported, path = invoke("export", str(out), *options), out / name
+        assert exported.exit_code == 0, exported.output
+        assert exported.stdout.strip() == str(path)
+        predicted = invoke("predict", str(path), bags)
+        assert predicted.exit_code == 0 and predicted.stdout == table, (path, predicted.output)
+
+
+def test_evaluate_writes_its_report_and_figures(cli_runs: CliRuns) -> None:
+    out, data = cli_runs.auto, cli_runs.data
+    evaluated = invoke("evaluate", str(out), str(data), "-o", str(out / "eval-cli"))
+    assert evaluated.exit_code == 0, evaluated.output
+    assert evaluated.stdout.startswith("accuracy     ") and "confusion" in evaluated.stdout
+    for figure in ("confusion.png", "mistakes.png"):
+        assert (out / "eval-cli" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    with_tta = invoke("evaluate", str(out), str(data), "--tta", "10crop", "--json", "-o",
+                      str(out / "eval-tta"))  # fmt: skip
+    assert with_tta.exit_code == 0, with_tta.output
+    assert json.loads(with_tta.stdout)["tta"] == "10crop"
+
+
+def test_augment_preview_writes_a_png(small_folder: Path, tmp_path: Path) -> None:
+    target = tmp_path / "preview.png"
+    preview = invoke("augment-preview", str(small_folder), "-o", str(target), "--augment",
+                     "strong", "--rotate90")  # fmt: skip
+    assert preview.exit_code == 0, preview.output
+    assert preview.stdout.strip() == str(target)
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def run_many(*commands: tuple[str, ...], stdin: dict[int, str] | None = None, jobs: int = 3
@@ -156,31 +177,24 @@ def test_errors_are_one_clean_line_and_a_failing_exit(small_folder: Path) -> Non
         assert "Traceback" not in result.stderr, args
 
 
-def test_fit_json_log_summary_report_runs_and_compare(
-    report_run: finetune.FitResult, tmp_path: Path
+def test_a_json_log_is_one_event_per_line_and_the_summary_says_what_next(
+    cli_runs: CliRuns,
 ) -> None:
-    data = copy_classes(tmp_path / "data", ["bag", "sneaker", "trouser"], 8)
-    out = tmp_path / "runs" / "json"
-    fit, quiet = run_many(
-        ("fit", str(data), "--strategy", "finetune-top", "--epochs", "2", "--image-size", "32",
-         "--out", str(out), "--log-format", "json"),
-        ("fit", str(data), "--strategy", "linear", "--image-size", "32", "-q", "--out",
-         str(tmp_path / "runs" / "quiet")),
-    )  # fmt: skip
+    fit, out = cli_runs.fits["json"], cli_runs.json
     assert fit.returncode == 0, fit.stderr
     events = [json.loads(line) for line in fit.stderr.splitlines()]  # every line is JSON
     names = [e["event"] for e in events]
     assert names[:2] == ["data", "decision"] and names[-1] == "summary"
     assert events[0]["layout"] == "random split" and events[0]["skipped"] == 0
     per_class = {c: events[0]["train"][c] + events[0]["val"][c] for c in events[0]["classes"]}
-    assert per_class == {"bag": 8, "sneaker": 8, "trouser": 8}
+    assert per_class == {"bag": 20, "sneaker": 20, "trouser": 20}
     assert events[1]["strategy"] == "finetune-top" and events[1]["auto"] is None
     epochs = [e for e in events if e["event"] == "epoch"]
     assert set(epochs[0]) == {"event", "epochs", *(f.name for f in fields(EpochResult))}
     recorded = read_metrics(out / "metrics.csv")
     assert [(e["epoch"], e["val_acc"], e["best"]) for e in epochs] == [
         (r.epoch, r.val_acc, r.best) for r in recorded]  # fmt: skip
-    assert epochs[0]["ema_val_acc"] is None  # nan (no EMA) is null: strict JSON
+    assert len(epochs) == 2 and epochs[0]["ema_val_acc"] is None  # nan (no EMA): strict JSON
     assert events[-1]["report"] == str(out / "report.html") and events[-1]["best_epoch"] >= 1
     # The summary on stdout says what ran, why, where everything is and what to do next.
     for expected in (
@@ -193,27 +207,38 @@ def test_fit_json_log_summary_report_runs_and_compare(
     ):
         assert expected in fit.stdout, expected
 
+
+def test_a_quiet_fit_prints_only_its_summary(cli_runs: CliRuns) -> None:
+    quiet = cli_runs.fits["quiet"]
     assert quiet.returncode == 0 and quiet.stderr == "" and "best epoch" in quiet.stdout
 
-    # The commands that only read runs, in this process (each process start costs seconds).
-    runner = CliRunner()
-    (out / "report.html").unlink()
-    again = runner.invoke(cli, ["report", str(out), "--max-images", "3"])
-    assert again.exit_code == 0, again.output
-    assert again.stdout.strip() == str(out / "report.html") and (out / "report.html").is_file()
-    assert json.loads((out / "eval-val" / "evaluation.json").read_text())["images"] == 3
 
-    listed = runner.invoke(cli, ["runs", str(tmp_path / "runs")])
+def test_report_writes_the_runs_report_again(cli_runs: CliRuns) -> None:
+    target = cli_runs.json / "report.html"
+    target.unlink()  # fit wrote one; the command writes it again, as it was
+    again = invoke("report", str(cli_runs.json), "--max-images", "3")
+    assert again.exit_code == 0, again.output
+    assert again.stdout.strip() == str(target) and target.is_file()
+    evaluation = cli_runs.json / "eval-val" / "evaluation.json"
+    assert json.loads(evaluation.read_text())["images"] == 3
+
+
+def test_runs_lists_every_run_with_its_strategy_and_epochs(cli_runs: CliRuns) -> None:
+    listed = invoke("runs", str(cli_runs.runs))
     assert listed.exit_code == 0, listed.output
     rows = listed.stdout.splitlines()
-    assert rows[0].split()[:3] == ["run", "strategy", "val"] and len(rows) == 3
-    by_name = sorted(rows[1:])  # the two runs ran side by side: either may have started first
-    assert by_name[0].split()[:2] == ["json", "finetune-top"] and "2/2" in by_name[0]
-    assert by_name[1].split()[:2] == ["quiet", "linear"] and "1/1" in by_name[1]
+    assert rows[0].split()[:3] == ["run", "strategy", "val"] and len(rows) == 4
+    by_name = sorted(rows[1:])  # the runs ran side by side: any may have started first
+    assert by_name[0].split()[:2] == ["auto", "stage-probe"] and "1/1" in by_name[0]
+    assert by_name[1].split()[:2] == ["json", "finetune-top"] and "2/2" in by_name[1]
+    assert by_name[2].split()[:2] == ["quiet", "linear"] and "1/1" in by_name[2]
 
-    compared = runner.invoke(
-        cli, ["compare", str(out), str(report_run.dir), "-o", str(tmp_path / "cmp.png")]
-    )
+
+def test_compare_tabulates_and_plots_runs(
+    cli_runs: CliRuns, report_run: finetune.FitResult, tmp_path: Path
+) -> None:
+    compared = invoke("compare", str(cli_runs.json), str(report_run.dir), "-o",
+                      str(tmp_path / "cmp.png"))  # fmt: skip
     assert compared.exit_code == 0, compared.output
     table = compared.stdout.splitlines()
     assert table[0].split()[:4] == ["run", "strategy", "model", "px"]
@@ -402,19 +427,39 @@ def test_ensemble_and_checkpoint_mistakes_are_clean_errors(tiny_runs: list[Path]
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
-def test_checkpoint_choices_match_the_library() -> None:
-    from finetune.cli.commands import _CHECKPOINTS
-    from finetune.run.checkpoint import CHECKPOINTS
+def test_every_fit_config_field_is_one_generated_option_with_help() -> None:
+    from finetune.config import SETTINGS
 
-    assert _CHECKPOINTS == CHECKPOINTS
+    for name in ("fit", "plan", "tune", "lr-find"):
+        params = [p for p in cli.commands[name].params if isinstance(p, click.Option)]
+        assert all(p.help and p.help.strip() for p in params), name
+        # generated: the field's own help (tune's --out is the tune folder, lr-find's the plot)
+        found = [p.name for p in params if p.name in SETTINGS and p.help == SETTINGS[p.name].help]
+        assert len(found) == len(set(found)), name  # exactly one option per field
+        expected = [f.name for f in fields(finetune.FitConfig)]
+        if name != "fit":  # their --out is their own or absent
+            expected.remove("out")
+        assert found == expected, name  # ... in declaration order
+    fit = {p.name: p for p in cli.commands["fit"].params}
+    assert fit["num_workers"].opts == ["--workers"]
+    assert fit["feature_cache"].opts == ["--no-feature-cache"]
+    assert fit["feature_cache"].flag_value is False
+    assert fit["hflip"].secondary_opts == ["--no-hflip"] and fit["hflip"].default is None
+    assert fit["crop_scale"].type.arity == 2 and fit["time_budget"].metavar == "MINUTES"
 
 
-def test_log_formats_and_report_sample_size_match_the_library() -> None:
-    from finetune.cli.commands import _LOG_FORMATS, _MAX_IMAGES
-    from finetune.log import LOG_FORMATS
-    from finetune.reporting.html import DEFAULT_MAX_IMAGES
+def test_lr_help_lists_each_optimizer_s_real_default() -> None:
+    from finetune.config import DEFAULT_LR
 
-    assert (_LOG_FORMATS, _MAX_IMAGES) == (LOG_FORMATS, DEFAULT_MAX_IMAGES)
+    lr = next(p for p in cli.commands["fit"].params if p.name == "lr")
+    for optimizer, default in DEFAULT_LR.items():
+        assert f"{optimizer} {default:g}" in lr.help, optimizer
+    assert "sgd 0.1" in lr.help  # the value it drifted from ("sgd 1e-2")
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; import finetune.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_cache_shows_and_clears_what_runs_keep(

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from finetune.config import FitConfig
+from finetune.config import DEFAULT_LR, GROUPS, SETTINGS, FitConfig
 from finetune.errors import ConfigError, FinetuneError
 
 
@@ -40,3 +40,30 @@ def test_config_is_frozen_and_json_friendly() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.epochs = 3  # type: ignore[misc]
     assert FitConfig(**config.to_dict()) == config
+
+
+def test_every_field_is_declared_once_with_help_group_and_flag() -> None:
+    names = [f.name for f in dataclasses.fields(FitConfig)]
+    assert list(SETTINGS) == names
+    for name, meta in SETTINGS.items():
+        assert meta.help.strip() and meta.group in GROUPS, name
+        assert meta.flag.startswith("--"), name
+    assert SETTINGS["batch_size"].flag == "--batch-size"  # derived from the name
+    assert SETTINGS["num_workers"].flag == "--workers"  # declared
+    assert SETTINGS["optimizer"].choices == tuple(DEFAULT_LR)
+
+
+def test_help_texts_are_generated_from_the_constants() -> None:
+    lr = SETTINGS["lr"].help
+    assert all(f"{name} {value:g}" in lr for name, value in DEFAULT_LR.items())
+    # warmup_epochs is never chosen by auto: its help promises no "auto's choice"
+    assert "auto" not in SETTINGS["warmup_epochs"].help
+
+
+def test_a_setting_with_an_unknown_group_fails_at_declaration() -> None:
+    from finetune.config import setting
+
+    with pytest.raises(ValueError, match="Unknown settings group 'speeed'"):
+        setting(1, help="x", group="speeed")
+    with pytest.raises(ValueError, match="help text"):
+        setting(1, help=" ", group="speed")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +19,10 @@ import finetune
 from finetune.data.images import load_image
 from finetune.data.transforms import eval_transform
 from finetune.errors import CheckpointError, NotAvailableError
-from finetune.inference.export import export, is_bundle, is_torchscript, read_bundle
-from finetune.inference.predict import expand_inputs
-from finetune.run.checkpoint import file_mode
+from finetune.files import file_mode
+from finetune.inference.export import export, read_bundle
+from finetune.inference.formats import Format, detect_format, is_bundle, is_torchscript
+from finetune.inference.predict import expand_inputs, is_model_path
 
 
 def _logits(predictor: finetune.Predictor, paths: list[Path]) -> torch.Tensor:
@@ -212,9 +217,92 @@ def test_class_names_that_look_like_paths_never_become_paths(
 
 
 def test_finetune_export_is_the_function_whatever_was_imported_first() -> None:
-    """The module is ``finetune.inference.export``: importing it (``finetune.load`` does) must not turn
-    ``finetune.export`` into a module, as a submodule named ``export`` did."""
+    """The module is ``finetune.inference.export``: importing it (``finetune.load`` does) must
+    not turn ``finetune.export`` into a module (a top-level submodule named ``export`` did)."""
     import finetune.inference.predict  # imports the exports module
 
     assert callable(finetune.load) and callable(finetune.export)
     assert finetune.export is export
+
+
+# --- the format comes from the content, not the name -----------------------------------------
+
+_KINDS = {"torchscript": Format.TORCHSCRIPT, "onnx": Format.ONNX, "safetensors": Format.BUNDLE}
+
+
+def _finetune_cli(*args: str) -> subprocess.CompletedProcess:
+    """The real command, in a fresh process."""
+    command = [sys.executable, "-m", "finetune", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.fixture(scope="module")
+def unsuffixed(tiny_runs: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``finetune export RUN --format F -o .../F/mymodel`` for each format: names without a
+    suffix, through the real command."""
+    root = tmp_path_factory.mktemp("unsuffixed")
+    targets = {fmt: root / fmt / "mymodel" for fmt in _KINDS}
+    with ThreadPoolExecutor(len(targets)) as pool:
+        results = pool.map(
+            lambda fmt: _finetune_cli(
+                "export", str(tiny_runs[0]), "--format", fmt, "-o", str(targets[fmt])
+            ),
+            targets,
+        )
+        for fmt, result in zip(targets, results, strict=True):
+            assert result.returncode == 0, (fmt, result.stderr[-2000:])
+            assert result.stdout.strip() == str(targets[fmt])  # the name as given
+    return targets
+
+
+def test_exports_without_a_suffix_predict_through_the_cli(
+    unsuffixed: dict[str, Path], tiny_runs: list[Path], fashion: Path
+) -> None:
+    images = sorted((fashion / "test" / "sneaker").glob("*.png"))[:2]
+    expected = finetune.load(tiny_runs[0], device="cpu").predict_proba(images)
+    for fmt, model in unsuffixed.items():
+        assert detect_format(model) is _KINDS[fmt]
+    commands = [("predict", str(m), *map(str, images), "--json", "--top-k", "3")
+                for m in unsuffixed.values()]  # fmt: skip
+    with ThreadPoolExecutor(len(commands)) as pool:
+        results = list(pool.map(lambda c: _finetune_cli(*c), commands))
+    for fmt, result in zip(unsuffixed, results, strict=True):
+        assert result.returncode == 0, (fmt, result.stderr[-2000:])
+        rows = json.loads(result.stdout)
+        assert [r["path"] for r in rows] == list(map(str, images))
+        got = [{t["label"]: t["probability"] for t in r["top_k"]} for r in rows]
+        classes = finetune.load(tiny_runs[0], device="cpu").classes
+        probs = [[row[c] for c in classes] for row in got]
+        np.testing.assert_allclose(probs, expected, atol=1e-4, err_msg=fmt)
+
+
+def test_any_name_loads_by_content_and_unknown_files_list_the_kinds(
+    unsuffixed: dict[str, Path], tiny_runs: list[Path], fashion: Path, tmp_path: Path
+) -> None:
+    image = next((fashion / "test" / "bag").glob("*.png"))
+    expected = finetune.load(tiny_runs[0], device="cpu").predict_proba([image])
+    # Misleading suffixes: each file is read as what it holds.
+    renamed = {
+        "checkpoint.onnx": (tiny_runs[0] / "best.pt", Format.CHECKPOINT),
+        "scripted.onnx": (unsuffixed["torchscript"], Format.TORCHSCRIPT),
+        "graph.pt": (unsuffixed["onnx"], Format.ONNX),
+    }
+    for name, (source, kind) in renamed.items():
+        shutil.copy(source, tmp_path / name)
+        assert detect_format(tmp_path / name) is kind and is_model_path(tmp_path / name)
+        probs = finetune.load(tmp_path / name, device="cpu").predict_proba([image])
+        np.testing.assert_allclose(probs, expected, atol=1e-4, err_msg=name)
+    assert not is_torchscript(unsuffixed["onnx"]) and not is_bundle(unsuffixed["torchscript"])
+    # Files of no known kind: the error names the file and every kind finetune reads.
+    shutil.copy(image, tmp_path / "picture.pt")
+    (tmp_path / "notes").write_text("not a model\n")
+    for path in (tmp_path / "picture.pt", tmp_path / "notes", fashion / "test"):
+        with pytest.raises(CheckpointError, match="is not a model finetune reads") as raised:
+            finetune.load(path)
+        message = str(raised.value)
+        assert str(path) in message
+        assert all(k in message for k in ("run folder", "checkpoint", "bundle", "TorchScript",
+                                          "ONNX"))  # fmt: skip
+    assert not is_model_path(tmp_path / "notes") and not is_model_path(image)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        finetune.load(tmp_path / "missing")

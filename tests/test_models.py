@@ -85,6 +85,28 @@ def test_param_groups_cover_every_parameter_once_with_the_head_last() -> None:
     assert groups[0].params[0] is model.backbone.conv_stem.weight
 
 
+# the multi-dimensional parameters each model exempts from weight decay by name (timm's
+# no_weight_decay()); norms and biases are exempt everywhere
+NAMED_EXEMPT = {
+    "tf_efficientnet_lite0": set(),
+    "resnet18": set(),
+    "test_vit": {"backbone.cls_token", "backbone.pos_embed"},
+}
+
+
+@pytest.mark.parametrize("name", NAMED_EXEMPT)
+def test_param_groups_list_what_weight_decay_skips(name: str) -> None:
+    model = create_classifier(create_backbone(name, pretrained=False), 4)
+    groups = param_groups(model)
+    skipped = {id(p) for g in groups for p in g.no_decay}
+    for group in groups:
+        assert {id(p) for p in group.no_decay} <= {id(p) for p in group.params}
+    named = dict(model.named_parameters())
+    assert {n for n, p in named.items() if id(p) in skipped and p.ndim > 1} == NAMED_EXEMPT[name]
+    assert all(id(p) in skipped for p in named.values() if p.ndim <= 1)
+    assert id(model.head.weight) not in skipped and id(model.head.bias) in skipped
+
+
 def test_weights_file_round_trip(tmp_path: Path) -> None:
     reference = create_backbone("tf_efficientnet_lite0", keep_classifier=True).eval()
     file = tmp_path / "lite0.safetensors"

@@ -7,8 +7,10 @@ import itertools
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from finetune.config import DEFAULT_LR, OPTIMIZERS, SCHEDULES, FitConfig
@@ -17,7 +19,13 @@ from finetune.data.transforms import Preprocessing, eval_transform
 from finetune.errors import ConfigError
 from finetune.model.backbone import create_backbone, create_classifier, freeze
 from finetune.strategies import get_strategy
-from finetune.training.optim import create_optimizer, create_scheduler, cycle_ends, lr_factor
+from finetune.training.optim import (
+    create_optimizer,
+    create_scheduler,
+    cycle_ends,
+    load_optimizer_state,
+    lr_factor,
+)
 
 EXPECTED = {
     "sgd": (torch.optim.SGD, {"momentum": 0.0, "nesterov": False}),
@@ -76,6 +84,140 @@ def test_each_optimizer_is_built_as_named_and_lowers_the_loss(name: str, batch) 
     with torch.no_grad():
         after = F.cross_entropy(model.head(features), labels).item()
     assert after < before, (name, before, after)
+
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _vit() -> nn.Module:
+    """A ViT-Tiny on 32 px images (4 patches + class token), random weights."""
+    backbone = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0
+    )
+    return create_classifier(backbone, 3)
+
+
+def _decay_of(optimizer: torch.optim.Optimizer) -> dict[int, float]:
+    return {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+
+
+def _layout(optimizer: torch.optim.Optimizer) -> list[tuple]:
+    """Each optimizer group's name, LR, weight decay and parameters (by identity), in order."""
+    return [(g["name"], g["lr"], g["weight_decay"], [id(p) for p in g["params"]])
+            for g in optimizer.param_groups]  # fmt: skip
+
+
+def _ndim_split(groups: list[dict]) -> list[dict]:
+    """The groups without their "no_decay" lists: create_optimizer then splits them by ndim
+    alone, as every version before the model's no_weight_decay() was honoured did."""
+    return [{k: v for k, v in g.items() if k != "no_decay"} for g in groups]
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18", "convnext_atto"])
+def test_cnn_weights_decay_norms_and_biases_do_not_and_the_layout_is_unchanged(name) -> None:
+    model = create_classifier(create_backbone(name, pretrained=False), 3)
+    config = FitConfig(strategy="finetune-all", weight_decay=0.05, layer_decay=0.5)
+    groups = get_strategy("finetune-all").param_groups(model, config, lr=1e-3)
+    optimizer = create_optimizer(groups, config)
+    decay = _decay_of(optimizer)
+    assert len(decay) == len(list(model.parameters()))
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            assert decay[id(module.weight)] == 0.05, module
+            assert module.bias is None or decay[id(module.bias)] == 0.0, module
+        if isinstance(module, NORMS):
+            assert all(decay[id(p)] == 0.0 for p in module.parameters()), module
+    # timm's own helper decides the same for every parameter
+    timm_groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=())
+    assert decay == {id(p): g["weight_decay"] for g in timm_groups for p in g["params"]}
+    # Groups, LRs, decay and parameter order as before: old checkpoints' optimizer state fits.
+    assert _layout(optimizer) == _layout(create_optimizer(_ndim_split(groups), config))
+
+
+def test_vit_position_embedding_and_class_token_are_not_decayed() -> None:
+    model = _vit()
+    vit = model.backbone
+    config = FitConfig(strategy="finetune-all", weight_decay=0.05, backbone_lr_scale=0.1,
+                       layer_decay=0.5)  # fmt: skip
+    groups = get_strategy("finetune-all").param_groups(model, config, lr=1e-3)
+    optimizer = create_optimizer(groups, config)
+    decay = _decay_of(optimizer)
+    assert decay[id(vit.pos_embed)] == decay[id(vit.cls_token)] == 0.0
+    assert (
+        decay[id(vit.patch_embed.proj.weight)] == decay[id(vit.blocks[0].attn.qkv.weight)] == 0.05
+    )
+    assert decay[id(vit.blocks[0].norm1.weight)] == decay[id(vit.blocks[0].attn.qkv.bias)] == 0.0
+    # the whole model follows timm's contract, so timm's helper agrees on every parameter
+    assert {"backbone.pos_embed", "backbone.cls_token"} <= model.no_weight_decay()
+    timm_groups = param_groups_weight_decay(
+        model, 0.05, no_weight_decay_list=model.no_weight_decay()
+    )
+    assert decay == {id(p): g["weight_decay"] for g in timm_groups for p in g["params"]}
+    # The LRs are the layer groups' as before: stem lowest, the head at lr, halving per group.
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    depth = len(groups) - 2  # the stem's distance below the top backbone group
+    assert lrs[id(vit.pos_embed)] == pytest.approx(1e-4 * 0.5**depth)
+    assert lrs[id(model.head.weight)] == 1e-3
+    old = create_optimizer(_ndim_split(groups), config)
+    assert lrs == {id(p): g["lr"] for g in old.param_groups for p in g["params"]}
+    assert _decay_of(old)[id(vit.pos_embed)] == 0.05  # what the ndim rule got wrong
+
+
+def _steps(model: nn.Module, optimizer, scheduler, steps: int) -> None:
+    torch.manual_seed(1)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def _saved(state: dict, tmp_path) -> dict:
+    torch.save(state, tmp_path / "state.pt")  # the way last.pt stores it
+    return torch.load(tmp_path / "state.pt", weights_only=True)
+
+
+def test_a_vit_run_saved_before_the_fix_resumes_with_each_parameters_moments(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _vit()
+    config = FitConfig(strategy="finetune-all", optimizer="adamw", lr=1e-3, epochs=3,
+                       schedule="cosine", layer_decay=0.5)  # fmt: skip
+    groups = get_strategy("finetune-all").param_groups(model, config, config.lr)
+    old = create_optimizer(_ndim_split(groups), config)  # how the previous version laid it out
+    old_scheduler = create_scheduler(old, config, steps_per_epoch=2)
+    _steps(model, old, old_scheduler, 3)
+    saved = _saved({"optimizer": old.state_dict(), "scheduler": old_scheduler.state_dict()},
+                   tmp_path)  # fmt: skip
+
+    optimizer = create_optimizer(groups, config)
+    scheduler = create_scheduler(optimizer, config, steps_per_epoch=2)
+    assert _layout(optimizer) != _layout(old)  # pos_embed and cls_token changed halves
+    with pytest.raises(ValueError, match="size"):  # why torch's loader alone cannot
+        create_optimizer(groups, config).load_state_dict(saved["optimizer"])
+    load_optimizer_state(optimizer, scheduler, saved["optimizer"], saved["scheduler"], model)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(optimizer.state[p][key], old.state[p][key]), key
+    lr_of = {id(p): g["lr"] for g in old.param_groups for p in g["params"]}
+    assert [g["lr"] for g in optimizer.param_groups] == [
+        lr_of[id(g["params"][0])] for g in optimizer.param_groups
+    ]
+    assert _decay_of(optimizer)[id(model.backbone.pos_embed)] == 0.0  # the fix holds
+    assert scheduler.last_epoch == 3
+    _steps(model, optimizer, scheduler, 1)  # and training goes on, at the schedule's LRs
+    head = optimizer.param_groups[-1]
+    assert head["lr"] == pytest.approx(config.lr * lr_factor(4, config, 2))
+
+    # A state of another model is still refused, by torch, as before.
+    other = create_classifier(create_backbone("resnet18", pretrained=False), 3)
+    other_optimizer = create_optimizer(
+        get_strategy("finetune-all").param_groups(other, config, config.lr), config
+    )
+    with pytest.raises(ValueError):
+        load_optimizer_state(other_optimizer, create_scheduler(other_optimizer, config, 2),
+                             saved["optimizer"], saved["scheduler"], other)  # fmt: skip
 
 
 def test_nesterov_without_momentum_is_refused() -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +315,64 @@ def test_leading_arguments_that_are_models(tiny_runs: list[Path], tmp_path: Path
     assert leading_models(images) == ([], images)
     with pytest.raises(DataError, match=f"{onnx} is a model but comes after the image"):
         leading_models([tiny_runs[0], *images, onnx])
+
+
+# --- a run folder's checkpoints are weights, never programs ----------------------------------
+
+
+class _WritesAFile(torch.nn.Module):
+    """A TorchScript program in place of a checkpoint: running its forward creates ``marker``
+    (``torch.from_file(shared=True)`` opens it for writing), proof that its code ran."""
+
+    def __init__(self, marker: str, classes: int) -> None:
+        super().__init__()
+        self.marker = marker
+        self.classes = classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        written = torch.from_file(self.marker, shared=True, size=4)
+        return x.mean((2, 3))[:, : self.classes] + written.sum() * 0
+
+
+def _finetune_cli(*args: str) -> subprocess.CompletedProcess:
+    """The real command, in a fresh process."""
+    command = [sys.executable, "-m", "finetune", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_a_torchscript_checkpoint_in_a_run_folder_is_refused_never_run(
+    tiny_runs: list[Path], tmp_path: Path, fashion: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs[0], run)
+    marker = tmp_path / "pwned"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript
+        program = torch.jit.script(_WritesAFile(str(marker), len(THREE)))
+        for name in ("best.pt", "last.pt", "ema.pt", "snapshot-1.pt"):
+            torch.jit.save(program, str(run / name))
+    images = _test_images(fashion, per_class=1)
+    folder = copy_classes(tmp_path / "test", list(THREE), 1, split="test")
+
+    def refused(call: Callable[[], object]) -> None:
+        with pytest.raises(CheckpointError, match="is a TorchScript archive") as raised:
+            call()
+        assert "never runs code" in str(raised.value)
+
+    for checkpoint in ("best", "last", "ema", "snapshots"):
+        refused(lambda c=checkpoint: finetune.load(run, checkpoint=c, device="cpu"))
+    refused(lambda: finetune.load(run / "best.pt", device="cpu"))  # named, but a run's name
+    refused(lambda: finetune.load_ensemble([tiny_runs[1], run], device="cpu"))
+    refused(lambda: finetune.export(run, format="onnx", out=tmp_path / "model.onnx"))
+    for args in (["predict", str(run), str(images[0])], ["evaluate", str(run), str(folder)]):
+        result = _finetune_cli(*args)
+        assert result.returncode != 0 and "is a TorchScript archive" in result.stderr, args
+        assert "Traceback" not in result.stderr, result.stderr
+    assert not marker.exists()
+
+    # The same program under a name of its own, given as the model, is an export the user
+    # chose to run (here it lacks finetune's description, so it is refused for that reason).
+    shutil.copy(run / "best.pt", tmp_path / "program.pt")
+    with pytest.raises(CheckpointError, match="without finetune's description"):
+        finetune.load(tmp_path / "program.pt", device="cpu")
+    assert not marker.exists()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 import finetune
@@ -28,10 +29,11 @@ from finetune.model.backbone import (
     param_groups,
     set_train_mode,
 )
-from finetune.run.checkpoint import load_checkpoint, rebuild_model
-from finetune.strategies import STRATEGIES, get_strategy
+from finetune.run.checkpoint import CheckpointMeta, ModelSpec, load_checkpoint, rebuild_model
+from finetune.strategies import STRATEGIES, FitContext, get_strategy
 from finetune.strategies.loaders import training_loaders
 from finetune.strategies.measure import LOTS_PER_CLASS, decide
+from finetune.training.loop import EpochResult, balanced_class_weights, read_metrics
 
 from .conftest import copy_classes, noise_folder, photo_crops
 
@@ -84,6 +86,17 @@ def test_finetune_top_trains_the_top_groups_and_frozen_batchnorm_does_not_move()
     only_two = FitConfig(strategy="finetune-top", unfreeze=2)
     groups = get_strategy("finetune-top").param_groups(_model(), only_two, lr=1e-3)
     assert len(groups) == 3
+
+
+def test_weighted_loss_weights_are_scikit_learns_balanced_weights() -> None:
+    labels = [0] * 30 + [1] * 10 + [2] * 5  # imbalanced, every class present
+    weights = balanced_class_weights(labels, 3, torch.device("cpu"))
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=np.array(labels))
+    assert weights.tolist() == pytest.approx(expected.tolist())
+    # A class without training images: scikit-learn refuses it; here it weighs as one image
+    # would, and the others keep their ratios.
+    weights = balanced_class_weights([0] * 6 + [2] * 2, 3, torch.device("cpu"))
+    assert weights.tolist() == pytest.approx([8 / 18, 8 / 3, 8 / 6])
 
 
 def test_finetune_all_trains_everything_with_layerwise_decay_and_a_warmup() -> None:
@@ -381,3 +394,160 @@ def test_workers_start_after_the_main_process_used_opencv_threads(small_folder: 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "batches 6 " in done.stdout, done.stdout
     assert "features 12 threads 1" in done.stdout, done.stdout
+
+
+# --- Strategy.fit on a FitContext built by hand: what each strategy trains and records -------
+
+
+def _context(
+    data: Path, run_dir: Path, strategy: str, **options
+) -> tuple[FitContext, list[str], list[EpochResult]]:
+    """A FitContext as ``finetune.fit`` resolves it: the shipped lite0, 32 px, no augmentation,
+    no feature cache; what it says and the epochs it reports are collected in the lists."""
+    from finetune.data.transforms import augmentation_of
+
+    split = scan_folder(data)
+    torch.manual_seed(0)
+    model = create_classifier(create_backbone("tf_efficientnet_lite0"), len(split.classes))
+    pre = Preprocessing.from_model(model.backbone, 32)
+    settings = {"lr": 1e-3, "epochs": 2, "image_size": 32, "batch_size": 8, "num_workers": 0,
+                "device": "cpu", "augment": "none", "feature_cache": False, **options}  # fmt: skip
+    config = FitConfig(strategy=strategy, **settings)
+    said: list[str] = []
+    epochs: list[EpochResult] = []
+    run_dir.mkdir(parents=True)
+    ctx = FitContext(
+        model=model, split=split, pre=pre, config=config, device=torch.device("cpu"),
+        run_dir=run_dir,
+        meta=CheckpointMeta(ModelSpec(config.model, model.num_features), split.classes, pre),
+        verbose=False, say=said.append, on_epoch=epochs.append,
+        augmentation=augmentation_of(config), lighting=None,
+    )  # fmt: skip
+    return ctx, said, epochs
+
+
+def _val_accuracy(ctx: FitContext) -> float:
+    """The model's accuracy on the validation images, from the images (not from features)."""
+    from finetune.data.loaders import ImageDataset
+    from finetune.data.transforms import eval_transform
+
+    items = list(ImageDataset(ctx.split.val, eval_transform(ctx.pre)))
+    images = torch.stack([image for image, _ in items])
+    with torch.no_grad():
+        predicted = ctx.model.eval()(images).argmax(1)
+    return float((predicted == torch.tensor([label for _, label in items])).float().mean())
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_linear_fit_keeps_the_backbone_and_fits_a_head_that_predicts_above_chance(
+    small_folder: Path, tmp_path: Path
+) -> None:
+    ctx, said, epochs = _context(small_folder, tmp_path / "run", "linear")
+    backbone = _snapshot(ctx.model.backbone)
+    history = get_strategy("linear").fit(ctx)
+    assert len(history) == 1 and epochs == history and history[0].best
+    after = ctx.model.backbone.state_dict()
+    for name, tensor in backbone.items():  # weights and BatchNorm statistics alike
+        assert torch.equal(tensor, after[name]), name
+    assert not any(p.requires_grad for p in ctx.model.backbone.parameters())
+    assert isinstance(ctx.model.head, nn.Linear) and ctx.model.head.weight.shape == (3, 1280)
+    # real, easy images (bag, sneaker, trouser): chance is 1/3
+    assert history[0].val_acc > 0.8
+    assert _val_accuracy(ctx) == pytest.approx(history[0].val_acc)  # the head is the probe's
+    assert json.loads((ctx.run_dir / "probe.json").read_text())["chosen"] == "head"
+    assert load_checkpoint(ctx.run_dir / "best.pt")["model"]["head"] == "linear"
+    assert any(line.startswith("features ") for line in said)
+
+
+def test_stage_probe_fit_keeps_the_stages_up_to_the_best_cross_validated_one(
+    small_folder: Path, tmp_path: Path
+) -> None:
+    ctx, _, epochs = _context(small_folder, tmp_path / "run", "stage-probe")
+    features = ctx.model.backbone.feature_info
+    history = get_strategy("stage-probe").fit(ctx)
+    assert len(history) == 1 and epochs == history
+    probe = json.loads((ctx.run_dir / "probe.json").read_text())
+    assert list(probe["points"]) == [*(f"stage{i}" for i in range(len(features))), "head"]
+    chosen = probe["chosen"]
+    assert probe["points"][chosen]["cv_accuracy"] == max(
+        p["cv_accuracy"] for p in probe["points"].values()
+    )
+    saved = load_checkpoint(ctx.run_dir / "best.pt")
+    if chosen == "head":
+        assert ctx.model.num_features == 1280 and saved["model"]["stage"] is None
+    else:  # the backbone now ends at that stage, and the checkpoint says so
+        stage = int(chosen.removeprefix("stage"))
+        assert ctx.model.num_features == features[stage]["num_chs"] < 1280
+        assert saved["model"]["stage"] == stage
+        assert saved["model"]["num_features"] == ctx.model.num_features
+    assert history[0].val_acc > 0.8
+    assert _val_accuracy(ctx) == pytest.approx(history[0].val_acc)  # cut backbone + its head
+
+
+def test_finetune_top_fit_trains_the_top_groups_and_the_head_and_nothing_below(
+    tmp_path: Path,
+) -> None:
+    data = copy_classes(tmp_path / "data", ["bag", "sneaker", "trouser"], 8)  # 3 steps an epoch
+    ctx, said, epochs = _context(data, tmp_path / "run", "finetune-top", unfreeze=1)
+    *body, head = param_groups(ctx.model)
+    before = {id(p): p.detach().clone() for p in ctx.model.parameters()}
+    stats = _bn_stats(ctx.model.backbone)
+    history = get_strategy("finetune-top").fit(ctx)
+    assert [r.epoch for r in history] == [1, 2] and epochs == history
+    for group in body[:-1]:
+        assert all(torch.equal(before[id(p)], p) for p in group.params), group.name
+    for group in (body[-1], head):
+        assert all(not torch.equal(before[id(p)], p) for p in group.params), group.name
+    # the frozen BatchNorm layers (all but the top group's) kept their running statistics
+    moved = [not torch.equal(a, b) for a, b in zip(stats, _bn_stats(ctx.model.backbone),
+                                                   strict=True)]  # fmt: skip
+    assert any(moved) and not all(moved) and not any(moved[: len(moved) // 2])
+    # without augmentation, the frozen layers ran once, before epoch 1
+    assert any(line.startswith("frozen ") and "run once" in line for line in said), said
+    assert [r.epoch for r in read_metrics(ctx.run_dir / "metrics.csv")] == [1, 2]
+    assert load_checkpoint(ctx.run_dir / "last.pt")["epoch"] == 2
+
+
+def test_finetune_all_fit_trains_only_the_head_during_warmup_then_every_group(
+    tmp_path: Path,
+) -> None:
+    data = copy_classes(tmp_path / "data", ["bag", "sneaker", "trouser"], 8)
+    ctx, _, _ = _context(data, tmp_path / "run", "finetune-all", warmup_epochs=1)
+    stem = ctx.model.backbone.conv_stem.weight
+    initial = (stem.detach().clone(), ctx.model.head.weight.detach().clone())
+    after_epoch: dict[int, tuple[bool, bool]] = {}
+
+    def on_epoch(result: EpochResult) -> None:  # has the stem moved, has the head?
+        after_epoch[result.epoch] = (
+            not torch.equal(initial[0], stem), not torch.equal(initial[1], ctx.model.head.weight)
+        )  # fmt: skip
+
+    ctx.on_epoch = on_epoch
+    before = {id(p): p.detach().clone() for p in ctx.model.parameters()}
+    history = get_strategy("finetune-all").fit(ctx)
+    assert len(history) == 2
+    assert after_epoch == {1: (False, True), 2: (True, True)}
+    for group in param_groups(ctx.model):
+        assert any(not torch.equal(before[id(p)], p) for p in group.params), group.name
+
+
+def test_auto_fits_nothing_itself_and_resolves_to_a_strategy_that_does(
+    small_folder: Path, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    ctx, _, _ = _context(small_folder, tmp_path / "run", "auto", epochs=None)
+    auto = get_strategy("auto")
+    with pytest.raises(ConfigError, match="resolve"):
+        auto.fit(ctx)
+    chosen, config, decision = auto.resolve(ctx.split, ctx.model.backbone, ctx.config, ctx.device)
+    assert decision is not None and decision.reasons and chosen.name == decision.strategy
+    # 3 classes x 16 training images of 28 px clothes: little data, unlike ImageNet photos
+    assert chosen.name == "stage-probe", decision.reasons
+    assert all(getattr(config, k) == v for k, v in decision.settings.items()
+               if getattr(ctx.config, k) in (None, 0))  # fmt: skip
+    history = chosen.fit(replace(ctx, config=config))
+    assert len(history) == 1 and history[0].val_acc > 0.8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from pathlib import Path
@@ -11,12 +12,27 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from finetune.data.transforms import Preprocessing
 from finetune.errors import TrainingError
-from finetune.run.checkpoint import load_checkpoint
-from finetune.training.loop import EpochResult, Recorder, Training, evaluate, overfitting, train
+from finetune.run.checkpoint import CheckpointMeta, ModelSpec, load_checkpoint
+from finetune.training.loop import (
+    EpochResult,
+    Event,
+    Recorder,
+    StepOutput,
+    Training,
+    TrainStep,
+    evaluate,
+    overfitting,
+    train,
+)
 
 CPU = torch.device("cpu")
-DESCRIBE = {"model": {}, "classes": ["a", "b"], "preprocessing": {}}
+META = CheckpointMeta(
+    model=ModelSpec("tiny", num_features=4),
+    classes=("a", "b"),
+    preprocessing=Preprocessing(8, (0.5,) * 3, (0.5,) * 3, 1.0, "bilinear"),
+)
 
 
 def _loader(x: torch.Tensor, y: torch.Tensor, shuffle: bool = False) -> DataLoader:
@@ -46,7 +62,7 @@ def test_loop_learns_records_every_epoch_and_keeps_the_best(tmp_path: Path) -> N
     history = train(
         model,
         _training(model, x, y, epochs=4),
-        Recorder(tmp_path, DESCRIBE),
+        Recorder(tmp_path, META),
         progress=False,
         on_epoch=seen.append,
     )
@@ -96,7 +112,7 @@ def _fit(run_dir: Path, epochs: int = 4, **poison):
     y = (x[:, 0] > 0).long()
     run_dir.mkdir()
     training = _training(model, x, y, epochs)
-    history = train(model, training, _CheckingRecorder(run_dir, DESCRIBE), progress=False)
+    history = train(model, training, _CheckingRecorder(run_dir, META), progress=False)
     return history, training.optimizer
 
 
@@ -144,7 +160,7 @@ def test_a_nan_is_caught_at_the_next_flag_read_and_the_epoch_restarts(
     x, y = _separable()
     training = _training(model, x, y, epochs=2, sync_every=sync_every)
     with pytest.warns(UserWarning, match=r"retry 1/3"):
-        history = train(model, training, _CheckingRecorder(tmp_path, DESCRIBE), progress=False)
+        history = train(model, training, _CheckingRecorder(tmp_path, META), progress=False)
     assert model.calls == calls
     assert [r.epoch for r in history] == [1, 2] and history[-1].val_acc > 0.9
 
@@ -184,7 +200,7 @@ def test_the_moving_average_differs_from_the_raw_weights_and_is_evaluated_and_sa
     model = nn.Linear(5, 2)
     ema = ModelEmaV3(model, decay=0.9, use_warmup=True)
     history = train(
-        model, _training(model, x, y, epochs=3, ema=ema), Recorder(tmp_path, DESCRIBE),
+        model, _training(model, x, y, epochs=3, ema=ema), Recorder(tmp_path, META),
         progress=False,
     )  # fmt: skip
     raw, averaged = model.state_dict(), ema.module.state_dict()
@@ -227,7 +243,7 @@ def test_snapshots_are_written_after_the_epochs_asked_for(tmp_path: Path) -> Non
     model = nn.Linear(5, 2)
     train(
         model, _training(model, x, y, epochs=4, snapshot_epochs=(2, 4)),
-        Recorder(tmp_path, DESCRIBE), progress=False,
+        Recorder(tmp_path, META), progress=False,
     )  # fmt: skip
     assert sorted(p.name for p in tmp_path.glob("snapshot-*.pt")) == [
         "snapshot-1.pt", "snapshot-2.pt"]  # fmt: skip
@@ -242,7 +258,7 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
     # lr 0: the weights never move, so nothing improves after epoch 1.
     history = train(
         model, _training(model, x, y, epochs=10, lr=0.0, patience=2, say=said.append),
-        Recorder(tmp_path, DESCRIBE), progress=False,
+        Recorder(tmp_path, META), progress=False,
     )  # fmt: skip
     assert [r.epoch for r in history] == [1, 2, 3]
     assert said and "early stop" in said[0] and "since epoch 1" in said[0]
@@ -257,7 +273,7 @@ def test_label_smoothing_reaches_the_loss(tmp_path: Path) -> None:
         model = nn.Linear(5, 2)
         training = _training(model, x, y, epochs=1, label_smoothing=smoothing)
         (tmp_path / str(i)).mkdir()
-        losses.append(train(model, training, Recorder(tmp_path / str(i), DESCRIBE),
+        losses.append(train(model, training, Recorder(tmp_path / str(i), META),
                             progress=False)[0].train_loss)  # fmt: skip
     assert losses[1] > losses[0]  # smoothed targets cannot be fitted as closely
 
@@ -298,8 +314,63 @@ def test_a_model_memorising_random_labels_gets_the_overfitting_warning(tmp_path:
         device=CPU,
     )
     with pytest.warns(UserWarning, match="overfitting") as caught:
-        history = train(model, training, Recorder(tmp_path, DESCRIBE), progress=False)
+        history = train(model, training, Recorder(tmp_path, META), progress=False)
     assert len([w for w in caught if "overfitting" in str(w.message)]) == 1  # warned once
     assert history[-1].gap > 0.3
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert float(rows[-1]["gap"]) == pytest.approx(history[-1].gap)
+
+
+def test_the_epochs_train_through_the_shared_step_with_the_runs_loss(tmp_path: Path) -> None:
+    # The loop's losses and weights are exactly those of TrainStep driven by hand over the same
+    # batches: one step function, the class weights and label smoothing reaching its loss.
+    x, y = _separable()
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2)
+    twin = copy.deepcopy(model)
+    loss = {"class_weights": torch.tensor([0.3, 3.0]), "label_smoothing": 0.1}
+    history = train(
+        model, _training(model, x, y, epochs=1, **loss), Recorder(tmp_path, META), progress=False
+    )
+    by_hand = _training(twin, x, y, epochs=1)
+    step = TrainStep(twin, by_hand.optimizer, CPU, scheduler=by_hand.scheduler, **loss)
+    sums = [step(images, labels).loss.item() * len(labels)
+            for images, labels in step.batches(by_hand.train_loader)]  # fmt: skip
+    assert history[0].train_loss == pytest.approx(sum(sums) / len(x), rel=1e-6)
+    assert torch.equal(model.weight, twin.weight) and step.steps == 8
+    plain, weighted = (
+        TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), CPU, **options)(x[:8], y[:8]).loss
+        for m, options in ((copy.deepcopy(model), {}), (copy.deepcopy(model), loss))
+    )
+    assert plain.item() != pytest.approx(weighted.item(), rel=1e-3)
+
+
+def test_step_hooks_see_every_step_in_order_and_can_ask_to_stop() -> None:
+    seen: list[tuple[Event, float | None, float]] = []
+    model = nn.Linear(5, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def hook(event: Event, step: TrainStep, out: StepOutput | None) -> bool:
+        if event is Event.BEFORE_STEP:
+            step.optimizer.param_groups[0]["lr"] = 0.5  # what the step then uses
+        seen.append((event, None if out is None else out.loss.item(), step.steps))
+        return event is Event.AFTER_STEP and step.steps == 2
+
+    step = TrainStep(model, optimizer, CPU, hooks=(hook,))
+    x, y = _separable(16)
+    outs = [step(x[i : i + 8], y[i : i + 8]) for i in (0, 8)]
+    assert [e for e, _, _ in seen] == [Event.BEFORE_STEP, Event.AFTER_STEP] * 2
+    assert [n for _, _, n in seen] == [0, 1, 1, 2]
+    assert seen[1][1] == outs[0].loss.item() and outs[0].lr == 0.5
+    assert step.stopped and bool(step.finite)
+    with pytest.raises(AttributeError):
+        Event.BEFOR_STEP  # noqa: B018 - a misspelt event fails loudly
+
+
+def test_a_non_finite_loss_is_remembered_by_the_step_without_stopping_it() -> None:
+    model = _Poisoned(poison={1})
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), CPU)
+    x, y = _separable(8)
+    assert not torch.isfinite(step(x, y).loss) and not bool(step.finite)
+    step(x, y)  # the driver decides what a non-finite loss means: the step goes on
+    assert step.steps == 2 and not bool(step.finite) and not step.stopped

@@ -20,22 +20,10 @@ import click
 from click.core import ParameterSource
 
 from finetune import __version__
-from finetune.config import (
-    BALANCE_MODES,
-    CACHE_IMAGES_UP_TO,
-    DEFAULT_EPOCHS,
-    DEFAULT_LR,
-    DEFAULT_MODEL,
-    FROZEN_CACHE_UP_TO,
-    IMBALANCED_FROM,
-    OPTIMIZERS,
-    PRECISIONS,
-    PRESET_NAMES,
-    SCHEDULES,
-    TTA_MODES,
-    FitConfig,
-)
+from finetune.cli.options import fit_option, fit_options
+from finetune.config import CHECKPOINTS, DEFAULT_MAX_IMAGES, LOG_FORMATS, TTA_MODES, FitConfig
 from finetune.errors import FinetuneError
+from finetune.run.layout import RunDir
 
 if TYPE_CHECKING:
     from finetune.inference.evaluate import Evaluation
@@ -70,119 +58,6 @@ def cli() -> None:
     warnings.showwarning = _show_warning
 
 
-_STRATEGY_HELP = (
-    "How much of the backbone trains: auto (measures your data and picks), linear, stage-probe, "
-    "finetune-top or finetune-all; `finetune strategies` explains them."
-)
-
-
-def _fit_option_list() -> list:
-    """The options shared by `fit` and `plan`: one per field of FitConfig."""
-    return [
-        click.option(
-            "--strategy", default=FitConfig.strategy, show_default=True, help=_STRATEGY_HELP
-        ),
-        click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Any timm model."),
-        click.option("--weights", help="Backbone weights: a .safetensors or state_dict file."),
-        click.option(
-            "--epochs",
-            type=int,
-            help=f"Passes over the images [default: auto's choice, else {DEFAULT_EPOCHS}].",
-        ),
-        click.option("--batch-size", type=int, default=FitConfig.batch_size, show_default=True),
-        click.option(
-            "--lr", type=float, help="Head learning rate [default: adamw 1e-3, sgd 1e-2]."
-        ),
-        click.option(
-            "--backbone-lr-scale",
-            type=float,
-            default=FitConfig.backbone_lr_scale,
-            show_default=True,
-            help="LR of the top trained backbone layer group, as a fraction of the head's.",
-        ),
-        click.option(
-            "--layer-decay",
-            type=float,
-            default=FitConfig.layer_decay,
-            show_default=True,
-            help="Each backbone layer group below the top one gets this times the LR above it.",
-        ),
-        click.option(
-            "--unfreeze",
-            type=int,
-            help="finetune-top: how many top backbone layer groups train [default: a third].",
-        ),
-        click.option(
-            "--warmup-epochs",
-            type=int,
-            help="finetune-all: first epochs train only the head [default: auto's choice, else 0].",
-        ),
-        *_training_kit_options(),
-        click.option(
-            "--image-size",
-            type=int,
-            help="Input side in pixels [default: the model's, at most ~2x the images' size; "
-            "auto may go lower on a CPU].",
-        ),
-        click.option(
-            "--val-split",
-            type=float,
-            default=FitConfig.val_split,
-            show_default=True,
-            help="Fraction held out for validation when DATA has no val/ folder.",
-        ),
-        click.option("--seed", type=int, default=FitConfig.seed, show_default=True),
-        click.option("--workers", "num_workers", type=int, help="DataLoader worker processes."),
-        click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available]."),
-        *_speed_options(),
-        click.option(
-            "--no-feature-cache",
-            "feature_cache",
-            flag_value=False,
-            default=None,
-            help="linear/stage-probe: recompute features instead of reusing cached ones.",
-        ),
-        click.option(
-            "--cache-images/--no-cache-images",
-            default=None,
-            help="Fine-tunes: keep the images decoded and resized on disk (memory-mapped), so "
-            "no epoch or later run decodes them again [default: on when the images are larger "
-            f"than the input and the cache takes at most {CACHE_IMAGES_UP_TO // 1024**3} GB].",
-        ),
-        click.option(
-            "--cache-frozen/--no-cache-frozen",
-            default=None,
-            help="finetune-top: run the frozen layers once per image and train from their "
-            "outputs, kept in memory [default: on when the augmentation leaves their input the "
-            "same every epoch (--augment none, flips allowed) and the outputs take at most "
-            f"{FROZEN_CACHE_UP_TO // 1024**3} GB].",
-        ),
-        click.option(
-            "--balance",
-            type=click.Choice(BALANCE_MODES),
-            help="Imbalanced classes: weight the loss by 1/frequency, or oversample the rare "
-            f"ones [default: weighted-loss when the largest class is {IMBALANCED_FROM:g}x the "
-            "smallest, else none].",
-        ),
-        *_augment_options(),
-        click.option(
-            "--tta",
-            type=click.Choice(TTA_MODES),
-            default="none",
-            show_default=True,
-            help="After training, also score val with test-time augmentation (flip: 2 views, "
-            "10crop: 4 corners + centre, each mirrored).",
-        ),
-        click.option(
-            "--time-budget",
-            type=float,
-            metavar="MINUTES",
-            help="auto on a CPU: about how long a fine-tune may take; auto picks the largest "
-            "image size and the epochs that fit, timed here, else a probe [default: 5].",
-        ),
-    ]
-
-
 def _decorate_with(options_of):
     """Apply the click options ``options_of()`` returns, in order."""
 
@@ -194,164 +69,6 @@ def _decorate_with(options_of):
     return decorate
 
 
-def _training_kit_options() -> list:
-    """Optimizer, LR schedule, regularisation and weight averaging."""
-    lrs = ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
-    return [
-        click.option(
-            "--optimizer",
-            type=click.Choice(OPTIMIZERS),
-            default=FitConfig.optimizer,
-            show_default=True,
-            help=f"Default head LRs: {lrs}. Weight decay never applies to norms and biases.",
-        ),
-        click.option(
-            "--momentum",
-            type=float,
-            default=FitConfig.momentum,
-            show_default=True,
-            help="Momentum of --optimizer momentum / nesterov.",
-        ),
-        click.option(
-            "--weight-decay", type=float, default=FitConfig.weight_decay, show_default=True
-        ),
-        click.option(
-            "--schedule",
-            type=click.Choice(SCHEDULES),
-            default=FitConfig.schedule,
-            show_default=True,
-            help="LR schedule, per step. restarts: cosine cycles (--cycles) with a snapshot "
-            "saved after each, for a snapshot ensemble.",
-        ),
-        click.option(
-            "--lr-warmup-epochs",
-            type=float,
-            default=FitConfig.lr_warmup_epochs,
-            show_default=True,
-            help="Linear LR warm-up from ~0 before the schedule (fractions allowed).",
-        ),
-        click.option(
-            "--lr-step-epochs",
-            type=int,
-            help="--schedule step: decay every N epochs [default: a third of the epochs].",
-        ),
-        click.option(
-            "--lr-gamma",
-            type=float,
-            help="Decay factor: per step of --schedule step [0.1]; per epoch of exponential "
-            "[default: the LR ends at 1%].",
-        ),
-        click.option("--cycles", type=int, help="--schedule restarts: cosine cycles [default: 3]."),
-        click.option(
-            "--dropout",
-            type=float,
-            default=FitConfig.dropout,
-            show_default=True,
-            help="Dropout on the features before the head.",
-        ),
-        click.option(
-            "--drop-path",
-            type=float,
-            default=FitConfig.drop_path,
-            show_default=True,
-            help="Stochastic depth: timm drop_path_rate of the backbone's residual blocks.",
-        ),
-        click.option(
-            "--label-smoothing", type=float, default=FitConfig.label_smoothing, show_default=True
-        ),
-        click.option(
-            "--patience",
-            type=int,
-            help="Early stopping: stop after N epochs without a better val accuracy.",
-        ),
-        click.option(
-            "--ema",
-            flag_value=True,
-            default=None,
-            help="Keep an exponential moving average of the weights, evaluated every epoch and "
-            "saved as ema.pt.",
-        ),
-        click.option("--ema-decay", type=float, default=FitConfig.ema_decay, show_default=True),
-    ]
-
-
-def _speed_options() -> list:
-    """How the fine-tunes run on the device: number format, layout, compilation, batch."""
-    return [
-        click.option(
-            "--precision",
-            type=click.Choice(PRECISIONS),
-            default=FitConfig.precision,
-            show_default=True,
-            help="Number format of the forward pass: bf16 autocast (weights stay fp32) or fp32. "
-            "auto: bf16 on a CUDA GPU that supports it, else fp32.",
-        ),
-        click.option(
-            "--channels-last/--no-channels-last",
-            default=None,
-            help="NHWC memory layout for the model and its inputs [default: on; convolutions "
-            "run faster so on GPUs and on CPUs alike].",
-        ),
-        click.option(
-            "--compile",
-            flag_value=True,
-            default=None,
-            help="torch.compile the training forward: faster steps after a first step that "
-            "compiles (a minute or more); needs a C++ compiler.",
-        ),
-        click.option(
-            "--auto-batch-size",
-            flag_value=True,
-            default=None,
-            help="On CUDA: the largest batch, doubling from --batch-size (at most 1024 and the "
-            "number of training images), whose training step fits in the GPU's memory.",
-        ),
-    ]
-
-
-def _augment_options() -> list:
-    """Training augmentation: a preset, and overrides of its single settings."""
-    return [
-        click.option(
-            "--augment",
-            type=click.Choice(PRESET_NAMES),
-            help="Augmentation preset [default: from the data size: strong below 100 images "
-            "per class, default below 1000, light above].",
-        ),
-        click.option(
-            "--crop-scale",
-            type=(float, float),
-            help="Random resized crop: area range as fractions, e.g. 0.35 1.",
-        ),
-        click.option(
-            "--crop-ratio", type=(float, float), help="Random resized crop: aspect-ratio range."
-        ),
-        click.option(
-            "--hflip/--no-hflip", default=None, help="Mirror left-right [default: the preset's]."
-        ),
-        click.option(
-            "--vflip", flag_value=True, default=None, help="Also flip upside down (no 'up')."
-        ),
-        click.option(
-            "--rotate90",
-            flag_value=True,
-            default=None,
-            help="Random multiples of 90 degrees (microscopy, aerial images).",
-        ),
-        click.option("--brightness", type=float, help="Colour jitter: brightness factor 1 +- x."),
-        click.option("--contrast", type=float, help="Colour jitter: contrast factor 1 +- x."),
-        click.option("--saturation", type=float, help="Colour jitter: saturation factor 1 +- x."),
-        click.option("--hue", type=float, help="Colour jitter: hue shift up to x (<= 0.5)."),
-        click.option(
-            "--lighting",
-            type=float,
-            help="Sigma of AlexNet PCA lighting over the training set's colours (0: off).",
-        ),
-    ]
-
-
-_fit_options = _decorate_with(_fit_option_list)
-
 _recipe_option = click.option(
     "--recipe",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -360,15 +77,15 @@ _recipe_option = click.option(
 )
 
 
-def _config_from(options: dict[str, object], recipe: Path | None, **fixed) -> FitConfig:
+def _config_from(options: dict[str, object], recipe: Path | None) -> FitConfig:
     """The FitConfig the command line asks for: the recipe (if any) as the base, then only the
     options the user typed: defaults never override a recipe."""
     if recipe is None:
-        return FitConfig.from_kwargs(**fixed, **options)
+        return FitConfig.from_kwargs(**options)
     from finetune.recipes import load_recipe
 
     typed = {name: value for name, value in options.items() if _typed(options, name)}
-    return FitConfig.from_kwargs(load_recipe(recipe), **fixed, **typed)
+    return FitConfig.from_kwargs(load_recipe(recipe), **typed)
 
 
 def _typed(options: dict[str, object], name: str) -> bool:
@@ -381,20 +98,12 @@ def _recipe_words(recipe: Path | None) -> list[str]:
     return ["--recipe", str(recipe)] if recipe is not None else []
 
 
-# finetune.run.checkpoint.CHECKPOINTS, repeated so that `finetune --help` need not import torch
-# (tests/test_cli.py checks that the two agree).
-_CHECKPOINTS = ("best", "last", "ema", "snapshots")
-# finetune.log.LOG_FORMATS and finetune.reporting.html.DEFAULT_MAX_IMAGES, for the same reason.
-_LOG_FORMATS = ("text", "json")
-_MAX_IMAGES = 1000
-
-
 def _inference_option_list() -> list:
     """The options shared by `predict` and `evaluate`."""
     return [
         click.option(
             "--checkpoint",
-            type=click.Choice(_CHECKPOINTS),
+            type=click.Choice(CHECKPOINTS),
             default="best",
             show_default=True,
             help="Which weights of a run directory: best.pt, last.pt, ema.pt (fit --ema) or "
@@ -426,12 +135,7 @@ _inference_options = _decorate_with(_inference_option_list)
 @cli.command("fit")
 @click.argument("data", type=click.Path(path_type=Path), required=False)
 @_recipe_option
-@_fit_options
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    help="Run directory [default: runs/<data>-<strategy>-<time>].",
-)
+@fit_options()
 @click.option(
     "--resume",
     type=click.Path(path_type=Path),
@@ -441,7 +145,7 @@ _inference_options = _decorate_with(_inference_option_list)
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary.")
 @click.option(
     "--log-format",
-    type=click.Choice(_LOG_FORMATS),
+    type=click.Choice(LOG_FORMATS),
     default="text",
     show_default=True,
     help="json: instead of the lines for people and the progress bars, one JSON object per "
@@ -451,7 +155,6 @@ def fit_command(
     data: Path | None,
     quiet: bool,
     log_format: str,
-    out: Path | None,
     resume: Path | None,
     recipe: Path | None,
     **options,
@@ -481,7 +184,7 @@ def fit_command(
     """
     if resume is not None:
         given = _given_options(options)
-        if data is not None or out is not None or recipe is not None or given:
+        if data is not None or recipe is not None or given:
             raise click.UsageError(
                 "--resume continues a run with its own data and options; give only the run "
                 "directory: finetune fit --resume RUN_DIR"
@@ -494,11 +197,11 @@ def fit_command(
         return
     if data is None:
         raise click.UsageError("Give DATA, the image folder (or --resume RUN_DIR).")
-    config = _config_from(options, recipe, out=str(out) if out else None)  # before torch loads
+    config = _config_from(options, recipe)  # before torch loads
     from finetune.pipeline import fit
 
     if recipe is not None and not quiet and log_format == "text":
-        typed = shlex.join(_given_options(options))
+        typed = shlex.join(_given_options({k: v for k, v in options.items() if k != "out"}))
         click.echo(f"recipe    {recipe}" + (f", overridden by {typed}" if typed else ""), err=True)
     _json_warnings(log_format, quiet)
     result = fit(data, config, verbose=not quiet, log_format=log_format)
@@ -521,8 +224,7 @@ def _summary(result: FitResult) -> str:
     best = result.best
     why = f"auto: {result.decision.cell}" if result.decision else "chosen with --strategy"
     run = str(result.dir)
-    exports = [result.dir / n for n in ("bundle", "model.torchscript.pt", "model.onnx")]
-    exports = [str(p) for p in exports if p.exists()]
+    exports = [str(p) for p in result.run.exports()]
     data = _data_of(result.dir)
     test = data / "test" if data is not None else None
     folder = str(test) if test is not None and test.is_dir() else "LABELLED_FOLDER"
@@ -541,7 +243,7 @@ def _summary(result: FitResult) -> str:
         *(
             [
                 f"  ema          best val acc {result.best_ema.ema_val_acc:.3f} "
-                f"(epoch {result.best_ema.epoch}) in {result.dir / 'ema.pt'}"
+                f"(epoch {result.best_ema.epoch}) in {result.run.ema}"
             ]
             if result.best_ema is not None
             else []
@@ -562,9 +264,7 @@ def _summary(result: FitResult) -> str:
         f"  report       {result.report or 'not written (see the warning above)'}",
     ]
     if result.skipped:
-        lines.append(
-            f"  skipped      {len(result.skipped)} files, listed in {result.dir / 'scan.json'}"
-        )
+        lines.append(f"  skipped      {len(result.skipped)} files, listed in {result.run.scan}")
     lines += [
         "",
         "Next:",
@@ -579,7 +279,7 @@ def _summary(result: FitResult) -> str:
 def _data_of(run_dir: Path) -> Path | None:
     """The data folder a run recorded in scan.json, if it still exists."""
     try:
-        root = Path(json.loads((run_dir / "scan.json").read_text())["root"])
+        root = Path(json.loads(RunDir(run_dir).scan.read_text())["root"])
     except (OSError, ValueError, KeyError):
         return None
     return root if root.is_dir() else None
@@ -588,7 +288,7 @@ def _data_of(run_dir: Path) -> Path | None:
 @cli.command("plan")
 @click.argument("data", type=click.Path(path_type=Path))
 @_recipe_option
-@_fit_options
+@fit_options(exclude=("out",))
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_command(data: Path, as_json: bool, recipe: Path | None, **options) -> None:
     """Show what `fit DATA` would do, without training: the measurements, the strategy chosen
@@ -716,7 +416,7 @@ def _duration(seconds: float) -> str:
     "[default: runs/<data>-tune-<time>].",
 )
 @_recipe_option
-@_fit_options
+@fit_options(exclude=("out",))  # --out above is the tune directory
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final table.")
 def tune_command(
     data: Path,
@@ -832,7 +532,7 @@ def evaluate_command(
     result = predictor.evaluate(folder, top_k=top_k, batch_size=batch_size, tta=tta)
     home = models[0] if models[0].is_dir() else models[0].parent
     suffix = ("" if checkpoint == "best" else f"-{checkpoint}") + ("-ensemble" if ensemble else "")
-    files = result.save(out or home / f"eval-{folder.resolve().name}{suffix}")
+    files = result.save(out or RunDir(home).evaluation(f"{folder.resolve().name}{suffix}"))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -911,14 +611,15 @@ def _files(model: dict) -> list[str]:
     "-o",
     "--out",
     type=click.Path(path_type=Path),
-    help="Output path [default: RUN/bundle, RUN/model.torchscript.pt or RUN/model.onnx].",
+    help="Output path, used as given: no suffix is added or needed (predict and load tell the "
+    "format from the content) [default: RUN/bundle, RUN/model.torchscript.pt or RUN/model.onnx].",
 )
 def export_command(model: Path, fmt: str, out: Path | None) -> None:
     """Export MODEL (a run directory or checkpoint) for deployment.
 
     Exports carry the class names and preprocessing: `finetune predict EXPORT ...` and
-    `finetune.load(EXPORT)` give the same answers as on the run directory. The bundle loads
-    with no pickle at all.
+    `finetune.load(EXPORT)` give the same answers as on the run directory, whatever name
+    -o gives the export. The bundle loads with no pickle at all.
 
     Example:
 
@@ -1053,10 +754,10 @@ def _prediction_line(p: Prediction, top_k: int) -> str:
 )
 @click.option("--images", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--versions", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Any timm model.")
-@click.option("--image-size", type=int, help="Input side [default: as fit would choose].")
-@click.option("--seed", type=int, default=FitConfig.seed, show_default=True)
-@_decorate_with(_augment_options)
+@fit_option("model")
+@fit_option("image_size", help="Input side [default: as fit would choose].")
+@fit_option("seed")
+@fit_options(groups=("augmentation",))
 def augment_preview_command(data: Path, out: Path, images: int, versions: int, **options) -> None:
     """Write a PNG with training images from DATA beside augmented versions of them: what the
     model will see in `finetune fit DATA` with the same augmentation options.
@@ -1073,7 +774,7 @@ def augment_preview_command(data: Path, out: Path, images: int, versions: int, *
 
 @cli.command("lr-find")
 @click.argument("data", type=click.Path(path_type=Path))
-@_fit_options
+@fit_options(exclude=("out",))  # -o/--out below is the plot
 @click.option(
     "-o",
     "--out",
@@ -1085,8 +786,16 @@ def augment_preview_command(data: Path, out: Path, images: int, versions: int, *
 @click.option(
     "--steps", type=click.IntRange(min=10), default=100, show_default=True, help="Training steps."
 )
-@click.option("--start-lr", type=float, default=1e-7, show_default=True)
-@click.option("--end-lr", type=float, default=10.0, show_default=True)
+@click.option(
+    "--start-lr", type=float, default=1e-7, show_default=True, help="The head LR of the first step."
+)
+@click.option(
+    "--end-lr",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="The head LR of the last step (the search stops early if the loss diverges).",
+)
 def lr_find_command(
     data: Path, out: Path, steps: int, start_lr: float, end_lr: float, **options
 ) -> None:
@@ -1128,14 +837,8 @@ def lr_find_command(
 
 @cli.command("check")
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option(
-    "--val-split",
-    type=float,
-    default=FitConfig.val_split,
-    show_default=True,
-    help="As in fit: the split in which train/val leakage is looked for.",
-)
-@click.option("--seed", type=int, default=FitConfig.seed, show_default=True)
+@fit_option("val_split", help="As in fit: the split in which train/val leakage is looked for.")
+@fit_option("seed", help="As in fit: seeds the split.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def check_command(data: Path, val_split: float, seed: int, as_json: bool) -> None:
     """Check every file of DATA as `finetune fit DATA` would, without training: unreadable,
@@ -1186,7 +889,7 @@ def cache_command(names: tuple[str, ...]) -> None:
 @click.option(
     "--max-images",
     type=click.IntRange(min=1),
-    default=_MAX_IMAGES,
+    default=DEFAULT_MAX_IMAGES,
     show_default=True,
     help="Classify at most this many validation images (a stratified sample beyond).",
 )

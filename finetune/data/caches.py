@@ -1,4 +1,6 @@
-"""Moved from finetune/api.py."""
+"""The cache folders under one root (``FINETUNE_CACHE_DIR``): where they are, what each holds,
+how much space they take, and clearing them.
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Decoding a JPEG or PNG and resizing it costs the same every epoch, and for large
 more than the model does on a small CPU. :class:`DecodedCache` stores each image once as a
 ``uint8`` array whose short side is at most the evaluation resize side (``input_size /
 crop_pct``: a bit above the training size), in a ``.npy`` file named by the SHA-1 of the file's
-content (which scanning already computed) under ``decoded/`` in :func:`finetune.data.caches.cache_root`.
+content (which scanning already computed) under ``decoded/`` in
+:func:`finetune.data.caches.cache_root`.
 Later epochs and later runs memory-map the array instead of decoding; augmentation runs on it.
 
 - Evaluation is unchanged, bit for bit: the eval transform's resize of a cached array is the
@@ -18,6 +19,7 @@ Later epochs and later runs memory-map the array instead of decoding; augmentati
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -35,6 +37,7 @@ from finetune.data.caches import cache_root
 from finetune.data.images import load_image
 from finetune.data.scan import Sample
 from finetune.data.transforms import Preprocessing, resize_side
+from finetune.files import atomic_write
 
 __all__ = ["CacheFill", "DecodedCache", "describe_size", "estimate_bytes"]
 
@@ -86,7 +89,8 @@ class DecodedCache:
     Args:
         side: The short side images are brought down to (the eval resize side).
         interpolation: The OpenCV interpolation flag of that resize (the model's).
-        root: The cache folder; defaults to ``decoded/`` under :func:`finetune.data.caches.cache_root`.
+        root: The cache folder; defaults to ``decoded/`` under
+            :func:`finetune.data.caches.cache_root`.
     """
 
     def __init__(self, side: int, interpolation: int, root: Path | None = None) -> None:
@@ -129,13 +133,11 @@ class DecodedCache:
         return self._resize(image=image)["image"]
 
     def _store(self, file: Path, image: np.ndarray) -> None:
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            staged = file.with_name(f".{file.stem}.{os.getpid()}.{id(image)}.npy")
-            np.save(staged, np.ascontiguousarray(image))
-            os.replace(staged, file)
-        except OSError:  # read-only or full disk: decoding again next time is the only cost
-            pass
+        # Not fsynced (an fsync per image would slow filling down): a file damaged by a power
+        # cut fails to load and is decoded again. Racing writers: the last rename wins, whole.
+        # A read-only or full disk: decoding again next time is the only cost.
+        with contextlib.suppress(OSError):
+            atomic_write(file, lambda f: np.save(f, np.ascontiguousarray(image)), durable=False)
 
     def fill(self, samples: Sequence[Sample], progress: bool = False) -> CacheFill:
         """Decode and store every image of ``samples`` not cached yet, in parallel threads

@@ -10,16 +10,16 @@ so a second run on the same data reuses them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -28,6 +28,7 @@ from finetune.data.caches import cache_root
 from finetune.data.loaders import ImageDataset, collate_skipping_failed, prepare_for_workers
 from finetune.data.scan import Sample
 from finetune.data.transforms import Preprocessing, eval_transform
+from finetune.files import atomic_write
 
 __all__ = ["HEAD", "cache_dir", "extract_features", "probe_points", "weights_fingerprint"]
 
@@ -156,13 +157,10 @@ def extract_features(
     )  # fmt: skip
     if cache:
         _remember(key, features)
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(f".{os.getpid()}.tmp")
-            save_file(features, str(tmp))
-            os.replace(tmp, file)
-        except OSError:  # a read-only or full disk only costs the next run the recomputation
-            pass
+        # A read-only or full disk only costs the next run the recomputation. Not fsynced: a
+        # damaged file fails to load and is recomputed (above).
+        with contextlib.suppress(OSError):
+            atomic_write(file, save(features), durable=False)
     return features, False
 
 

@@ -1,4 +1,4 @@
-"""Moved from finetune/data.py."""
+"""One image file -> an RGB uint8 array: decoding, EXIF orientation, colour modes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 if TYPE_CHECKING:
     pass
 
-__all__ = ["IMAGE_EXTENSIONS",  "load_image", "pil_to_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "load_image", "pil_to_rgb"]
 
 IMAGE_EXTENSIONS = frozenset(
     {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
@@ -21,8 +21,6 @@ _EXIF_ORIENTATION = 0x0112
 
 def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name == "__MACOSX"
-
-
 
 
 def load_image(path: str | Path) -> np.ndarray:

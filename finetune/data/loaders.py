@@ -1,4 +1,6 @@
-"""Moved from finetune/data.py."""
+"""Samples -> batches: the Dataset that decodes and transforms, DataLoader worker set-up, and
+the collation that drops images that failed to decode.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +18,6 @@ from finetune.errors import DataError
 
 if TYPE_CHECKING:
     from finetune.data.decoded import DecodedCache
-
-
 
 
 from finetune.data.decoded import DecodedCache
@@ -72,11 +72,9 @@ def prepare_for_workers(num_workers: int) -> None:
     cores); this process does no OpenCV work while workers load its batches.
 
     Without workers (the default on <= 2 cores) OpenCV keeps its default pool, one thread per
-    core. Measured on this project's 2 cores (torch 2 threads), 30 training steps of
-    tf_efficientnet_lite0 at 128 px, OpenCV's default 2 threads against 1: Fashion-MNIST PNGs
-    14.95 / 14.73 s and 15.23 / 13.50 s, 1600x1200 JPEGs (10 steps) 7.80 / 7.86 s and
-    7.66 / 7.63 s: no difference beyond the noise (PIL's one-thread decoding is most of the
-    data time), so one thread costs nothing where workers need it.
+    core. PIL's one-thread decoding is most of the data time, so OpenCV's thread count makes no
+    measurable difference to a training step (docs/speed.md), and one thread per worker costs
+    nothing where workers need it.
     """
     if num_workers and cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
@@ -88,9 +86,3 @@ def collate_skipping_failed(batch: list) -> tuple[torch.Tensor, torch.Tensor] | 
     if not batch:
         return None
     return torch.utils.data.default_collate(batch)
-
-
-
-
-
-

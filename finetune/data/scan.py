@@ -16,6 +16,7 @@ the user's folder is ever written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ from finetune.config import IMBALANCED_FROM
 from finetune.data.caches import cache_root
 from finetune.data.images import IMAGE_EXTENSIONS, _is_hidden
 from finetune.errors import DataError
+from finetune.files import atomic_write
 
 if TYPE_CHECKING:
     pass
@@ -212,14 +214,10 @@ def check_files(paths: Sequence[Path], progress: bool = False) -> tuple[list[Fil
 
 
 def _write_json_atomically(file: Path, data: Any) -> None:
-    """Best effort: a cache that cannot be written is only a slower next time."""
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        staged = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-        staged.write_text(json.dumps(data))
-        os.replace(staged, file)
-    except OSError:
-        pass
+    """Best effort: a cache that cannot be written is only a slower next time. Not fsynced:
+    a damaged cache file reads as an empty cache."""
+    with contextlib.suppress(OSError):
+        atomic_write(file, json.dumps(data), durable=False)
 
 
 @dataclass(frozen=True)
@@ -440,7 +438,7 @@ def _split(
             f"{root} has {len(samples)} images for {len(classes)} classes: too few to hold out "
             f"{val_split:.0%} for validation with every class on both sides. Add images."
         )
-    from sklearn.model_selection import train_test_split  # 1 s to import; only splits need it
+    from sklearn.model_selection import train_test_split  # slow to import; only splits need it
 
     train, val = train_test_split(
         samples, test_size=n_val, random_state=seed, stratify=labels, shuffle=True

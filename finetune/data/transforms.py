@@ -32,8 +32,10 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from torch import nn
 
-from finetune.config import (
+from finetune.config import (  # *_BELOW: torch-free there, for --augment's help
     AUGMENT_FIELDS,
+    DEFAULT_BELOW,
+    STRONG_BELOW,
     TTA_MODES,
     FitConfig,
 )
@@ -202,10 +204,6 @@ PRESETS: dict[str, Augmentation] = {
     ),
 }  # fmt: skip
 
-# Images per class (median) below which a preset is chosen by preset_for.
-STRONG_BELOW = 100
-DEFAULT_BELOW = 1000
-
 
 def preset_for(per_class: float) -> tuple[str, str]:
     """The augmentation preset for a dataset of ``per_class`` training images per class (median),
@@ -307,7 +305,7 @@ class PCALighting(A.ImageOnlyTransform):
     def apply(self, img: np.ndarray, alpha: np.ndarray, **params: Any) -> np.ndarray:
         shift = self._eigvec @ (alpha * self._eigval)  # (3,) on the 0-1 scale
         if img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
-            # A per-channel lookup table: ~2.5x faster than float arithmetic on 224 px images.
+            # A per-channel lookup table instead of float arithmetic on every pixel (docs/speed.md).
             levels = np.arange(256, dtype=np.float32)[:, None] + shift * 255.0
             table = np.clip(np.rint(levels), 0, 255).astype(np.uint8).reshape(256, 1, 3)
             return cv2.LUT(img, table)

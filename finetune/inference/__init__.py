@@ -1,1 +1,3 @@
-"""finetune.inference."""
+"""Inference: trained models -> predictions (predict), measured accuracy on a labelled folder
+(evaluate), and files other tools load (export).
+"""

@@ -9,6 +9,7 @@ confusion matrix and the most confidently wrong images. :meth:`Evaluation.save` 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,11 +20,12 @@ from tqdm.auto import tqdm
 from finetune.data.images import load_image
 from finetune.data.scan import iter_image_files
 from finetune.errors import DataError
+from finetune.files import atomic_write
 
 if TYPE_CHECKING:
     from finetune.inference.predict import BasePredictor
 
-__all__ = ["Evaluation", "Mistake", "evaluate"]
+__all__ = ["Evaluation", "Mistake", "evaluate", "evaluate_samples"]
 
 
 @dataclass(frozen=True)
@@ -126,10 +128,14 @@ class Evaluation:
             "confusion": out / "confusion.png",
             "mistakes": out / "mistakes.png",
         }
-        files["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        _confusion_figure(self).savefig(files["confusion"], dpi=120, bbox_inches="tight")
-        _mistakes_figure(self.mistakes()).savefig(files["mistakes"], dpi=120, bbox_inches="tight")
+        atomic_write(files["json"], json.dumps(self.to_dict(), indent=2) + "\n")
+        _save_png(_confusion_figure(self), files["confusion"])
+        _save_png(_mistakes_figure(self.mistakes()), files["mistakes"])
         return files
+
+
+def _save_png(figure: Any, path: Path) -> None:  # figure: a matplotlib Figure
+    atomic_write(path, lambda f: figure.savefig(f, dpi=120, bbox_inches="tight", format="png"))
 
 
 def _confusion_figure(evaluation: Evaluation):  # -> matplotlib Figure
@@ -186,7 +192,8 @@ def evaluate(
 ) -> Evaluation:
     """Classify every image of ``folder`` (one sub-folder per class, named as the model's
     classes) and measure the result; ``tta`` as in :meth:`Predictor.iter_proba`. ``predictor``
-    may be an :class:`~finetune.inference.predict.Ensemble`: its averaged probabilities are measured.
+    may be an :class:`~finetune.inference.predict.Ensemble`: its averaged probabilities are
+    measured.
 
     Raises:
         DataError: ``folder`` has no class folders with images, or classes the model lacks.
@@ -204,19 +211,51 @@ def evaluate(
             f"{folder} has classes the model does not know: {', '.join(unknown)}. The model's "
             f"classes are: {', '.join(predictor.classes)}."
         )
+    return evaluate_samples(
+        predictor, samples, top_k, batch_size, tta, where=f"the images in {folder}"
+    )
+
+
+def evaluate_samples(
+    predictor: BasePredictor,
+    samples: Sequence[tuple[Path, str]],
+    top_k: int = 5,
+    batch_size: int = 32,
+    tta: str = "none",
+    where: str = "the images",
+    progress: bool = True,
+    desc: str = "evaluating",
+) -> Evaluation:
+    """Classify labelled images and measure the result: what :func:`evaluate` does once it has
+    found a folder's images, and what the report does with a run's validation images.
+
+    Args:
+        predictor: The model (or :class:`~finetune.inference.predict.Ensemble`) to measure.
+        samples: (image file, true class name) pairs; every name must be one of the
+            predictor's classes.
+        top_k: The k of the top-k accuracy.
+        batch_size: Images per batch.
+        tta: Test-time augmentation, as in :meth:`Predictor.iter_proba`.
+        where: The images, as the error names them ("the images in FOLDER").
+        progress: Show a progress bar (on a terminal only).
+        desc: The progress bar's label.
+
+    Raises:
+        DataError: None of the images could be read.
+    """
     index = {name: i for i, name in enumerate(predictor.classes)}
     truth = dict(samples)
     paths, labels, rows = [], [], []
     # disable=None: the bar shows on a terminal only, never in logs or captured output
-    with tqdm(total=len(samples), desc="evaluating", unit="image", leave=False,
-              disable=None) as bar:  # fmt: skip
+    with tqdm(total=len(samples), desc=desc, unit="image", leave=False,
+              disable=None if progress else True) as bar:  # fmt: skip
         for path, probs in predictor.iter_proba([p for p, _ in samples], batch_size, tta):
             paths.append(Path(path))
             labels.append(index[truth[path]])
             rows.append(probs)
             bar.update()
     if not rows:
-        raise DataError(f"None of the images in {folder} could be read.")
+        raise DataError(f"None of {where} could be read.")
     return Evaluation(
         predictor.classes,
         tuple(paths),

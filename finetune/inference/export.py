@@ -15,13 +15,8 @@ in the model's metadata under ``finetune``; :class:`OnnxModule` runs it with onn
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
-import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -31,24 +26,29 @@ from torch import nn
 
 from finetune import __version__
 from finetune.errors import CheckpointError, NotAvailableError
-from finetune.run.checkpoint import file_mode, find_checkpoint, load_checkpoint, rebuild_model
+from finetune.files import atomic_write, atomic_write_folder
+from finetune.inference.formats import (
+    META_FILE,
+    WEIGHTS_FILE,
+    is_bundle,
+    is_onnx,
+    is_torchscript,
+    read_checkpoint,
+)
+from finetune.run.checkpoint import find_checkpoint, rebuild_model
+from finetune.run.layout import RunDir
 
 __all__ = [
     "BUNDLE_FORMAT",
     "FORMATS",
     "OnnxModule",
     "export",
-    "is_bundle",
-    "is_onnx",
-    "is_torchscript",
     "read_bundle",
     "read_onnx",
     "read_torchscript",
 ]
 
 BUNDLE_FORMAT = 1
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
 TORCHSCRIPT_META = "finetune.json"  # stored in the TorchScript archive's extra/ folder
 ONNX_META = "finetune"  # metadata_props key holding the description
 ONNX_OPSET = 18  # ONNX Runtime >= 1.14, TensorRT 8.6+, OpenVINO 2023+ all run it
@@ -76,9 +76,12 @@ def export(
     Args:
         model: A run directory (its ``best.pt``) or a ``.pt`` checkpoint.
         format: ``safetensors`` (a bundle directory), ``torchscript`` or ``onnx`` (one file).
-        out: Where to write; default ``<run dir>/bundle``, ``<run dir>/model.torchscript.pt`` or
-            ``<run dir>/model.onnx``. An earlier export of the same kind there is replaced;
-            anything else there is left alone and the export refuses.
+        out: Where to write, exactly as given: no suffix is added, and none is needed, since
+            ``finetune.load`` and ``finetune predict`` tell the format from the content
+            (``-o mymodel`` loads as ``mymodel``). Default ``<run dir>/bundle``,
+            ``<run dir>/model.torchscript.pt`` or ``<run dir>/model.onnx``. An earlier export of
+            the same kind there is replaced; anything else there is left alone and the export
+            refuses.
         head: TorchScript and ONNX: the custom head the model was trained with, if any.
 
     Returns:
@@ -87,7 +90,7 @@ def export(
     if format not in FORMATS:
         raise NotAvailableError(f"Unknown format {format!r}; choose one of: {', '.join(FORMATS)}.")
     source = find_checkpoint(model)
-    checkpoint = load_checkpoint(source)
+    checkpoint = read_checkpoint(source)  # weights only: a TorchScript file here is refused
     if format == "torchscript":
         return _export_torchscript(checkpoint, source, out, head)
     if format == "onnx":
@@ -111,22 +114,15 @@ def _target(
 def _export_bundle(checkpoint: dict[str, Any], source: Path, out: str | Path | None) -> Path:
     from safetensors.torch import save_file
 
-    target = _target(out, source.parent / "bundle", is_bundle, "a finetune bundle")
+    target = _target(out, RunDir(source.parent).bundle, is_bundle, "a finetune bundle")
     meta = _describe(checkpoint, source)
     state = {k: v.detach().contiguous() for k, v in checkpoint["state_dict"].items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "finetune-bundle"})
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _readable(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    def fill(folder: Path) -> None:
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "finetune-bundle"})
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    return atomic_write_folder(target, fill)  # a reader never sees half a bundle
 
 
 def _describe(checkpoint: dict[str, Any], source: Path) -> dict[str, Any]:
@@ -150,7 +146,7 @@ def _describe(checkpoint: dict[str, Any], source: Path) -> dict[str, Any]:
 def _export_torchscript(
     checkpoint: dict[str, Any], source: Path, out: str | Path | None, head: nn.Module | None
 ) -> Path:
-    default = source.parent / "model.torchscript.pt"
+    default = RunDir(source.parent).torchscript
     target = _target(out, default, is_torchscript, "a TorchScript export")
     model = rebuild_model(checkpoint, head)
     side = checkpoint["preprocessing"]["input_size"]
@@ -159,22 +155,13 @@ def _export_torchscript(
     # no_grad, not inference_mode: tensors the forward creates become constants of the trace,
     # and made under inference_mode they are inference tensors: the saved module then fails
     # wherever autograd is on ("Inference tensors cannot be saved for backward").
-    with _staged_file(target) as tmp, warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad():
         # torch marks TorchScript deprecated in favour of torch.export, but it is still what
         # runs with plain torch.jit.load, in C++ (libtorch) and on mobile.
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, tmp, _extra_files={TORCHSCRIPT_META: meta})
-    return target
-
-
-def is_torchscript(path: str | Path) -> bool:
-    """Whether ``path`` is a TorchScript archive (rather than a checkpoint)."""
-    path = Path(path)
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
+        extra = {TORCHSCRIPT_META: meta}
+        return atomic_write(target, lambda f: torch.jit.save(traced, f, _extra_files=extra))
 
 
 def read_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
@@ -211,38 +198,32 @@ def _export_onnx(
     checkpoint: dict[str, Any], source: Path, out: str | Path | None, head: nn.Module | None
 ) -> Path:
     onnx, _ = _onnx_modules()
-    target = _target(out, source.parent / "model.onnx", is_onnx, "an ONNX export")
+    target = _target(out, RunDir(source.parent).onnx, is_onnx, "an ONNX export")
     model = rebuild_model(checkpoint, head)
     side = checkpoint["preprocessing"]["input_size"]
     example = (torch.zeros(2, 3, side, side),)
-    with _staged_file(target) as tmp:
-        # no_grad, as torch.export's own examples use: the exporter traces the forward once,
-        # so inference_mode would gain nothing, and tracing is where it is least safe (above).
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the exporter is chatty about its internals
-            program = torch.onnx.export(
-                model,
-                example,
-                dynamo=True,
-                opset_version=ONNX_OPSET,
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                verbose=False,
-            )
-        proto = program.model_proto
-        onnx.helper.set_model_props(
-            proto, {ONNX_META: json.dumps(_describe(checkpoint, source), indent=2)}
+    # no_grad, as torch.export's own examples use: the exporter traces the forward once,
+    # so inference_mode would gain nothing, and tracing is where it is least safe (above).
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter is chatty about its internals
+        program = torch.onnx.export(
+            model,
+            example,
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            verbose=False,
         )
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.save(proto, tmp)
-    return target
-
-
-def is_onnx(path: str | Path) -> bool:
-    """Whether ``path`` is an ``.onnx`` file."""
-    path = Path(path)
-    return path.is_file() and path.suffix.lower() == ".onnx"
+    proto = program.model_proto
+    onnx.helper.set_model_props(
+        proto, {ONNX_META: json.dumps(_describe(checkpoint, source), indent=2)}
+    )
+    onnx.checker.check_model(proto, full_check=True)
+    # The serialized proto, as onnx.save writes it: onnx.save itself wants the file's name,
+    # which the temporary file of atomic_write (opened from a descriptor) does not have.
+    return atomic_write(target, proto.SerializeToString())
 
 
 class OnnxModule(nn.Module):
@@ -279,38 +260,6 @@ def read_onnx(path: str | Path) -> tuple[OnnxModule, dict[str, Any]]:
             "preprocessing); export it with `finetune export RUN --format onnx`."
         )
     return module, json.loads(props[ONNX_META])
-
-
-@contextmanager
-def _staged_file(target: Path) -> Iterator[str]:
-    """A temporary path beside ``target`` to write to; renamed onto ``target`` (with normal
-    permissions) only if the block succeeds, removed if it fails."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        Path(tmp).chmod(file_mode())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _readable(folder: Path) -> None:
-    """Give the staged bundle the permissions a plain mkdir/open would (temp files are 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(file_mode())
-
-
-def is_bundle(path: str | Path) -> bool:
-    """Whether ``path`` is a bundle directory (or its ``model.safetensors``)."""
-    path = Path(path)
-    folder = path.parent if path.name == WEIGHTS_FILE else path
-    return (folder / META_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
 def read_bundle(path: str | Path) -> dict[str, Any]:

@@ -24,22 +24,10 @@ from finetune.data.images import load_image, pil_to_rgb
 from finetune.data.scan import iter_image_files
 from finetune.data.transforms import Preprocessing, TestTimeViews
 from finetune.errors import CheckpointError, ConfigError, DataError
-from finetune.inference.export import (
-    is_bundle,
-    is_onnx,
-    is_torchscript,
-    read_bundle,
-    read_onnx,
-    read_torchscript,
-)
+from finetune.inference.export import read_bundle, read_onnx, read_torchscript
+from finetune.inference.formats import Format, detect_format, read_checkpoint, sniff_format
 from finetune.model.backbone import Classifier
-from finetune.run.checkpoint import (
-    CHECKPOINTS,
-    load_checkpoint,
-    preprocessing_of,
-    rebuild_model,
-    run_checkpoints,
-)
+from finetune.run.checkpoint import CHECKPOINTS, preprocessing_of, rebuild_model, run_checkpoints
 from finetune.training.compute import resolve_channels_last
 
 if TYPE_CHECKING:
@@ -59,6 +47,7 @@ __all__ = [
 ]
 
 ImageInput = str | Path | Image.Image | np.ndarray
+_MODEL_SUFFIXES = (".pt", ".pth", ".onnx")  # names that claim a model (see is_model_path)
 
 
 @dataclass(frozen=True)
@@ -96,13 +85,15 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 def is_model_path(path: str | Path) -> bool:
     """Whether ``path`` is something :func:`load` reads, rather than an image or image folder:
-    a run directory (holding ``best.pt`` or ``last.pt``), a ``.pt``/``.pth`` checkpoint or
-    TorchScript file, an ``.onnx`` file, or an exported bundle (its directory or
-    ``model.safetensors``)."""
+    by its content (:func:`~finetune.inference.formats.sniff_format`), a run directory, a
+    checkpoint, a TorchScript or ONNX file of any name, or an exported bundle (its directory or
+    ``model.safetensors``). A file whose suffix claims a model (``.pt``, ``.pth``, ``.onnx``)
+    counts too, so that a damaged one is reported by :func:`load` rather than skipped as an
+    undecodable image."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        return is_bundle(path) or any((path / name).is_file() for name in ("best.pt", "last.pt"))
-    return path.is_file() and (path.suffix.lower() in (".pt", ".pth", ".onnx") or is_bundle(path))
+    if sniff_format(path) is not None:
+        return True
+    return path.is_file() and path.suffix.lower() in _MODEL_SUFFIXES
 
 
 def leading_models(args: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
@@ -381,9 +372,15 @@ def load(
     """Load a run directory, a checkpoint file, or a safetensors bundle, TorchScript file or
     ONNX file (from ``finetune export``) as a :class:`Predictor`.
 
+    What ``path`` is comes from its content, not its suffix
+    (:func:`~finetune.inference.formats.detect_format`): ``finetune export -o mymodel`` loads
+    as ``mymodel``. A run directory's checkpoints are read as weights only, never run: a
+    TorchScript archive in their place is refused, and TorchScript runs only from a file
+    given here by its own path.
+
     Args:
-        path: A run directory written by ``fit``, a ``.pt`` checkpoint, or a bundle directory
-            (or its ``model.safetensors``), a TorchScript ``.pt`` or a ``.onnx`` file.
+        path: A run directory written by ``fit``, a checkpoint file, or a bundle directory
+            (or its ``model.safetensors``), a TorchScript file or an ONNX file.
         head: An instance of the custom head the model was trained with, if any.
         device: Where to run; default cuda when available.
         checkpoint: For a run directory, which of its checkpoints: "best" (``best.pt``),
@@ -394,7 +391,8 @@ def load(
     Raises:
         ConfigError: Unknown ``checkpoint``, or one other than "best" for a model file.
         CheckpointError: The run lacks that checkpoint (the message names the fit option that
-            writes it), or the file cannot be read.
+            writes it), ``path`` is none of the kinds above (the message lists them), a
+            checkpoint is a TorchScript archive, or the file cannot be read.
 
     Example:
         >>> predictor = finetune.load("runs/fashion", checkpoint="ema")
@@ -404,18 +402,29 @@ def load(
         raise ConfigError(
             f"Unknown checkpoint {checkpoint!r}; choose one of {', '.join(CHECKPOINTS)}."
         )
-    if path.is_dir() and not is_bundle(path):
+    found = detect_format(path)
+    if found is Format.RUN:
         files = run_checkpoints(path, checkpoint)
         if checkpoint == "snapshots":
-            members = [_load_file(f, _copy(head), device, checkpoint) for f in files]
+            members = [_load_checkpoint(f, _copy(head), device, checkpoint) for f in files]
             return Ensemble(members, source=path, checkpoint=checkpoint)
-        return _load_file(files[0], head, device, checkpoint)
+        return _load_checkpoint(files[0], head, device, checkpoint)
     if checkpoint != "best":
         raise ConfigError(
             f"checkpoint {checkpoint!r} picks a file of a run directory, but {path} is a model "
             "file already. Give the run directory, or leave the checkpoint at best."
         )
-    return _load_file(path, head, device, None)
+    if found is Format.CHECKPOINT:
+        return _load_checkpoint(path, head, device, None)
+    if found is Format.BUNDLE:
+        state = read_bundle(path)
+        model = rebuild_model(state, head)
+        pre = preprocessing_of(state)
+        return Predictor(model, state["classes"], pre, device, source=path)
+    # an export the user named: the only place a TorchScript program is loaded
+    module, meta = read_torchscript(path) if found is Format.TORCHSCRIPT else read_onnx(path)
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    return Predictor(module, meta["classes"], pre, device, source=path)
 
 
 def load_ensemble(
@@ -454,17 +463,11 @@ def _copy(head: nn.Module | None) -> nn.Module | None:
     return None if head is None else copy.deepcopy(head)
 
 
-def _load_file(
+def _load_checkpoint(
     path: Path, head: nn.Module | None, device: str | torch.device | None, checkpoint: str | None
 ) -> Predictor:
-    if is_torchscript(path):
-        module, meta = read_torchscript(path)
-    elif is_onnx(path):
-        module, meta = read_onnx(path)
-    else:
-        state = read_bundle(path) if is_bundle(path) else load_checkpoint(path)
-        model = rebuild_model(state, head)
-        pre = preprocessing_of(state)
-        return Predictor(model, state["classes"], pre, device, source=path, checkpoint=checkpoint)
-    pre = Preprocessing.from_dict(meta["preprocessing"])
-    return Predictor(module, meta["classes"], pre, device, source=path, checkpoint=checkpoint)
+    """A checkpoint file, read as weights only (a TorchScript archive there is refused)."""
+    state = read_checkpoint(path)
+    model = rebuild_model(state, head)
+    pre = preprocessing_of(state)
+    return Predictor(model, state["classes"], pre, device, source=path, checkpoint=checkpoint)

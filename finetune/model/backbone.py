@@ -13,10 +13,11 @@ timm's normal ``pretrained=True`` resolution (Hugging Face hub or its local cach
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import importlib
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -85,6 +86,13 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.forward_features(x)))
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (patterns) of the parameters weight decay must not touch, timm's contract: the
+        backbone's own ``no_weight_decay()`` (e.g. a ViT's ``pos_embed`` and ``cls_token``),
+        prefixed with ``backbone.``, so timm's optimizer helpers work on the whole model too."""
+        names = getattr(self.backbone, "no_weight_decay", set)()
+        return {f"backbone.{name}" for name in names}
 
 
 def _unknown_model(name: str) -> ModelError:
@@ -278,6 +286,7 @@ class ParamGroup:
     name: str  # "backbone.<group index>" or "head"
     layer: int  # 0 = stem ... highest = head (always last)
     params: list[nn.Parameter]
+    no_decay: list[nn.Parameter] = field(default_factory=list)  # of params; see _decays
 
 
 def _layer_groups(backbone: nn.Module) -> dict[int, list[str]]:
@@ -296,13 +305,34 @@ def default_unfreeze(group_count: int) -> int:
 
 
 def param_groups(model: Classifier) -> list[ParamGroup]:
-    """Layer groups, input to output, from timm's ``group_matcher``; the head is the last group."""
+    """Layer groups, input to output, from timm's ``group_matcher``; the head is the last group.
+
+    Each group also lists the parameters that weight decay must not touch (see _decays).
+    """
     backbone = model.backbone
     grouped = _layer_groups(backbone)
     named = dict(backbone.named_parameters())
-    groups = [
-        ParamGroup(f"backbone.{i}", layer, [named[n] for n in names])
-        for i, (layer, names) in enumerate(sorted(grouped.items()))
-    ]
-    groups.append(ParamGroup("head", len(groups), list(model.head.parameters())))
+    patterns = model.no_weight_decay()
+    exempt = {id(p) for name, p in model.named_parameters() if not _decays(name, p, patterns)}
+    groups = []
+    for i, (layer, names) in enumerate(sorted(grouped.items())):
+        params = [named[n] for n in names]
+        no_decay = [p for p in params if id(p) in exempt]
+        groups.append(ParamGroup(f"backbone.{i}", layer, params, no_decay))
+    head = list(model.head.parameters())
+    groups.append(ParamGroup("head", len(groups), head, [p for p in head if id(p) in exempt]))
     return groups
+
+
+def _decays(name: str, param: nn.Parameter, no_weight_decay: set[str]) -> bool:
+    """Whether weight decay applies to parameter ``name``, by timm's rule (its optimizer's
+    ``param_groups_weight_decay``): not to norms and biases (ndim <= 1), nor to the parameters
+    the model names in ``no_weight_decay()`` (fnmatch patterns: a ViT's position embedding and
+    class token, which decay would pull towards zero for no gain).
+
+    timm's helper is not called itself: it leaves out parameters frozen when it runs, and those
+    frozen for a warm-up (``--warmup-epochs``) train later under the same rule.
+    """
+    if param.ndim <= 1 or name.endswith(".bias"):
+        return False
+    return not any(fnmatch.fnmatch(name, pattern) for pattern in no_weight_decay)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from finetune.files import atomic_write
 from finetune.training.loop import EpochResult
 
 if TYPE_CHECKING:
@@ -158,6 +159,6 @@ def compare_figure(runs: Sequence[tuple[str, Sequence[EpochResult]]]) -> Figure:
 def save_png(figure: Figure, out: str | Path, dpi: int = 110) -> Path:
     """Write ``figure`` as a PNG (its folder created); the path."""
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=dpi, bbox_inches="tight", format="png")
-    return out
+    return atomic_write(
+        out, lambda f: figure.savefig(f, dpi=dpi, bbox_inches="tight", format="png")
+    )

@@ -1,10 +1,9 @@
-"""A run directory -> what happened, for people: ``report.html``, ``finetune runs``, ``compare``.
+"""A run directory -> what happened, for people: ``report.html``.
 
 :func:`report` writes one self-contained page per run (every picture a base64 data URI, the CSS
 inline, nothing fetched): the data, the strategy decision, the augmentation, the learning
-curves, an evaluation of ``best.pt`` on the validation images and the command that reproduces
-the run. :func:`list_runs` and :func:`compare` read the same files (``config.json``,
-``metrics.csv``) of many runs, for a table or an overlay plot.
+curves, an evaluation of the best checkpoint on the validation images and the command that
+reproduces the run. Tables and plots of many runs are :mod:`finetune.reporting.runs`.
 
 The validation images are found again exactly as ``fit`` (and ``resume``) found them:
 ``scan_folder(data, val_split, seed)`` over the run's data folder with its recorded split and
@@ -23,9 +22,7 @@ import copy
 import html
 import json
 import math
-import os
 import shlex
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -34,8 +31,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from finetune import __version__
+from finetune.config import DEFAULT_MAX_IMAGES  # torch-free there: the CLI's default
 from finetune.errors import DataError, FinetuneError
-from finetune.reporting.runs import _EXPORTS, REPORT_NAME, RunSummary, _duration, _shown, read_run
+from finetune.files import atomic_write
+from finetune.reporting.runs import REPORT_NAME, RunSummary, _duration, _shown, read_run
+from finetune.run.layout import RunDir
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,9 +49,6 @@ __all__ = ["DEFAULT_MAX_IMAGES", "REPORT_NAME", "SECTIONS", "report"]
 # The report's sections, in page order; each is a <section id=...> (tests look for them).
 SECTIONS = ("summary", "dataset", "decision", "augmentation", "curves", "evaluation", "files",
             "reproduce")  # fmt: skip
-# At most this many validation images are classified for the report (a stratified sample
-# beyond): on a CPU, ~1000 images at 224 px take about as long as one validation pass of fit.
-DEFAULT_MAX_IMAGES = 1000
 
 
 def report(
@@ -87,9 +84,7 @@ def report(
     """
     run = read_run(run_dir)
     page = _Page(run, head, max_images, device, progress, split)
-    out = run.dir / REPORT_NAME
-    _write_atomically(out, page.html())
-    return out
+    return atomic_write(RunDir(run.dir).report, page.html())
 
 
 # --- the page -----------------------------------------------------------------------------
@@ -111,12 +106,13 @@ class _Page:
         from finetune.strategies import get_strategy
 
         self.run, self.dir, self.config = run, run.dir, run.config
+        self.files = RunDir(run.dir)
         self.trains_backbone = get_strategy(self.config["strategy"]).trains_backbone
-        self.scan = _read_json(self.dir / "scan.json")
-        self.decision = _read_json(self.dir / "decision.json")
-        self.probe = _read_json(self.dir / "probe.json")
-        self.tta = _read_json(self.dir / "tta.json")
-        self.classes = _read_json(self.dir / "classes.json") or []
+        self.scan = _read_json(self.files.scan)
+        self.decision = _read_json(self.files.decision)
+        self.probe = _read_json(self.files.probe)
+        self.tta = _read_json(self.files.tta)
+        self.classes = _read_json(self.files.classes) or []
         self.data = self._data_folder()
         self.split: DatasetSplit | None = split
         self.problems: dict[str, str] = {}  # section -> why part of it is missing
@@ -323,7 +319,7 @@ class _Page:
         if self.split is None:
             parts.append(f'<p class="warn">No preview: {_e(self.problems["data"])}</p>')
         else:
-            out = self.dir / "augment-preview.png"
+            out = self.files.augment_preview
             augment_preview(self.split.root, out, config, pca=self._pca_lighting())
             parts.append(
                 "<p>Left: a training image of a class; right: augmented versions of it, as the "
@@ -336,7 +332,7 @@ class _Page:
         from finetune.reporting.figures import learning_curves, save_png
 
         history = self.run.history
-        out = save_png(learning_curves(history, self.dir.name), self.dir / "curves.png")
+        out = save_png(learning_curves(history, self.dir.name), self.files.curves)
         ema = any(not math.isnan(r.ema_val_acc) for r in history)
         header = ["epoch", "train loss", "train acc", "val loss", "val acc", "gap", "lr", "time"]
         header += ["ema val acc"] if ema else []
@@ -374,7 +370,7 @@ class _Page:
         else:
             from finetune.reporting.figures import per_class_figure, save_png
 
-            folder = self.dir / "eval-val"
+            folder = self.files.evaluation("val")
             files = ev.save(folder)
             per_class = save_png(per_class_figure(ev), folder / "per-class.png")
             sample = (
@@ -404,8 +400,11 @@ class _Page:
             parts.append(
                 _img(files["mistakes"], "the most confidently wrong validation images", 860)
             )
-        others = sorted(p for p in self.dir.glob("eval-*/evaluation.json")
-                        if p.parent.name != "eval-val")  # fmt: skip
+        others = [
+            folder / "evaluation.json"
+            for folder in self.files.evaluations()
+            if folder != self.files.evaluation("val") and (folder / "evaluation.json").is_file()
+        ]
         if others:
             rows = []
             for path in others:
@@ -419,12 +418,8 @@ class _Page:
         return _section("evaluation", "Evaluation", "\n".join(parts))
 
     def _files(self) -> str:
-        checkpoints = [
-            p for p in [self.dir / "best.pt", self.dir / "last.pt", self.dir / "ema.pt",
-                        *sorted(self.dir.glob("snapshot-*.pt"))]
-            if p.is_file()
-        ]  # fmt: skip
-        exports = [self.dir / name for name in _EXPORTS if (self.dir / name).exists()]
+        checkpoints = self.files.checkpoints()
+        exports = self.files.exports()
         rows = [(_e(p.name), _e(_size(p))) for p in checkpoints]
         text = "<h3>Checkpoints</h3>" + _pairs(rows)
         text += "<h3>Exports</h3>" + (
@@ -432,11 +427,7 @@ class _Page:
             if exports
             else f"<p>None yet: <code>{_e(_cmd('export', self.dir))}</code></p>"
         )
-        records = [
-            name for name in ("config.json", "classes.json", "scan.json", "decision.json",
-                              "metrics.csv", "probe.json", "tta.json", "recipe.toml")
-            if (self.dir / name).is_file() or name == "recipe.toml"
-        ]  # fmt: skip
+        records = [p.name for p in self.files.records() if p.is_file() or p == self.files.recipe]
         text += f"<h3>Records</h3><p>{_e(', '.join(records))} in {_e(_shown(self.dir))}</p>"
         return _section("files", "Files", text)
 
@@ -446,11 +437,11 @@ class _Page:
 
         config = FitConfig.from_kwargs(**{**self.config, "out": None})
         recipe = write_recipe(
-            self.dir / "recipe.toml",
+            self.files.recipe,
             config,
             f"The configuration of run {self.dir.name}: every setting that differs from the "
             "defaults,\nauto's choices included. Reproduce it with "
-            f"`finetune fit DATA --recipe {self.dir / 'recipe.toml'}`.",
+            f"`finetune fit DATA --recipe {self.files.recipe}`.",
         )
         data = _shown(self.data) if self.data else "DATA"
         command = _cmd("fit", data, "--recipe", recipe)
@@ -504,47 +495,22 @@ def _evaluate_val(
     device: str,
     progress: bool,
 ) -> Evaluation:
-    """best.pt on the run's validation images, as finetune evaluate measures a folder."""
-    from tqdm.auto import tqdm
-
-    from finetune.inference.evaluate import Evaluation
+    """best.pt on the run's validation images, measured by finetune evaluate's own code."""
+    from finetune.inference.evaluate import evaluate_samples
     from finetune.inference.predict import load
 
     predictor = load(run_dir, head=copy.deepcopy(head), device=device)
-    samples = _sample(split.val, max_images)
-    index = {name: i for i, name in enumerate(predictor.classes)}
-    truth = {s.path: index[split.classes[s.label]] for s in samples}
-    paths, labels, rows = [], [], []
-    batch = int(json.loads((run_dir / "config.json").read_text()).get("batch_size") or 32)
-    with tqdm(total=len(samples), desc="evaluating (val)", unit="image", leave=False,
-              disable=None if progress else True) as bar:  # fmt: skip
-        for path, probs in predictor.iter_proba([s.path for s in samples], batch):
-            paths.append(Path(path))
-            labels.append(truth[path])
-            rows.append(probs)
-            bar.update()
-    if not rows:
-        raise DataError(f"none of the {len(samples)} validation images could be read.")
-    return Evaluation(
-        predictor.classes, tuple(paths), np.array(labels), np.stack(rows),
-        min(5, len(predictor.classes)), "none", predictor.describe(),
-    )  # fmt: skip
+    samples = [(s.path, split.classes[s.label]) for s in _sample(split.val, max_images)]
+    batch = int(json.loads(RunDir(run_dir).config.read_text()).get("batch_size") or 32)
+    top_k = min(5, len(predictor.classes))
+    where = f"the {len(samples)} validation images"
+    return evaluate_samples(
+        predictor, samples, top_k, batch, where=where, progress=progress, desc="evaluating (val)"
+    )
 
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- formatting -----------------------------------------------------------------------------

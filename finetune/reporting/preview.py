@@ -1,4 +1,4 @@
-"""Moved from finetune/api.py."""
+"""``finetune augment-preview``: a picture of what the training augmentation does to images."""
 
 from __future__ import annotations
 
@@ -21,14 +21,13 @@ from finetune.data.transforms import (
     preset_for,
     preview_figure,
 )
+from finetune.files import atomic_write
 from finetune.model.backbone import create_backbone
 from finetune.strategies.measure import (
     measure_size,
 )
 
 __all__ = ["augment_preview"]
-
-
 
 
 def augment_preview(
@@ -73,6 +72,5 @@ def augment_preview(
     )
     figure.suptitle(f"augmentation {augmentation.describe()}, {side} px", fontsize=8)
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110, bbox_inches="tight")
-    return out
+    kind = out.suffix.lstrip(".") or None  # as savefig infers it from a file name
+    return atomic_write(out, lambda f: figure.savefig(f, dpi=110, bbox_inches="tight", format=kind))

@@ -1,4 +1,4 @@
-"""Moved from finetune/reports.py."""
+"""Many run folders -> a table (``finetune runs``) or an overlay plot (``finetune compare``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.errors import CheckpointError
+from finetune.run.layout import RunDir
 from finetune.training.loop import EpochResult, read_metrics
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ __all__ = [
     "read_run",
     "runs_table",
 ]
-_EXPORTS = ("bundle", "model.torchscript.pt", "model.onnx")  # what `finetune export` writes
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class RunSummary:
 
     @property
     def report(self) -> Path | None:
-        path = self.dir / REPORT_NAME
+        path = RunDir(self.dir).report
         return path if path.is_file() else None
 
 
@@ -87,10 +87,10 @@ def read_run(run_dir: str | Path) -> RunSummary:
         CheckpointError: ``run_dir`` is not a run directory of ``finetune fit``, or no epoch
             of it finished.
     """
-    run_dir = Path(run_dir).expanduser()
-    config_file, metrics_file = run_dir / "config.json", run_dir / "metrics.csv"
+    run = RunDir(run_dir)
+    run_dir, config_file, metrics_file = run.path, run.config, run.metrics
     if not config_file.is_file() or not metrics_file.is_file():
-        missing = "config.json" if not config_file.is_file() else "metrics.csv"
+        missing = (config_file if not config_file.is_file() else metrics_file).name
         raise CheckpointError(
             f"{run_dir} is not a run directory of `finetune fit` (it has no {missing}). Give "
             "a folder that fit wrote, e.g. runs/<name>; `finetune runs` lists them."
@@ -126,7 +126,7 @@ def list_runs(root: str | Path = "runs") -> list[RunSummary]:
         )
     found = []
     for depth in ("", "*/", "*/*/"):
-        for metrics in root.glob(f"{depth}metrics.csv"):
+        for metrics in root.glob(depth + RunDir.METRICS):
             try:
                 found.append(read_run(metrics.parent))
             except CheckpointError:
@@ -216,7 +216,7 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set
     return "\n".join([line(header), *(line(r) for r in rows)])
 
 
-REPORT_NAME = "report.html"
+REPORT_NAME = RunDir.REPORT  # the name finetune.reporting.html has always exported
 
 
 def _shown(path: Path | str | None) -> str:

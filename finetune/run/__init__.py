@@ -1,1 +1,3 @@
-"""finetune.run."""
+"""Run folder: the files a run writes and reads back (layout) and self-describing
+checkpoints read without unpickling code (checkpoint).
+"""

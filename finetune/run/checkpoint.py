@@ -1,17 +1,16 @@
 """Checkpoints that describe themselves, written atomically and read without unpickling code.
 
-A checkpoint is a dict of plain values and tensors: the timm model name, the classes, the
-preprocessing contract, the config, the head, the epoch and metrics, and the model/optimizer/
-scheduler/RNG state. ``torch.load(weights_only=True)`` reads it, so a crafted file cannot run
-code; :func:`rebuild_model` needs nothing but the checkpoint (and a custom head's module).
+A checkpoint is a dict of plain values and tensors: the description of the model
+(:class:`CheckpointMeta`: the timm model name, the classes, the preprocessing contract, the
+config, the head...), the epoch and metrics, and the model/optimizer/scheduler/RNG state.
+``torch.load(weights_only=True)`` reads it, so a crafted file cannot run code;
+:func:`rebuild_model` needs nothing but the checkpoint (and a custom head's module).
 """
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
-from datetime import datetime
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,22 @@ import torch
 from torch import nn
 
 from finetune import __version__
+from finetune.config import CHECKPOINTS  # torch-free there: the CLI's --checkpoint choices
 from finetune.data.transforms import Preprocessing
 from finetune.errors import CheckpointError, ConfigError
+from finetune.files import atomic_write
 from finetune.model.backbone import Classifier, create_classifier, prune_to_stage
+from finetune.run.layout import RunDir
 
 __all__ = [
     "CHECKPOINTS",
     "FORMAT_VERSION",
-    "file_mode",
+    "CheckpointMeta",
+    "FrozenRecord",
+    "ModelSpec",
     "find_checkpoint",
     "load_checkpoint",
-    "new_run_dir",
+    "preprocessing_of",
     "rebuild_model",
     "run_checkpoints",
     "save_checkpoint",
@@ -37,70 +41,132 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "model", "classes", "preprocessing", "state_dict")
-# Which checkpoint of a run directory to use: best.pt, last.pt, ema.pt (fit --ema), or every
-# snapshot-K.pt (fit --schedule restarts) as a snapshot ensemble.
-CHECKPOINTS = ("best", "last", "ema", "snapshots")
-_SNAPSHOT = re.compile(r"snapshot-(\d+)\.pt")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What rebuilds the network without its weights: ``timm.create_model(name)``, cut after
+    ``stage`` (stage-probe), topped by a head of ``num_features`` inputs."""
+
+    name: str  # the timm model name
+    num_features: int | None  # the features the head takes (None: not recorded)
+    head: str = "linear"  # "linear", or "custom:<class name>" (pass the module to load it)
+    stage: int | None = None  # stage-probe: the backbone keeps its stages up to this one
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(
+            name=data["name"],
+            num_features=data.get("num_features"),
+            head=data.get("head", "linear"),
+            stage=data.get("stage"),
+        )
+
+
+@dataclass(frozen=True)
+class FrozenRecord:
+    """How the frozen layers' outputs were computed once (``finetune-top``, cached)."""
+
+    skipped: tuple[str, ...]  # the modules whose outputs were computed once
+    views: int  # 1: each training image as it is; 2: and mirrored
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"skipped": list(self.skipped), "views": self.views}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FrozenRecord:
+        return cls(skipped=tuple(data["skipped"]), views=int(data["views"]))
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """Everything a checkpoint says about its model besides the weights and training state.
+
+    ``fit`` builds it once; a strategy that changes the model (stage-probe cuts the backbone)
+    or how it trained (the frozen layers computed once) records that with
+    :func:`dataclasses.replace`, so no two stages edit one shared dict. On disk it is spread
+    into the checkpoint's top level (:meth:`to_dict`), as it always was: checkpoints of earlier
+    versions read back with :meth:`from_dict`.
+    """
+
+    model: ModelSpec
+    classes: tuple[str, ...]  # label i is classes[i]
+    preprocessing: Preprocessing  # what the model expects of an image
+    data: str | None = None  # the data folder, resolved (resume scans it again)
+    config: dict[str, Any] | None = None  # FitConfig.to_dict(), resolved
+    strategy: str | None = None  # the strategy that ran (auto's choice when auto chose)
+    decision: dict[str, Any] | None = None  # auto's Decision.to_dict(), when auto chose
+    augmentation: dict[str, Any] | None = None  # the training augmentation (None: a probe)
+    frozen: FrozenRecord | None = None  # the frozen layers computed once, if they were
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint keys, as plain values (``frozen`` only when set, as before)."""
+        out = {
+            "model": self.model.to_dict(),
+            "data": self.data,
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing.to_dict(),
+            "config": self.config,
+            "strategy": self.strategy,
+            "decision": self.decision,
+            "augmentation": self.augmentation,
+        }
+        if self.frozen is not None:
+            out["frozen"] = self.frozen.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointMeta:
+        """The description in a checkpoint (or a dict of its keys); the keys fit adds besides
+        model, classes and preprocessing may be missing.
+
+        Raises:
+            CheckpointError: ``model``, ``classes`` or ``preprocessing`` is missing or malformed.
+        """
+        try:
+            return cls(
+                model=ModelSpec.from_dict(data["model"]),
+                classes=tuple(data["classes"]),
+                preprocessing=Preprocessing.from_dict(data["preprocessing"]),
+                data=data.get("data"),
+                config=data.get("config"),
+                strategy=data.get("strategy"),
+                decision=data.get("decision"),
+                augmentation=data.get("augmentation"),
+                frozen=FrozenRecord.from_dict(data["frozen"]) if data.get("frozen") else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"The checkpoint's description is incomplete or malformed ({exc!r}); it was not "
+                "written by finetune fit."
+            ) from exc
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically: a temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``payload`` to ``path`` atomically (a reader never sees half a checkpoint),
+    stamped with the format and finetune versions."""
     payload = {
         "format_version": FORMAT_VERSION,
         "finetune_version": __version__,
         **payload,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def new_run_dir(out: str | Path | None, name: str, marker: str, kind: str = "run") -> Path:
-    """The directory a new run (or tune: ``kind``) writes to, created: ``out``, unless it
-    already holds ``marker`` (a started one), else ``runs/<name>-<time>`` (``-2``, ``-3``...
-    when taken)."""
-    if out is not None:
-        run_dir = Path(out).expanduser()
-        if (run_dir / marker).exists():
-            raise ConfigError(
-                f"{run_dir} already holds a {kind} ({marker}); choose another --out or remove it."
-            )
-    else:
-        base = Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        run_dir, n = base, 1
-        while run_dir.exists():
-            n += 1
-            run_dir = base.with_name(f"{base.name}-{n}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file here (0666 less the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run directory's ``best.pt`` (``last.pt`` if there is no best)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                return path / name
+        run = RunDir(path)
+        for file in (run.best, run.last):
+            if file.is_file():
+                return file
         raise CheckpointError(
-            f"{path} holds no best.pt or last.pt. Give a run directory written by `finetune fit` "
-            "or a checkpoint file."
+            f"{path} holds no {RunDir.BEST} or {RunDir.LAST}. Give a run directory written by "
+            "`finetune fit` or a checkpoint file."
         )
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist. Give a run directory or a checkpoint file.")
@@ -121,7 +187,8 @@ def run_checkpoints(run: str | Path, checkpoint: str = "best") -> list[Path]:
         CheckpointError: The run has no such checkpoint (the message names the fit option that
             writes it).
     """
-    run = Path(run).expanduser()
+    folder = RunDir(run)
+    run = folder.path
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(
             f"Unknown checkpoint {checkpoint!r}; choose one of {', '.join(CHECKPOINTS)}."
@@ -129,30 +196,26 @@ def run_checkpoints(run: str | Path, checkpoint: str = "best") -> list[Path]:
     if checkpoint == "best":
         return [find_checkpoint(run)]
     if checkpoint == "last":
-        if not (run / "last.pt").is_file():
+        if not folder.last.is_file():
             raise CheckpointError(
                 f"{run} holds no last.pt. Give a run directory written by `finetune fit`."
             )
-        return [run / "last.pt"]
+        return [folder.last]
     if checkpoint == "ema":
-        if not (run / "ema.pt").is_file():
+        if not folder.ema.is_file():
             raise CheckpointError(
                 f"{run} holds no ema.pt: the run was trained without --ema. Train with "
                 "`finetune fit --ema` (FitConfig ema=True) for EMA weights, or pick best or last."
             )
-        return [run / "ema.pt"]
-    numbered = [
-        (int(match[1]), path)
-        for path in run.glob("snapshot-*.pt")
-        if (match := _SNAPSHOT.fullmatch(path.name)) and path.is_file()
-    ]
-    if not numbered:
+        return [folder.ema]
+    snapshots = folder.snapshots()
+    if not snapshots:
         raise CheckpointError(
             f"{run} holds no snapshot-K.pt files: the run was trained without --schedule "
             "restarts. Train with `finetune fit --schedule restarts` (a snapshot after each "
             "cosine cycle) for a snapshot ensemble, or pick best, last or ema."
         )
-    return [path for _, path in sorted(numbered)]
+    return snapshots
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

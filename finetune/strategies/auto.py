@@ -1,4 +1,6 @@
-"""Moved from finetune/strategies.py."""
+"""``auto``: measure the data's size and similarity to ImageNet
+(:mod:`finetune.strategies.measure`), pick one of the four strategies, and record why.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +12,6 @@ from torch import nn
 from finetune.config import FitConfig
 from finetune.data.scan import DatasetSplit
 from finetune.errors import ConfigError
-from finetune.model.backbone import (
-    Classifier,
-)
 from finetune.strategies.base import FitContext, Strategy, get_strategy, register
 from finetune.strategies.measure import CPU_BUDGET_SECONDS, Decision, decide
 from finetune.training.loop import EpochResult
@@ -47,5 +46,5 @@ class Auto(Strategy):
         settings = {k: v for k, v in decision.settings.items() if getattr(config, k) in (None, 0)}
         return chosen, replace(config, **settings), decision
 
-    def fit(self, ctx: FitContext) -> tuple[Classifier, list[EpochResult]]:
+    def fit(self, ctx: FitContext) -> list[EpochResult]:
         raise ConfigError("auto runs the strategy it resolves to; call resolve() first.")

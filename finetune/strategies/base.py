@@ -31,9 +31,9 @@ from finetune.data.transforms import (
     Preprocessing,
 )
 from finetune.errors import ConfigError
-from finetune.model.backbone import (
-    Classifier,
-)
+from finetune.model.backbone import Classifier
+from finetune.run.checkpoint import CheckpointMeta
+from finetune.run.layout import RunDir
 from finetune.strategies.measure import Decision
 from finetune.training.distributed import ALONE, World
 from finetune.training.loop import EpochResult
@@ -51,7 +51,8 @@ class FitContext:
     config: FitConfig  # resolved: lr, epochs, image_size, num_workers and device are set
     device: torch.device
     run_dir: Path
-    describe: dict[str, Any]  # checkpoint description; a strategy may add to it
+    meta: CheckpointMeta  # what the checkpoints say about the model (a strategy's changes
+    # to the model or its training go in a dataclasses.replace'd copy, never into this one)
     verbose: bool
     say: Callable[[str], None]  # prints a line for people (when verbose)
     on_epoch: Callable[[EpochResult], None]
@@ -59,6 +60,11 @@ class FitContext:
     lighting: Lighting | None  # PCA of the training images' colours, for PCA lighting
     resumed: dict[str, Any] | None = None  # last.pt of the run being resumed
     ranks: World = ALONE  # the training processes (torchrun): rank 0 writes
+
+    @property
+    def run(self) -> RunDir:
+        """The run directory's files by name."""
+        return RunDir(self.run_dir)
 
 
 class Strategy(ABC):
@@ -75,8 +81,13 @@ class Strategy(ABC):
         return self, config, None
 
     @abstractmethod
-    def fit(self, ctx: FitContext) -> tuple[Classifier, list[EpochResult]]:
-        """Train ``ctx.model``; return the final model (a probe may cut it) and the history."""
+    def fit(self, ctx: FitContext) -> list[EpochResult]:
+        """Train ``ctx.model`` in place (a probe also cuts its backbone and replaces its head)
+        and write its checkpoints to ``ctx.run_dir``; the history, one result per epoch.
+
+        The model is not returned: ``ctx.model`` is it, and what the run hands on is in the
+        checkpoints (``best.pt`` is what ``fit``'s report and ``finetune.load`` read).
+        """
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

@@ -1,12 +1,14 @@
-"""Moved from finetune/strategies.py."""
+"""The fine-tunes: layer groups from timm's ``group_matcher`` train with learning rates that decay
+from the head down; ``finetune-top`` trains the top groups, ``finetune-all`` every group.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from abc import abstractmethod
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
@@ -24,10 +26,27 @@ from finetune.model.frozen import (
     skip_prefix,
 )
 from finetune.strategies.base import FitContext, Strategy, register
-from finetune.strategies.loaders import _decoded_cache, _frozen_loaders, _frozen_outputs, _loaders
+from finetune.strategies.loaders import (
+    _decoded_cache,
+    _frozen_loaders,
+    _frozen_outputs,
+    _frozen_record,
+    _loaders,
+)
 from finetune.training.compute import keep_freed_memory
-from finetune.training.loop import EpochResult, Recorder, Training, train
-from finetune.training.optim import create_optimizer, create_scheduler, cycle_ends
+from finetune.training.loop import (
+    EpochResult,
+    Recorder,
+    Training,
+    balanced_class_weights,
+    train,
+)
+from finetune.training.optim import (
+    create_optimizer,
+    create_scheduler,
+    cycle_ends,
+    load_optimizer_state,
+)
 
 __all__ = ["FinetuneAll", "FinetuneTop"]
 
@@ -39,7 +58,8 @@ def _lr_groups(
     groups: list[ParamGroup], trainable: int, config: FitConfig, lr: float
 ) -> list[dict[str, Any]]:
     """The head at ``lr``; the top ``trainable`` backbone groups at lr * backbone_lr_scale *
-    layer_decay^depth; the rest frozen."""
+    layer_decay^depth; the rest frozen. Each group says which of its parameters weight decay
+    skips ("no_decay", the model's rule; see create_optimizer)."""
     *body, head = groups
     trainable = min(trainable, len(body))
     for group in body[: len(body) - trainable]:
@@ -48,8 +68,12 @@ def _lr_groups(
     out = []
     for depth, group in enumerate(reversed(body[len(body) - trainable :])):
         scale = config.backbone_lr_scale * config.layer_decay**depth
-        out.append({"name": group.name, "params": group.params, "lr": lr * scale})
-    return [*reversed(out), {"name": head.name, "params": head.params, "lr": lr}]
+        out.append(_optimizer_group(group, lr * scale))
+    return [*reversed(out), _optimizer_group(head, lr)]
+
+
+def _optimizer_group(group: ParamGroup, lr: float) -> dict[str, Any]:
+    return {"name": group.name, "params": group.params, "lr": lr, "no_decay": group.no_decay}
 
 
 class _FineTune(Strategy):
@@ -68,7 +92,7 @@ class _FineTune(Strategy):
     def before_epoch(self, model: Classifier, config: FitConfig, epoch: int) -> None:
         """Hook run before each epoch (e.g. unfreeze after a warm-up)."""
 
-    def fit(self, ctx: FitContext) -> tuple[Classifier, list[EpochResult]]:
+    def fit(self, ctx: FitContext) -> list[EpochResult]:
         model, config = ctx.model, ctx.config
         groups = self.param_groups(model, config, config.lr)
         trainable = sum(p.numel() for g in groups for p in g["params"] if p.requires_grad)
@@ -91,11 +115,13 @@ class _FineTune(Strategy):
         cache = _decoded_cache(ctx)
         frozen = _frozen_outputs(ctx, cache, self.fixed_frozen)
         view = None  # what runs on the loaders' tensors: the model, or its part above the cache
+        meta = ctx.meta  # what the checkpoints say about the model and how it trained
         if frozen is None:
             train_loader, val_loader = _loaders(ctx, cache)
         else:
             train_loader, val_loader = _frozen_loaders(ctx, frozen)
             view = functools.partial(skip_prefix, prefix=frozen.prefix)
+            meta = dataclasses.replace(meta, frozen=_frozen_record(frozen))
         optimizer = create_optimizer(groups, config)
         scheduler = create_scheduler(optimizer, config, len(train_loader))
         ema = None
@@ -103,8 +129,9 @@ class _FineTune(Strategy):
             ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True, device=ctx.device)
         first_epoch = 1
         if ctx.resumed is not None:
-            optimizer.load_state_dict(ctx.resumed["optimizer"])
-            scheduler.load_state_dict(ctx.resumed["scheduler"])
+            load_optimizer_state(
+                optimizer, scheduler, ctx.resumed["optimizer"], ctx.resumed["scheduler"], model
+            )
             torch.set_rng_state(ctx.resumed["torch_rng"])
             if ema is not None:
                 ema.module.load_state_dict(ctx.resumed["ema_state_dict"])
@@ -146,22 +173,20 @@ class _FineTune(Strategy):
             channels_last=bool(config.channels_last),
             view=view,
         )
-        history = train(
+        return train(
             model,
             training,
-            Recorder(ctx.run_dir, ctx.describe, ctx.resumed, write=ctx.ranks.main),
+            Recorder(ctx.run_dir, meta, ctx.resumed, write=ctx.ranks.main),
             progress=ctx.verbose,
             on_epoch=ctx.on_epoch,
             first_epoch=first_epoch,
         )
-        return model, history
 
 
 def _class_weights(ctx: FitContext) -> torch.Tensor:
     """Each class's loss weighted by 1/frequency (scikit-learn's "balanced")."""
-    counts = np.bincount([s.label for s in ctx.split.train], minlength=len(ctx.split.classes))
-    weights = len(ctx.split.train) / (len(counts) * np.maximum(counts, 1))
-    return torch.tensor(weights, dtype=torch.float32, device=ctx.device)
+    labels = [s.label for s in ctx.split.train]
+    return balanced_class_weights(labels, len(ctx.split.classes), ctx.device)
 
 
 def _describe_compute(config: FitConfig) -> str:

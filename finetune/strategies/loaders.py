@@ -1,4 +1,6 @@
-"""Moved from finetune/strategies.py."""
+"""The DataLoaders of a fine-tune: decoded-image cache, frozen-layer outputs when finetune-top can
+use them, seeded batch order (the same batches on resume and across torchrun ranks).
+"""
 
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from finetune.model.frozen import (
     run_prefix,
     view_agrees,
 )
+from finetune.run.checkpoint import FrozenRecord
 from finetune.strategies.base import FitContext
 from finetune.training.distributed import ALONE, World
 
@@ -124,8 +127,13 @@ def _frozen_outputs(
         f"{outputs.seconds:.1f} s, {describe_size(outputs.nbytes)} in memory; training starts "
         f"at {prefix.first_trained}"
     )
-    ctx.describe["frozen"] = {"skipped": list(prefix.skipped), "views": views}
     return outputs
+
+
+def _frozen_record(frozen: FrozenOutputs) -> FrozenRecord:
+    """What the checkpoints record of the frozen layers computed once."""
+    views = frozen.train.shape[1]  # (training images, views, ...)
+    return FrozenRecord(skipped=tuple(frozen.prefix.skipped), views=views)
 
 
 def _frozen_off(ctx: FitContext, reason: str) -> None:
@@ -282,7 +290,7 @@ class _BatchSeeded(Dataset):
         return len(self.dataset)
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
-        self.dataset.transform.set_random_seed(keys[0][1])  # ~0.1 ms, once per batch
+        self.dataset.transform.set_random_seed(keys[0][1])  # a seed, not a new pipeline
         return [self.dataset[index] for index, _ in keys]
 
     def __getitem__(self, key: tuple[int, int]) -> Any:

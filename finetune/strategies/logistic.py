@@ -2,21 +2,21 @@
 
 scikit-learn's L-BFGS logistic regression is fitted on standardised features for each inverse
 regularisation strength C of a log grid; stratified k-fold cross-validation on the training set
-picks C. The standardisation is then folded into the weights, so the result is one plain
-``nn.Linear`` on the raw features.
+(scikit-learn's ``LogisticRegressionCV``) picks C. The standardisation is then folded into the
+weights, so the result is one plain ``nn.Linear`` on the raw features.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from joblib import parallel_config
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 from torch import nn
@@ -56,7 +56,6 @@ def _model(C: float, seed: int, balanced: bool = False) -> LogisticRegression:
         max_iter=300,
         tol=1e-3,
         random_state=seed,
-        warm_start=True,
         class_weight="balanced" if balanced else None,
     )
 
@@ -85,29 +84,32 @@ def fit_probe(
     smallest = int(np.unique(labels, return_counts=True)[1].min()) if len(labels) else 0
     k = max(2, min(folds, smallest))
     grid = tuple(sorted(grid))
-    cv_by_C: dict[float, list[float]] = {C: [] for C in grid}
-
-    def path(train: np.ndarray, test: np.ndarray) -> list[float]:
-        # One regularisation path per fold, weakest C first, each fit warm-started from the
-        # last: a fraction of the iterations of independent fits.
-        clf = _model(grid[0], seed, balanced)
-        scores = []
-        for C in grid:
-            clf.set_params(C=C).fit(x[train], labels[train])
-            scores.append(float(clf.score(x[test], labels[test])))
-        return scores
-
-    # Single-threaded BLAS is several times faster on these small, thin matrices than BLAS
-    # spreading each product over the cores; the folds run side by side on the cores instead.
-    with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"):
+    scores = dict.fromkeys(grid, float("nan"))
+    # Spreading each product of these small, thin matrices over the cores costs more than it
+    # saves, so BLAS runs single-threaded and the folds run side by side in threads instead
+    # (benchmarks/probe_speed.py measures it; docs/speed.md).
+    # LogisticRegressionCV runs one warm-started regularisation path per fold (weakest C first);
+    # the final fit is made here, so that ties between Cs go to the C nearest 1.
+    with (
+        warnings.catch_warnings(),
+        threadpool_limits(1, user_api="blas"),
+        parallel_config(backend="threading", n_jobs=min(k, os.cpu_count() or 1)),
+    ):
         warnings.simplefilter("ignore", ConvergenceWarning)  # a capped iteration count is fine
         if smallest >= 2:
-            splits = StratifiedKFold(k, shuffle=True, random_state=seed).split(x, labels)
-            with ThreadPoolExecutor(min(k, os.cpu_count() or 1)) as pool:
-                for fold in pool.map(lambda s: path(*s), splits):
-                    for C, score in zip(grid, fold, strict=True):
-                        cv_by_C[C].append(score)
-        scores = {C: float(np.mean(v)) if v else float("nan") for C, v in cv_by_C.items()}
+            cv = LogisticRegressionCV(
+                Cs=list(grid),
+                l1_ratios=(0.0,),
+                cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                scoring="accuracy",
+                refit=False,
+                max_iter=300,
+                tol=1e-3,
+                random_state=seed,
+                class_weight="balanced" if balanced else None,
+                use_legacy_attributes=False,
+            ).fit(x, labels)
+            scores = dict(zip(grid, cv.scores_.mean(axis=0)[0].tolist(), strict=True))
         best_C = max(grid, key=lambda c: (np.nan_to_num(scores[c], nan=-1.0), -abs(np.log10(c))))
         clf = _model(best_C, seed, balanced).fit(x, labels)
     coef = np.zeros((num_classes, x.shape[1]))

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.config import CPU_BUDGET_SECONDS  # torch-free there: --time-budget's help
 from finetune.data.loaders import ImageDataset, collate_skipping_failed
 from finetune.data.scan import DatasetSplit
 from finetune.data.transforms import Preprocessing, choose_image_size, eval_transform
@@ -55,7 +56,6 @@ __all__ = [
 
 SIMILAR_BELOW = 0.15  # BatchNorm shift under which images count as similar to ImageNet
 LOTS_PER_CLASS = 200  # median training images per class from which there is "a lot of data"
-CPU_BUDGET_SECONDS = 300.0  # on a CPU, auto sizes a fine-tune to take about this long
 MIN_FINETUNE_EPOCHS = 8  # fewer fit the CPU budget: the probe of the same row instead
 _CPU_SIZES = (224, 192, 160, 128, 96, 64)  # sizes auto may step down through on a CPU
 
@@ -145,8 +145,9 @@ def time_per_image(
     channels_last: bool = False,
 ) -> float:
     """Seconds per image of a forward (and backward, if ``train``) pass, timed here, in the
-    memory layout the run will use (channels_last steps are 1.8x faster on a CPU at 224 px:
-    see ``compute.resolve_channels_last``)."""
+    memory layout the run will use: the layout changes a step's time a lot on a CPU (see
+    ``compute.resolve_channels_last``; docs/speed.md has the numbers), so timing another layout
+    would mis-size the run."""
     probe = copy.deepcopy(model).to(device)
     probe.train(train)
     x = torch.randn(batch, 3, size, size, device=device)

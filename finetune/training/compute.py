@@ -13,7 +13,8 @@ was used:
 - ``auto_batch_size``: on CUDA, the largest batch, doubling from ``batch_size``, whose training
   step fits in the GPU's memory (:func:`largest_batch` with :func:`cuda_step_fits`).
 - On a CPU, :func:`keep_freed_memory` stops glibc from handing the activations' memory back to
-  the operating system after every step (up to twice as fast at 224 px).
+  the operating system after every step, so the next step reuses it instead of faulting it in
+  again (the gain is measured in docs/speed.md).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.config import MAX_AUTO_BATCH  # torch-free there: --auto-batch-size's help
 from finetune.errors import ConfigError
 
 __all__ = [
@@ -42,7 +44,6 @@ __all__ = [
     "resolve_precision",
 ]
 
-MAX_AUTO_BATCH = 1024  # auto_batch_size never goes above this many images per step
 # auto_batch_size: a batch fits when its step's peak memory stays below this share of the GPU;
 # the rest is for what the probe step leaves out (optimizer state, the weight average,
 # torch.compile's buffers) and for fragmentation.
@@ -57,10 +58,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     """``"fp32"`` or ``"bf16"``: what ``requested`` ("auto", "fp32", "bf16") means on ``device``.
 
     On a CPU, bf16 pays only on large inputs and only where the CPU has bfloat16 instructions
-    (most have none, and emulate it slowly). On this project's 2-core AMD EPYC (Zen 4,
-    AVX512-BF16), a tf_efficientnet_lite0 training step (batch 32, channels_last, median of 3-4)
-    took, fp32 against bf16: 79 / 140 ms at 32 px, 138 / 234 ms at 64 px, 617 / 624 ms at
-    128 px, 2050 / 1559 ms at 224 px. So auto means fp32 on a CPU; bf16 is there on request.
+    (most have none, and emulate it slowly): even on a CPU that has them it was slower than fp32
+    up to 128 px (docs/speed.md, "Measurements behind the defaults"). So auto means fp32 on a
+    CPU; bf16 is there on request.
 
     Raises:
         ConfigError: bf16 asked for on a CUDA GPU without bfloat16 support.
@@ -88,10 +88,8 @@ def resolve_channels_last(requested: bool | None, device: torch.device) -> bool:
     """Whether the model and its inputs use the NHWC layout (``requested``, when given).
 
     On CUDA, NHWC is the layout the tensor cores' convolutions run in. On a CPU, oneDNN's
-    convolutions prefer it too: on this project's 2-core AMD EPYC a tf_efficientnet_lite0
-    training step (batch 32, fp32, median of 3-4) took, contiguous against channels_last,
-    164 / 79 ms at 32 px, 223 / 138 ms at 64 px, 775 / 617 ms at 128 px and 3788 / 2050 ms at
-    224 px: faster at every size, so None means on, on both.
+    convolutions prefer it too: a training step was faster in NHWC at every image size measured
+    (docs/speed.md, "Measurements behind the defaults"), so None means on, on both.
     """
     if requested is not None:
         return requested
@@ -197,9 +195,9 @@ def keep_freed_memory() -> bool:
     ``mmap`` and unmaps them when freed, and trims the heap when 128 kB are free at its top,
     so the next step takes a page fault, and a zeroed page from the kernel, for every 4 kB of
     activations again. Raising both thresholds to :data:`KEEP_FREED_BYTES` lets the steps
-    reuse the same memory. ``benchmarks/cpu_settings.py`` on this project's 2 cores
-    (tf_efficientnet_lite0, channels_last, batch 32, training steps): 44.8 -> 67.1 img/s at
-    128 px and 12.1 -> 25.3 at 224 px (no gain at 64 px), peak resident memory 2-7% higher.
+    reuse the same memory. The gain grows with the activations (none at 64 px, the most at
+    224 px) for a few per cent more peak memory: ``benchmarks/cpu_settings.py`` measures it, and
+    docs/speed.md has its numbers.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -8,6 +8,11 @@ when the average's did, ``snapshot-K.pt`` at the end of each LR cycle. Callers o
 through ``on_epoch``. The loop watches the train/val gap (:func:`overfitting`) and stops early
 after ``patience`` epochs without a better validation accuracy.
 
+One step: :class:`TrainStep` trains on one batch (forward, loss, backward, optimizer, scheduler
+and average) and calls its hooks (:class:`StepHook`, at each :class:`Event`) before and after.
+The epochs run it, and so does the LR range test (:mod:`finetune.training.lr_range`, a hook), so
+the learning rate it suggests was measured under the precision, layout and loss of the run.
+
 Faults: a non-finite loss (or non-finite weights after an epoch) abandons the epoch, restores the
 weights, optimizer, scheduler and average of the last good epoch and halves every learning rate,
 at most :data:`MAX_RETRIES` times; nothing non-finite is ever written. SIGINT (Ctrl-C) and
@@ -31,17 +36,20 @@ from __future__ import annotations
 
 import copy
 import csv
+import enum
+import io
 import math
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
@@ -50,8 +58,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune.errors import TrainingError
+from finetune.files import atomic_write
 from finetune.model.backbone import set_train_mode
-from finetune.run.checkpoint import save_checkpoint
+from finetune.run.checkpoint import CheckpointMeta, save_checkpoint
+from finetune.run.layout import RunDir
 from finetune.training.distributed import ALONE, World
 
 __all__ = [
@@ -60,8 +70,13 @@ __all__ = [
     "OVERFIT_WINDOW",
     "SYNC_EVERY",
     "EpochResult",
+    "Event",
     "Recorder",
+    "StepHook",
+    "StepOutput",
+    "TrainStep",
     "Training",
+    "balanced_class_weights",
     "evaluate",
     "overfitting",
     "read_metrics",
@@ -173,6 +188,123 @@ def _batches(loader: DataLoader, device: torch.device, channels_last: bool = Fal
                labels.to(device, non_blocking=True))  # fmt: skip
 
 
+def balanced_class_weights(
+    labels: Sequence[int], num_classes: int, device: torch.device
+) -> torch.Tensor:
+    """Each class's loss weight, 1 / its frequency in ``labels`` (scikit-learn's "balanced"):
+    what ``balance="weighted-loss"`` gives the loss, so that rare classes count as much.
+
+    scikit-learn refuses a class with no training images; such a class gets the weight of a
+    class with one image, and the present classes' weights are rescaled by present / all
+    classes, so every weight is ``len(labels) / (num_classes * count)`` as before.
+    """
+    from sklearn.utils.class_weight import compute_class_weight  # slow to import; rarely used
+
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    weights = np.full(num_classes, len(labels) / num_classes, dtype=np.float64)
+    weights[present] = (
+        compute_class_weight("balanced", classes=present, y=labels) * len(present) / num_classes
+    )
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+class Event(enum.Enum):
+    """When :class:`TrainStep` calls its hooks. An enum, so a misspelt event is an
+    ``AttributeError`` instead of a hook that silently never runs."""
+
+    BEFORE_STEP = "before_step"  # the batch is on the device, nothing computed: set LRs here
+    AFTER_STEP = "after_step"  # the optimizer and scheduler have stepped: the loss is known
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one training step computed, detached (holding it keeps no graph alive)."""
+
+    loss: torch.Tensor  # the batch's mean loss, float32 on the device: reading it waits for it
+    logits: torch.Tensor  # float32
+    lr: float  # the learning rate of the last (head) group that this step used
+
+
+class StepHook(Protocol):
+    """Code run around every :class:`TrainStep`, as a callback on fastai's single loop is: the
+    LR range test (:class:`finetune.training.lr_range.LRFinder`) is one."""
+
+    def __call__(self, event: Event, step: TrainStep, out: StepOutput | None) -> bool:
+        """React to ``event`` (``out`` is None before the step); True asks whoever drives the
+        steps to stop after this one (``step.stopped`` becomes True)."""
+        ...
+
+
+@dataclass
+class TrainStep:
+    """One optimizer step on one batch: the only code that computes a training loss. ``fit``'s
+    epochs (:func:`train`) and ``lr_find``'s range test both run it, so the range test measures
+    the loss under the numerics the run trains with.
+
+    With ``bf16`` the forward pass and the loss run under bfloat16 autocast (weights, gradients
+    and optimizer state stay float32, so no loss scaling is needed). The loss is cross-entropy
+    with the run's class weights and label smoothing; then come backward, the optimizer step, the
+    scheduler step and the moving average's update. A non-finite loss is not acted on here, as
+    looking at it would wait for the device: ``finite`` keeps the record on the device, and
+    whoever drives the steps decides (the epoch loop restarts the epoch; the range test stops).
+    """
+
+    model: nn.Module  # the unwrapped model: its train mode, and what the average follows
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    bf16: bool = False  # forward and loss under bfloat16 autocast
+    channels_last: bool = False  # batches() in NHWC layout (the model converted by the caller)
+    class_weights: torch.Tensor | None = None  # per-class loss weights (imbalanced classes)
+    label_smoothing: float = 0.0
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after each step
+    ema: ModelEmaV3 | None = None  # moving average of the weights, updated after each step
+    # What runs forward: DistributedDataParallel, torch.compile or a view around the model
+    # (see Training.wrapped); None: the model itself.
+    net: nn.Module | None = None
+    hooks: Sequence[StepHook] = ()
+    steps: int = 0  # optimizer steps so far: the average's warm-up counts them
+    stopped: bool = False  # a hook asked to stop
+    finite: torch.Tensor = field(init=False)  # every loss so far was finite (on the device)
+
+    def __post_init__(self) -> None:
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def batches(self, loader: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``loader``'s batches on the device, in this step's layout (empty ones skipped)."""
+        return _batches(loader, self.device, self.channels_last)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        """Train on one batch (from :meth:`batches`); its loss, logits and learning rate."""
+        self._fire(Event.BEFORE_STEP, None)
+        # Not `self.net or self.model`: a compiled module's truth value is its len(), which a
+        # model does not have.
+        net = self.net if self.net is not None else self.model
+        with _autocast(self.device, self.bf16):
+            logits = net(images).float()
+            loss = F.cross_entropy(
+                logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[-1]["lr"]  # what this step used
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.steps)
+        loss = loss.detach()
+        self.finite &= torch.isfinite(loss)
+        out = StepOutput(loss=loss, logits=logits.detach(), lr=lr)
+        self._fire(Event.AFTER_STEP, out)
+        return out
+
+    def _fire(self, event: Event, out: StepOutput | None) -> None:
+        asks = [hook(event, self, out) for hook in self.hooks]  # every hook runs, whatever
+        self.stopped = self.stopped or any(asks)
+
+
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
@@ -221,7 +353,7 @@ class Recorder:
 
     Args:
         run_dir: The run directory.
-        describe: What the checkpoints say about the model besides its weights (model spec,
+        meta: What the checkpoints say about the model besides its weights (model spec,
             classes, preprocessing, config, strategy); see :mod:`finetune.run.checkpoint`.
         resumed: ``last.pt`` of the run being resumed: its rows of metrics.csv are kept (any
             later ones dropped) and its best scores carry on.
@@ -232,16 +364,17 @@ class Recorder:
     def __init__(
         self,
         run_dir: Path,
-        describe: dict[str, Any],
+        meta: CheckpointMeta,
         resumed: dict[str, Any] | None = None,
         write: bool = True,
     ) -> None:
         self.run_dir = run_dir
-        self.describe = describe
+        self.run = RunDir(run_dir)
+        self.meta = meta
         self.write = write
         self.best_acc, self.best_loss, self.best_epoch = -1.0, math.inf, 0
         self.ema_best_acc, self.ema_best_loss = -1.0, math.inf
-        self.metrics_path = run_dir / "metrics.csv"
+        self.metrics_path = self.run.metrics
         self.history: list[EpochResult] = []
         if resumed is not None:  # keep the rows of the epochs last.pt holds, drop any later
             self.history = [
@@ -252,12 +385,17 @@ class Recorder:
             self.best_epoch = max((r.epoch for r in self.history if r.best), default=0)
             self.ema_best_acc = float(resumed.get("ema_best_metric", -1.0))
             self.ema_best_loss = float(resumed.get("ema_best_loss", math.inf))
-        if not write:
-            return
-        with self.metrics_path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([f.name for f in fields(EpochResult)])
-            writer.writerows(asdict(r).values() for r in self.history)
+        if write:
+            self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        """metrics.csv, whole: rewritten atomically each epoch (a few rows), so a run killed
+        mid-write keeps the rows of its finished epochs."""
+        text = io.StringIO()  # csv's own line ends ("\r\n"), as the file always had
+        writer = csv.writer(text)
+        writer.writerow([f.name for f in fields(EpochResult)])
+        writer.writerows(asdict(r).values() for r in self.history)
+        atomic_write(self.metrics_path, text.getvalue())
 
     def is_best(self, val_acc: float, val_loss: float) -> bool:
         """Would this epoch beat every earlier one (accuracy first, then loss)?"""
@@ -288,10 +426,9 @@ class Recorder:
         self.history.append(result)
         if not self.write:
             return
-        with self.metrics_path.open("a", newline="") as f:
-            csv.writer(f).writerow(asdict(result).values())
+        self._write_metrics()
         state = {
-            **self.describe,
+            **self.meta.to_dict(),
             "epoch": result.epoch,
             "metrics": asdict(result),
             "best_metric": self.best_acc,
@@ -299,24 +436,22 @@ class Recorder:
             "state_dict": _plain(model),
         }
         if result.best:
-            save_checkpoint(self.run_dir / "best.pt", state)
+            save_checkpoint(self.run.best, state)
         if ema_model is not None and result.ema_best:
             save_checkpoint(
-                self.run_dir / "ema.pt",
+                self.run.ema,
                 {**state, "weights": "ema", "best_metric": self.ema_best_acc,
                  "best_loss": self.ema_best_loss, "state_dict": _plain(ema_model)},
             )  # fmt: skip
         if snapshot is not None:
-            save_checkpoint(
-                self.run_dir / f"snapshot-{snapshot}.pt", {**state, "snapshot": snapshot}
-            )
+            save_checkpoint(self.run.snapshot(snapshot), {**state, "snapshot": snapshot})
         resume = {
             "ema_best_metric": self.ema_best_acc,
             "ema_best_loss": self.ema_best_loss,
             **({"ema_state_dict": _plain(ema_model)} if ema_model is not None else {}),
             **(resume_state or {}),
         }
-        save_checkpoint(self.run_dir / "last.pt", {**state, **resume})
+        save_checkpoint(self.run.last, {**state, **resume})
 
 
 def _plain(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -407,7 +542,7 @@ def train(
                     raise TrainingError(
                         f"The loss became NaN or infinite in epoch {epoch} even after halving "
                         f"the learning rate {MAX_RETRIES} times. Nothing non-finite was saved; "
-                        f"{recorder.run_dir / 'last.pt'} holds the last good epoch. Try a lower "
+                        f"{recorder.run.last} holds the last good epoch. Try a lower "
                         "--lr, or check the images for extreme values."
                     )
                 _restore(model, t, good)
@@ -472,9 +607,10 @@ def _restore(model: nn.Module, t: Training, good: dict[str, Any]) -> None:
 
 
 def _interrupted(signal_name: str, run_dir: Path, epoch: int) -> str:
-    if (run_dir / "last.pt").is_file():
+    last = RunDir(run_dir).last
+    if last.is_file():
         return (
-            f"Stopped by {signal_name} during epoch {epoch}; {run_dir / 'last.pt'} holds epoch "
+            f"Stopped by {signal_name} during epoch {epoch}; {last} holds epoch "
             f"{epoch - 1}. Continue with: finetune fit --resume {run_dir}"
         )
     return f"Stopped by {signal_name} during epoch {epoch}, before any epoch was saved."
@@ -496,50 +632,38 @@ def _epoch(
     if t.before_epoch is not None:
         t.before_epoch(epoch)
     set_train_mode(model)
-    # DistributedDataParallel averages the gradients over the ranks. (Not `t.wrapped or model`:
-    # a compiled module's truth value is its len(), which a model does not have.)
-    net = t.wrapped if t.wrapped is not None else model
-    if net is not model:  # a view's containers are copies: their modes follow the model's here
-        set_train_mode(net)
+    # net=t.wrapped: DistributedDataParallel, there, averages the gradients over the ranks.
+    run = TrainStep(
+        model, t.optimizer, t.device, bf16=t.bf16, channels_last=t.channels_last,
+        class_weights=t.class_weights, label_smoothing=t.label_smoothing,
+        scheduler=t.scheduler, ema=t.ema, net=t.wrapped,
+        steps=t.scheduler.last_epoch,  # optimizer steps so far (the scheduler counts them)
+    )  # fmt: skip
+    if t.wrapped is not None:  # a view's containers are copies: their modes follow the model's
+        set_train_mode(t.wrapped)
     total_loss, correct, seen = _zero(t.device), _zero(t.device), 0  # sums stay on the device
-    finite = torch.ones((), dtype=torch.bool, device=t.device)  # every loss so far was finite
     lr = t.optimizer.param_groups[-1]["lr"]
-    step = t.scheduler.last_epoch  # optimizer steps so far (the scheduler counts them)
     bar = tqdm(total=len(t.train_loader), desc=f"epoch {epoch}/{t.epochs}", unit="batch",
                leave=False, disable=None if progress else True)  # fmt: skip
     try:
-        batches = _batches(t.train_loader, t.device, t.channels_last)
-        for n, (images, labels) in enumerate(batches, start=1):
+        for n, (images, labels) in enumerate(run.batches(t.train_loader), start=1):
             if stop and not t.ranks.distributed:  # alone, a stop costs no sync to see
                 return None
-            with _autocast(t.device, t.bf16):
-                logits = net(images).float()
-                loss = F.cross_entropy(
-                    logits, labels, weight=t.class_weights, label_smoothing=t.label_smoothing
-                )
-            t.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            t.optimizer.step()
-            lr = t.optimizer.param_groups[-1]["lr"]  # what this step used
-            t.scheduler.step()
-            step += 1
-            if t.ema is not None:
-                t.ema.update(model, step=step)
-            loss = loss.detach()
-            finite &= torch.isfinite(loss)
-            total_loss += loss.double() * labels.numel()
-            correct += (logits.detach().argmax(1) == labels).sum()
+            out = run(images, labels)
+            lr = out.lr
+            total_loss += out.loss.double() * labels.numel()
+            correct += (out.logits.argmax(1) == labels).sum()
             seen += labels.numel()
             bar.update()
             if n % t.sync_every == 0:  # every rank has as many batches: all reach this together
-                if _abandon(t, stop, finite):
+                if _abandon(t, stop, run.finite):
                     return None
                 if not bar.disable:
                     sums = torch.stack([total_loss, correct]).tolist()
                     bar.set_postfix(loss=f"{sums[0] / seen:.3f}", acc=f"{sums[1] / seen:.3f}")
     finally:
         bar.close()
-    if _abandon(t, stop, finite, model):
+    if _abandon(t, stop, run.finite, model):
         return None
     total_loss, correct, seen = t.ranks.sum(
         [*torch.stack([total_loss, correct]).tolist(), float(seen)], t.device

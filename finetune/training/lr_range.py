@@ -2,9 +2,14 @@
 
 Train for a few dozen steps while the LR grows exponentially from ``start_lr`` to ``end_lr``,
 recording the loss. The loss first stays flat (LR too small to matter), then falls, then
-explodes; a good LR lies on the falling slope. :func:`find_lr` runs the test on a model and its
-optimizer groups; ``finetune.lr_find`` (in :mod:`finetune.pipeline`) prepares them as ``fit`` would.
-(This module is not called ``lr_find`` so that importing it never hides that function.)
+explodes; a good LR lies on the falling slope. The test is a hook on the training step, as
+fastai's ``LRFinder`` is a callback on its one loop: :class:`LRFinder` sets the LRs before each
+:class:`~finetune.training.loop.TrainStep` and records the loss after it, so the loss it sees is
+the one ``fit`` trains on (same precision, layout, class weights and label smoothing).
+:func:`find_lr` drives the steps; ``finetune.lr_find`` (in :mod:`finetune.pipeline`) builds the
+model, optimizer groups, loader and step as ``fit`` would. (This module is not called
+``lr_find`` so that importing it never hides that function.)
+
 The suggestion is the LR of the lowest smoothed loss divided by 10, the rule of Smith and of
 fastai's ``minimum`` (at the minimum the LR is already too large to train with); the steepest
 descent of the loss is reported beside it.
@@ -14,24 +19,27 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from finetune.errors import ConfigError, DataError, TrainingError
+from finetune.files import atomic_write
 from finetune.model.backbone import set_train_mode
+from finetune.training.loop import Event, StepOutput, TrainStep
 
-__all__ = ["LRFinding", "find_lr", "plot_lr_finding"]
+__all__ = ["MIN_STEPS", "LRFinder", "LRFinding", "check_range", "find_lr", "plot_lr_finding"]
 
 SMOOTHING = 0.98  # exponential smoothing of the recorded loss (with bias correction)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
+MIN_STEPS = 10  # fewer steps than this draw no curve to read a learning rate from
+MIN_RECORDED = 3  # losses needed before the divergence, for a minimum and a slope
 
 
 @dataclass(frozen=True)
@@ -63,70 +71,175 @@ class LRFinding:
         }
 
 
+def check_range(start_lr: float, end_lr: float, steps: int) -> None:
+    """Refuse a range test that cannot work, before anything is built for it.
+
+    Raises:
+        ConfigError: ``steps`` below :data:`MIN_STEPS`, or the LRs not ``0 < start < end``
+            (finite).
+    """
+    if steps < MIN_STEPS:
+        raise ConfigError(
+            f"steps={steps} (--steps) is too few for a range test: it needs at least "
+            f"{MIN_STEPS} steps to draw a loss curve; 100 is the usual."
+        )
+    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
+        if not (math.isfinite(value) and value > 0):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{name}={value:g} ({flag}) must be a positive number: the LR grows "
+                "exponentially between them (the defaults are 1e-7 and 10)."
+            )
+    if start_lr >= end_lr:
+        raise ConfigError(
+            f"start_lr={start_lr:g} (--start-lr) must be below end_lr={end_lr:g} (--end-lr): "
+            "the LR grows from the start to the end; swap them, or e.g. --start-lr 1e-7 "
+            "--end-lr 10."
+        )
+
+
+class LRFinder:
+    """The range test as a hook on :class:`~finetune.training.loop.TrainStep`.
+
+    Before each step it sets every optimizer group's LR on the exponential ramp, keeping the
+    group's ratio to the last (head) group's LR as the strategy set it; after each step it
+    records the smoothed loss and asks to stop once ``steps`` LRs are tried, or the loss is
+    non-finite or above :data:`DIVERGED` times its minimum.
+
+    Args:
+        optimizer: The optimizer the steps use; its groups' LRs give the ratios.
+        start_lr: The head LR of the first step.
+        end_lr: The head LR of step ``steps``.
+        steps: How many steps the ramp takes.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, start_lr: float, end_lr: float, steps: int
+    ) -> None:
+        check_range(start_lr, end_lr, steps)
+        head_lr = optimizer.param_groups[-1]["lr"]
+        if not head_lr > 0:
+            raise ConfigError(
+                f"The optimizer's last (head) group has lr {head_lr:g}; the range test keeps "
+                "the other groups' ratios to it, so it must be positive (--lr)."
+            )
+        self.ratios = [group["lr"] / head_lr for group in optimizer.param_groups]
+        self.start_lr, self.end_lr, self.steps = start_lr, end_lr, steps
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.diverged = False
+        self._average, self._best = 0.0, math.inf
+
+    def lr(self, step: int) -> float:
+        """The head LR of step ``step`` (0-based) on the exponential ramp."""
+        return self.start_lr * (self.end_lr / self.start_lr) ** (step / max(1, self.steps - 1))
+
+    def __call__(self, event: Event, step: TrainStep, out: StepOutput | None) -> bool:
+        """Set the LRs before a step; record its loss after it. True: the test is over."""
+        if event is Event.BEFORE_STEP:
+            lr = self.lr(len(self.lrs))
+            for group, ratio in zip(step.optimizer.param_groups, self.ratios, strict=True):
+                group["lr"] = lr * ratio
+            return False
+        loss = out.loss.item()  # the range test waits for every step: it reads every loss
+        if not math.isfinite(loss):
+            self.diverged = True
+            return True
+        lr = self.lr(len(self.lrs))
+        self._average = SMOOTHING * self._average + (1 - SMOOTHING) * loss
+        smoothed = self._average / (1 - SMOOTHING ** (len(self.lrs) + 1))
+        self.lrs.append(lr)
+        self.losses.append(smoothed)
+        self._best = min(self._best, smoothed)
+        if len(self.lrs) > 6 and smoothed > DIVERGED * self._best:
+            self.diverged = True
+            return True
+        return len(self.lrs) >= self.steps
+
+    def finding(self) -> LRFinding:
+        """The result of the steps so far.
+
+        Raises:
+            TrainingError: Fewer than :data:`MIN_RECORDED` finite losses: the loss diverged
+                at once.
+        """
+        if len(self.lrs) < MIN_RECORDED:
+            raise TrainingError(
+                f"The loss diverged within {MIN_RECORDED} steps of the range test, at head LR "
+                f"{self.lr(len(self.lrs)):.1e}: start_lr={self.start_lr:g} (--start-lr) is "
+                "already too large. Give a smaller one, e.g. --start-lr 1e-7."
+            )
+        return LRFinding(
+            lrs=tuple(self.lrs),
+            losses=tuple(self.losses),
+            minimum=self.lrs[int(np.argmin(self.losses))],
+            steepest=_steepest(self.lrs, self.losses),
+            diverged=self.diverged,
+        )
+
+
 def find_lr(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    step: TrainStep,
     loader: DataLoader,
-    device: torch.device,
     *,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
     steps: int = 100,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    reseed: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> LRFinding:
-    """Run the range test. ``optimizer``'s groups keep the ratio of their LRs to the last
-    (head) group's; the head's goes from ``start_lr`` to ``end_lr`` over ``steps`` steps
-    (cycling through ``loader`` as often as needed). The model's weights are changed: pass a
-    model you will not train further (``finetune.lr_find`` builds a fresh one).
+    """Run the range test through ``step``, ``fit``'s training step, with an
+    :class:`LRFinder` hooked on it: the head LR goes from ``start_lr`` to ``end_lr`` over
+    ``steps`` steps (cycling through ``loader`` as often as needed), every other group keeping
+    its ratio to it. The model's weights are changed: pass a model you will not train further
+    (``finetune.lr_find`` builds a fresh one).
+
+    Args:
+        step: The training step, as ``fit`` would run it; the finder is added to its hooks.
+        loader: The training batches.
+        reseed: Called with 1, 2, ... before each pass over ``loader`` (each pass then has an
+            order and augmentation of its own, as ``fit``'s epochs do).
+        progress: Show a progress bar (only when stderr is a terminal).
+
+    Raises:
+        ConfigError: ``steps`` below :data:`MIN_STEPS`, or not ``0 < start_lr < end_lr``.
+        DataError: ``loader`` gives no batch (every image failed to decode).
+        TrainingError: The loss diverged within :data:`MIN_RECORDED` steps.
     """
-    if not 0 < start_lr < end_lr:
-        raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr:g} and {end_lr:g}")
-    head_lr = optimizer.param_groups[-1]["lr"]
-    ratios = [g["lr"] / head_lr for g in optimizer.param_groups]
-    set_train_mode(model)
-    lrs: list[float] = []
-    losses: list[float] = []
-    average, best, diverged = 0.0, math.inf, False
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    finder = LRFinder(step.optimizer, start_lr, end_lr, steps)
+    run = replace(step, hooks=(*step.hooks, finder), stopped=False)
+    set_train_mode(run.model)
+    if run.net is not None:  # a view's containers are copies: their modes follow the model's
+        set_train_mode(run.net)
     bar = tqdm(total=steps, desc="lr-find", unit="step", leave=False,
                disable=None if progress else True)  # fmt: skip
     try:
-        for step in range(steps):
-            lr = start_lr * (end_lr / start_lr) ** (step / max(1, steps - 1))
-            for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
-                group["lr"] = lr * ratio
-            batch = next(batches)
-            while batch is None:  # a batch whose images all failed to decode
-                batch = next(batches)
-            images, labels = (t.to(device) for t in batch)
-            loss = loss_fn(model(images), labels)
-            if not torch.isfinite(loss):
-                diverged = True
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            average = SMOOTHING * average + (1 - SMOOTHING) * loss.item()
-            smoothed = average / (1 - SMOOTHING ** (step + 1))
-            lrs.append(lr)
-            losses.append(smoothed)
+        for images, labels in _cycle(run, loader, reseed):
+            run(images, labels)
             bar.update()
-            best = min(best, smoothed)
-            if step > 5 and smoothed > DIVERGED * best:
-                diverged = True
+            if run.stopped:
                 break
     finally:
         bar.close()
-    if len(lrs) < 3:
-        raise ValueError("the loss diverged within 3 steps; lower start_lr")
-    return LRFinding(
-        lrs=tuple(lrs),
-        losses=tuple(losses),
-        minimum=lrs[int(np.argmin(losses))],
-        steepest=_steepest(lrs, losses),
-        diverged=diverged,
-    )
+    return finder.finding()
+
+
+def _cycle(
+    step: TrainStep, loader: DataLoader, reseed: Callable[[int], None] | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``loader``'s batches on the device in ``step``'s layout, pass after pass, for ever."""
+    for number in itertools.count(1):
+        if reseed is not None:
+            reseed(number)
+        empty = True
+        for batch in step.batches(loader):
+            empty = False
+            yield batch
+        if empty:
+            raise DataError(
+                "The training images gave no batch to run the range test on: every one "
+                "failed to decode. `finetune check DATA` lists the unreadable files."
+            )
 
 
 def _steepest(lrs: list[float], losses: list[float]) -> float:
@@ -162,8 +275,6 @@ def plot_lr_finding(finding: LRFinding, out: str | Path, title: str = "") -> Pat
     ax.legend(fontsize=8)
     ax.set_title(title or "learning-rate range test", fontsize=9)
     fig.tight_layout()
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    out = atomic_write(Path(out).expanduser(), lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
     return out
