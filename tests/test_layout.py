@@ -60,11 +60,15 @@ def _imports(tree: ast.AST, modules: set[str]) -> set[str]:
             return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == "finetune")
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.split(".")[0] == "finetune":
-                for alias in node.names:  # `from finetune.data import scan` imports a module
-                    sub = f"{node.module}.{alias.name}"
-                    found.add(sub if sub in modules else node.module)
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.split(".")[0] == "finetune"
+        ):
+            for alias in node.names:  # `from finetune.data import scan` imports a module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules else node.module)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
