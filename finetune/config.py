@@ -1,9 +1,12 @@
 """Configuration of a fit: one frozen dataclass, each setting declared once.
 
 Every :class:`FitConfig` field is one :func:`setting`: its default, its help, its ``--help``
-group and its command-line flag. The CLI options (``finetune.cli.options``) and the comments of
-the recipes ``write_recipe`` writes are generated from that declaration, so they cannot drift
-from it; help texts that mention a default are f-strings over the constants below.
+group, its command-line flag and, for a number, its :class:`Range`. FitConfig checks every field
+against that declaration when it is built, the one check the CLI, recipes and the Python API all
+go through (NaN, infinity and absurd values included). The CLI options
+(``finetune.cli.options``) and the comments of the recipes ``write_recipe`` writes are generated
+from that declaration, so they cannot drift from it; help texts that mention a default are
+f-strings over the constants below.
 
 ``None`` always means "use the default, or let finetune decide"; what was decided is written to
 the run directory (``config.json`` holds the values actually used).
@@ -14,7 +17,11 @@ This module imports neither torch nor click: ``finetune fit --help`` reads it, a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
 import types
+import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -43,11 +50,13 @@ __all__ = [
     "PRECISIONS",
     "PRESET_NAMES",
     "SCHEDULES",
+    "SEED_MAX",
     "SETTINGS",
     "STEP_GAMMA",
     "STRONG_BELOW",
     "TTA_MODES",
     "FitConfig",
+    "Range",
     "Setting",
     "setting",
 ]
@@ -130,6 +139,81 @@ GROUPS = (
 )
 
 
+# The largest seed: numpy's and scikit-learn's seeds are 32-bit unsigned integers.
+SEED_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number setting accepts, declared with it (:func:`setting`'s ``within``).
+
+    :class:`FitConfig` checks every number field against its range in one place, whoever built
+    it (the CLI, a recipe, the Python API, ``config.json`` on resume), and the CLI's ``--help``
+    shows it. NaN and infinity are never in a range: a finite bound on each side keeps absurd
+    values (``--lr 1e30``) out too, where no sensible run needs them. For a pair of numbers
+    (``crop_scale``) the range holds for both, and the first may not exceed the second.
+
+    Attributes:
+        low: The smallest value; ``None``: no lower bound.
+        high: The largest value; ``None``: no upper bound.
+        low_open: ``low`` itself is excluded (``lr`` > 0).
+        high_open: ``high`` itself is excluded (``momentum`` < 1).
+        words: How messages say the range when the notation reads badly ("a positive number
+            of minutes, at most 100000"); ``None``: generated from the bounds.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    words: str | None = None
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            return False
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            return False  # an int is always finite (and math.isfinite overflows on huge ones)
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def notation(self, x: str = "x") -> str:
+        """The range as ``--help`` shows it: ``0 <= x < 1``, ``x >= 0``."""
+        low = f"{_num(self.low)} {'<' if self.low_open else '<='} " if self.low is not None else ""
+        high = (
+            f" {'<' if self.high_open else '<='} {_num(self.high)}" if self.high is not None else ""
+        )
+        if not low and not high:
+            return f"any finite {x}"
+        if not low:
+            return f"{x}{high}"
+        if not high:  # "x >= 0" reads better than "0 <= x"
+            return f"{x} {'>' if self.low_open else '>='} {_num(self.low)}"
+        return f"{low}{x}{high}"
+
+    def describe(self, number: str = "") -> str:
+        """The range as messages say it: ``in [0, 1)``, ``between 1 and 100000``, ``>= 0``
+        (after ``number``, e.g. "a finite number", when only one side is bounded)."""
+        if self.words is not None:
+            return self.words
+        prefix = f"{number} " if number else ""
+        if self.low is not None and self.high is not None:
+            if not self.low_open and not self.high_open:
+                return f"between {_num(self.low)} and {_num(self.high)}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        if self.low is not None:
+            return f"{prefix}{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.high is not None:
+            return f"{prefix}{'<' if self.high_open else '<='} {_num(self.high)}"
+        return number or "a number"
+
+
+def _num(value: float) -> str:
+    """A bound as people write it: ``65536``, ``4294967295``, ``0.5`` (never ``6.5e+04``)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 @dataclass(frozen=True)
 class Setting:
     """What the command line and recipes say about one :class:`FitConfig` field.
@@ -142,6 +226,8 @@ class Setting:
             either; untyped, all leave the field to its default (``None``).
         choices: The values a ``str`` field accepts, shown in ``--help`` as ``[a|b]``.
         metavar: The value's name in ``--help`` (``MINUTES``) instead of its type's.
+        within: The values a number field (or each number of a pair) accepts; ``None`` for
+            fields that are not numbers.
     """
 
     help: str
@@ -149,6 +235,7 @@ class Setting:
     flag: str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    within: Range | None = None
 
 
 def setting(
@@ -159,6 +246,7 @@ def setting(
     flag: str | None = None,
     choices: tuple[str, ...] | None = None,
     metavar: str | None = None,
+    within: Range | None = None,
 ) -> Any:
     """Declare a :class:`FitConfig` field with everything the CLI and recipes need to know.
 
@@ -169,6 +257,7 @@ def setting(
         flag: The option; ``None``: ``--`` and the field's name with ``-`` for ``_``.
         choices: The accepted values of a ``str`` field.
         metavar: The value's name in ``--help``.
+        within: The values a number field accepts (every number field declares one).
 
     Returns:
         A :func:`dataclasses.field` whose ``metadata["setting"]`` is a :class:`Setting` (its
@@ -182,7 +271,9 @@ def setting(
         raise ValueError(f"Unknown settings group {group!r}; choose one of {', '.join(GROUPS)}.")
     if not help.strip():
         raise ValueError("Every setting needs a help text.")
-    meta = Setting(help=help, group=group, flag=flag or "", choices=choices, metavar=metavar)
+    meta = Setting(
+        help=help, group=group, flag=flag or "", choices=choices, metavar=metavar, within=within
+    )
     return dataclasses.field(default=default, metadata={"setting": meta})
 
 
@@ -214,30 +305,40 @@ class FitConfig:
     )
     epochs: int | None = setting(
         None,
+        within=Range(1, 100_000),
         group="training",
         help=f"Passes over the images [default: auto's choice, else {DEFAULT_EPOCHS}].",
     )
-    batch_size: int = setting(32, group="training", help="Images per optimisation step.")
+    batch_size: int = setting(
+        32, within=Range(1, 65_536), group="training", help="Images per optimisation step."
+    )
     lr: float | None = setting(
-        None, group="training", help=f"Head learning rate [default: per --optimizer: {_LRS}]."
+        None,
+        within=Range(0, 10, low_open=True),
+        group="training",
+        help=f"Head learning rate [default: per --optimizer: {_LRS}].",
     )
     backbone_lr_scale: float = setting(
         0.5,
+        within=Range(0, 1),
         group="training",
         help="LR of the top trained backbone layer group, as a fraction of the head's.",
     )
     layer_decay: float = setting(
         0.75,
+        within=Range(0, 1, low_open=True),
         group="training",
         help="Each backbone layer group below the top one gets this times the LR above it.",
     )
     unfreeze: int | None = setting(
         None,
+        within=Range(0),
         group="training",
         help="finetune-top: how many top backbone layer groups train [default: a third].",
     )
     warmup_epochs: int = setting(
         0,
+        within=Range(0),
         group="training",
         help="finetune-all: the first N epochs train only the head, the backbone frozen.",
     )
@@ -249,10 +350,14 @@ class FitConfig:
         help=f"Default head LRs: {_LRS}. Weight decay never applies to norms and biases.",
     )
     momentum: float = setting(
-        0.9, group="optimizer", help="Momentum of --optimizer momentum / nesterov."
+        0.9,
+        within=Range(0, 1, high_open=True),
+        group="optimizer",
+        help="Momentum of --optimizer momentum / nesterov.",
     )
     weight_decay: float = setting(
         0.01,
+        within=Range(0, 10),
         group="optimizer",
         help="Weight decay: an L2 penalty (decoupled for adamw); never on norms and biases.",
     )
@@ -266,42 +371,52 @@ class FitConfig:
     )
     lr_warmup_epochs: float = setting(
         0,
+        within=Range(0),
         group="schedule",
         help="Linear LR warm-up from ~0 before the schedule (fractions allowed).",
     )
     lr_step_epochs: int | None = setting(
         None,
+        within=Range(1, 100_000),
         group="schedule",
         help="--schedule step: decay every N epochs [default: a third of the epochs].",
     )
     lr_gamma: float | None = setting(
         None,
+        within=Range(0, 1, low_open=True),
         group="schedule",
         help=f"Decay factor: per step of --schedule step [{STEP_GAMMA:g}]; per epoch of "
         f"exponential [default: the LR ends at {EXPONENTIAL_END:.0%}].",
     )
     cycles: int | None = setting(
         None,
+        within=Range(1),
         group="schedule",
         help=f"--schedule restarts: cosine cycles [default: {DEFAULT_CYCLES}, at most one per "
         "epoch after the warm-up].",
     )
     # Regularisation.
     dropout: float = setting(
-        0.0, group="regularisation", help="Dropout on the features before the head."
+        0.0,
+        within=Range(0, 1, high_open=True),
+        group="regularisation",
+        help="Dropout on the features before the head.",
     )
     drop_path: float = setting(
         0.0,
+        within=Range(0, 1, high_open=True),
         group="regularisation",
         help="Stochastic depth: timm drop_path_rate of the backbone's residual blocks.",
     )
     label_smoothing: float = setting(
         0.0,
+        within=Range(0, 1, high_open=True),
         group="regularisation",
         help="Targets mix 1 - x of the label with x spread over all classes.",
     )
     patience: int | None = setting(
         None,
+        within=Range(1),
         group="regularisation",
         help="Early stopping: stop after N epochs without a better val accuracy.",
     )
@@ -314,26 +429,36 @@ class FitConfig:
     )
     ema_decay: float = setting(
         0.9998,
+        within=Range(0, 1, low_open=True, high_open=True),
         group="weight averaging",
         help="EMA: per step, the most the average keeps of itself.",
     )
     # The images.
     image_size: int | None = setting(
         None,
+        within=Range(32, 8192),
         group="data",
         help="Input side in pixels [default: the model's, at most ~2x the images' size; auto "
         "may go lower on a CPU].",
     )
     val_split: float = setting(
         0.2,
+        within=Range(0, 1, low_open=True, high_open=True),
         group="data",
         help="Fraction held out for validation when DATA has no val/ folder.",
     )
     seed: int = setting(
-        0, group="data", help="Seeds the split, the initial head, shuffling and augmentation."
+        0,
+        within=Range(0, SEED_MAX),
+        group="data",
+        help="Seeds the split, the initial head, shuffling and augmentation.",
     )
     num_workers: int | None = setting(
-        None, group="data", flag="--workers", help="DataLoader worker processes."
+        None,
+        within=Range(0, 256),
+        group="data",
+        flag="--workers",
+        help="DataLoader worker processes.",
     )
     device: str | None = setting(
         None, group="speed", help="cpu, cuda or cuda:N [default: cuda when available]."
@@ -408,11 +533,15 @@ class FitConfig:
     )
     crop_scale: tuple[float, float] | None = setting(
         None,
+        within=Range(0, 1, low_open=True),
         group="augmentation",
         help="Random resized crop: area range as fractions, e.g. 0.35 1.",
     )
     crop_ratio: tuple[float, float] | None = setting(
-        None, group="augmentation", help="Random resized crop: aspect-ratio range."
+        None,
+        within=Range(0, 100, low_open=True),
+        group="augmentation",
+        help="Random resized crop: aspect-ratio range.",
     )
     hflip: bool | None = setting(
         None,
@@ -429,19 +558,32 @@ class FitConfig:
         help="Random multiples of 90 degrees (microscopy, aerial images).",
     )
     brightness: float | None = setting(
-        None, group="augmentation", help="Colour jitter: brightness factor 1 +- x."
+        None,
+        within=Range(0, 10),
+        group="augmentation",
+        help="Colour jitter: brightness factor 1 +- x.",
     )
     contrast: float | None = setting(
-        None, group="augmentation", help="Colour jitter: contrast factor 1 +- x."
+        None,
+        within=Range(0, 10),
+        group="augmentation",
+        help="Colour jitter: contrast factor 1 +- x.",
     )
     saturation: float | None = setting(
-        None, group="augmentation", help="Colour jitter: saturation factor 1 +- x."
+        None,
+        within=Range(0, 10),
+        group="augmentation",
+        help="Colour jitter: saturation factor 1 +- x.",
     )
     hue: float | None = setting(
-        None, group="augmentation", help="Colour jitter: hue shift up to x (<= 0.5)."
+        None,
+        within=Range(0, 0.5),
+        group="augmentation",
+        help="Colour jitter: hue shift up to x (<= 0.5).",
     )
     lighting: float | None = setting(
         None,
+        within=Range(0, 10),
         group="augmentation",
         help="Sigma of AlexNet PCA lighting over the training set's colours (0: off).",
     )
@@ -454,6 +596,9 @@ class FitConfig:
     )
     time_budget: float | None = setting(
         None,
+        within=Range(
+            0, 100_000, low_open=True, words="a positive number of minutes, at most 100000"
+        ),
         group="auto",
         metavar="MINUTES",
         help="auto on a CPU: about how long a fine-tune may take; auto picks the largest image "
@@ -468,110 +613,31 @@ class FitConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise ConfigError(
-                f"time_budget must be a positive number of minutes, got {self.time_budget}."
-            )
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}.")
-        if not 0 <= self.backbone_lr_scale <= 1:
-            raise ConfigError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}.")
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}.")
-        if self.unfreeze is not None and self.unfreeze < 0:
-            raise ConfigError(f"unfreeze must be >= 0 layer groups, got {self.unfreeze}.")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= (self.epochs or DEFAULT_EPOCHS):
-            raise ConfigError(
-                f"warmup_epochs must be >= 0 and below epochs ({self.epochs or DEFAULT_EPOCHS}), "
-                f"got {self.warmup_epochs}."
-            )
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
-        self._check_training_kit()
-        if self.image_size is not None and self.image_size < 32:
-            raise ConfigError(f"image_size must be at least 32 pixels, got {self.image_size}.")
-        if not 0 < self.val_split < 1:
-            raise ConfigError(
-                f"val_split must be between 0 and 1 (exclusive), got {self.val_split}; "
-                "use train/ and val/ folders to choose the split yourself."
-            )
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}.")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}."
-            )
-        self._check_augmentation()
-
-    def _check_training_kit(self) -> None:
+        """Check every field against its declaration (type, choices, range), then the fields
+        that bound each other; the first problem raises :class:`ConfigError` naming the field,
+        its option and what it accepts. Numbers of another numeric type (numpy's, a list for
+        a pair from JSON) are stored as the plain ``int``, ``float`` or tuple the field
+        declares, so ``config.json`` and checkpoints hold plain JSON."""
+        for name, meta in SETTINGS.items():
+            value = _checked(name, meta, getattr(self, name))
+            if value is not getattr(self, name):
+                object.__setattr__(self, name, value)
         epochs = self.epochs or DEFAULT_EPOCHS
-        if self.optimizer not in OPTIMIZERS:
+        if self.warmup_epochs >= epochs:
             raise ConfigError(
-                f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}."
+                f"warmup_epochs must be >= 0 and below epochs ({epochs}), "
+                f"got {self.warmup_epochs} (option --warmup-epochs)."
             )
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(
-                f"Unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}."
-            )
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}.")
-        if not 0 <= self.lr_warmup_epochs < epochs:
+        if self.lr_warmup_epochs >= epochs:
             raise ConfigError(
                 f"lr_warmup_epochs must be >= 0 and below epochs ({epochs}), "
-                f"got {self.lr_warmup_epochs}."
+                f"got {self.lr_warmup_epochs} (option --lr-warmup-epochs)."
             )
-        if self.lr_step_epochs is not None and self.lr_step_epochs < 1:
-            raise ConfigError(f"lr_step_epochs must be at least 1, got {self.lr_step_epochs}.")
-        if self.lr_gamma is not None and not 0 < self.lr_gamma <= 1:
-            raise ConfigError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}.")
-        if self.cycles is not None and not 1 <= self.cycles <= epochs - self.lr_warmup_epochs:
+        if self.cycles is not None and not self.cycles <= epochs - self.lr_warmup_epochs:
             raise ConfigError(
                 f"cycles must be between 1 and the epochs after the warm-up "
-                f"({epochs - self.lr_warmup_epochs:g}), got {self.cycles}."
+                f"({epochs - self.lr_warmup_epochs:g}), got {self.cycles} (option --cycles)."
             )
-        for name in ("dropout", "drop_path"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
-        if self.patience is not None and self.patience < 1:
-            raise ConfigError(f"patience must be at least 1 epoch, got {self.patience}.")
-        if not 0 < self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}.")
-
-    def _check_augmentation(self) -> None:
-        if self.augment is not None and self.augment not in PRESET_NAMES:
-            raise ConfigError(
-                f"Unknown augmentation preset {self.augment!r}; choose one of "
-                f"{', '.join(PRESET_NAMES)}."
-            )
-        if self.balance is not None and self.balance not in BALANCE_MODES:
-            raise ConfigError(
-                f"Unknown balance {self.balance!r}; choose one of {', '.join(BALANCE_MODES)}."
-            )
-        if self.tta not in TTA_MODES:
-            raise ConfigError(
-                f"Unknown TTA mode {self.tta!r}; choose one of {', '.join(TTA_MODES)}."
-            )
-        for name, upper in (("crop_scale", 1.0), ("crop_ratio", None)):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            low, high = _pair(name, value)
-            if not (0 < low <= high and (upper is None or high <= upper)):
-                limit = "0 < min <= max <= 1" if upper else "0 < min <= max"
-                raise ConfigError(f"{name} must satisfy {limit}, got ({low:g}, {high:g}).")
-            object.__setattr__(self, name, (low, high))  # lists from JSON become tuples
-        for name in ("brightness", "contrast", "saturation", "lighting"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}.")
-        if self.hue is not None and not 0 <= self.hue <= 0.5:
-            raise ConfigError(f"hue must be between 0 and 0.5, got {self.hue}.")
 
     @classmethod
     def from_kwargs(cls, base: FitConfig | None = None, **overrides: Any) -> FitConfig:
@@ -579,6 +645,11 @@ class FitConfig:
 
         ``None`` values are ignored, so optional CLI options never erase a setting.
         """
+        if base is not None and not isinstance(base, FitConfig):
+            raise ConfigError(
+                f"The base configuration must be a FitConfig (e.g. from load_recipe), got "
+                f"{type(base).__name__}; pass single settings as keyword options."
+            )
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - valid)
         if unknown:
@@ -611,9 +682,80 @@ def _settings() -> dict[str, Setting]:
 SETTINGS: types.MappingProxyType[str, Setting] = types.MappingProxyType(_settings())
 
 
-def _pair(name: str, value: Any) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name} must be two numbers (min, max), got {value!r}.") from exc
-    return low, high
+@functools.cache
+def _kinds() -> dict[str, tuple[Any, bool]]:
+    """Each field's type without ``None``, and whether ``None`` is allowed."""
+    found = {}
+    for name, hint in typing.get_type_hints(FitConfig).items():
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            found[name] = (next(a for a in args if a is not type(None)), True)
+        else:
+            found[name] = (hint, False)
+    return found
+
+
+def _is_number(value: object, whole: bool) -> bool:
+    kind = numbers.Integral if whole else numbers.Real
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _checked(name: str, meta: Setting, value: Any) -> Any:
+    """``value`` as field ``name`` holds it; a :class:`ConfigError` saying what the field
+    accepts when it is of the wrong type, not one of its choices, or out of its range."""
+    kind, optional = _kinds()[name]
+    option = f"(option {meta.flag})"
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} cannot be None {option}; leave it out to use the default.")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {_shown(value)} {option}.")
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {_shown(value)} {option}.")
+        if meta.choices is not None and value not in meta.choices:
+            raise ConfigError(
+                f"Unknown {name} {value!r}; choose one of {', '.join(meta.choices)} {option}."
+            )
+        return value
+    within = meta.within or Range()
+    if typing.get_origin(kind) is tuple:  # a (min, max) pair
+        if (
+            not isinstance(value, tuple | list)
+            or len(value) != 2
+            or not all(_is_number(v, whole=False) for v in value)
+        ):
+            raise ConfigError(
+                f"{name} must be two numbers (min, max), got {_shown(value)} {option}."
+            )
+        low, high = float(value[0]), float(value[1])
+        if low not in within or high not in within or low > high:
+            limit = within.notation("min <= max")
+            raise ConfigError(
+                f"{name} must satisfy {limit}, got ({_shown(low)}, {_shown(high)}) {option}."
+            )
+        return (low, high)
+    whole = kind is int
+    if not _is_number(value, whole):
+        expected = "a whole number" if whole else "a number"
+        raise ConfigError(f"{name} must be {expected}, got {_shown(value)} {option}.")
+    if value not in within:
+        number = "" if whole else "a finite number"  # an int is never NaN or infinite
+        raise ConfigError(
+            f"{name} must be {within.describe(number)}, got {_shown(value)} {option}."
+        )
+    if whole:
+        return value if type(value) is int else int(value)
+    return value if type(value) in (int, float) else float(value)
+
+
+def _shown(value: object) -> str:
+    """``value`` for a message: numbers as typed (``nan``, ``inf``, ``1e+30``), other things
+    by their repr, cut short (a huge list would flood the terminal)."""
+    if isinstance(value, float) or (_is_number(value, whole=False) and not isinstance(value, int)):
+        return f"{float(value):g}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

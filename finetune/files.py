@@ -91,12 +91,14 @@ def atomic_write(
 
 
 def atomic_write_folder(path: str | Path, fill: Callable[[Path], object]) -> Path:
-    """Replace the folder ``path`` with one that ``fill`` writes, never leaving a partial one.
+    """Write the files ``fill`` makes into the folder ``path``, replacing those names alone.
 
-    ``fill`` writes into a temporary folder beside ``path``; only when it returns is the old
-    folder (if any) renamed aside, the new one renamed into place and the old one removed. A
-    reader sees the old folder, the new one, or (for the instant between the two renames) none,
-    never a folder with some files missing.
+    ``fill`` writes into a fresh temporary folder beside ``path``. A new ``path`` is that folder
+    renamed into place: a reader sees no folder or the whole one. An existing ``path`` keeps
+    everything ``fill`` did not write: each file ``fill`` wrote is renamed onto its name inside
+    it (each one whole), and the folder itself is never renamed or removed, so ``-o .`` or a
+    folder holding the user's other files loses nothing. Deciding whether an existing folder may
+    be written into at all is the caller's (``finetune export`` refuses one it did not write).
 
     Args:
         path: The folder to write (its parent is created if missing).
@@ -104,13 +106,20 @@ def atomic_write_folder(path: str | Path, fill: Callable[[Path], object]) -> Pat
 
     Returns:
         ``path``, as a :class:`~pathlib.Path`.
+
+    Raises:
+        OSError: The folder cannot be written, or one of ``fill``'s names is a folder there;
+            the temporary folder is removed. Whatever ``fill`` raises propagates the same way.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old: Path | None = None
+    # Normalised ("." and ".." resolved without following links): "beside" must be the parent
+    # of the folder itself, not a folder inside it.
+    target = Path(os.path.abspath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         fill(staging)
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
         for file in staging.rglob("*"):  # mkdtemp/mkstemp are private (0700/0600)
             if file.is_file():
                 _sync(file)
@@ -118,18 +127,23 @@ def atomic_write_folder(path: str | Path, fill: Callable[[Path], object]) -> Pat
             elif file.is_dir():
                 file.chmod(folder_mode())
         staging.chmod(folder_mode())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old)  # an empty folder is replaced by the rename
-        os.replace(staging, path)
-    except BaseException:
+        if target.exists() or target.is_symlink():
+            _move_files_into(staging, files, target)
+        else:  # nothing there: the whole folder moves in with one rename
+            os.rename(staging, target)
+    finally:  # the temporary folder never outlives the call, Ctrl-C included
         shutil.rmtree(staging, ignore_errors=True)
-        if old is not None and old.exists() and not path.exists():
-            os.replace(old, path)  # put the previous folder back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _move_files_into(staging: Path, files: list[Path], target: Path) -> None:
+    """Rename each of ``files`` (inside ``staging``) onto the same name inside ``target``."""
+    if not target.is_dir():
+        raise NotADirectoryError(f"{target} is not a folder")
+    for file in files:
+        destination = target / file.relative_to(staging)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, destination)
 
 
 def _sync(file: Path) -> None:

@@ -28,7 +28,7 @@ from finetune.config import (
     FitConfig,
 )
 from finetune.data.decoded import describe_size, estimate_bytes
-from finetune.data.scan import DatasetSplit, ScanReport, scan_folder
+from finetune.data.scan import DatasetSplit, Sample, ScanReport, scan_folder
 from finetune.data.transforms import (
     Augmentation,
     Lighting,
@@ -65,7 +65,13 @@ from finetune.training.compute import (
 )
 from finetune.training.distributed import World, world
 from finetune.training.loop import EpochResult, TrainStep, balanced_class_weights, read_metrics
-from finetune.training.lr_range import LRFinding, check_range, find_lr, plot_lr_finding
+from finetune.training.lr_range import (
+    LRFinding,
+    check_range,
+    find_lr,
+    output_paths,
+    plot_lr_finding,
+)
 from finetune.training.optim import create_optimizer
 
 __all__ = ["FitResult", "Plan", "check", "fit", "lr_find", "plan", "resume"]
@@ -175,7 +181,25 @@ def _num_workers(requested: int | None) -> int:
 
 
 def _run_dir(config: FitConfig, root: Path) -> Path:
+    """The new run's folder, claimed (its lock held: :meth:`RunDir.unlock` it at the end)."""
     return RunDir.create(config.out, f"{root.resolve().name}-{config.strategy}").path
+
+
+def _check_out(data: str | Path, out: str | None) -> None:
+    """Refuse an ``--out`` fit may not write into (a file, a folder holding files, a run:
+    :meth:`RunDir.check_new`), and warn when the run folder lands inside the data folder,
+    where the next scan of that folder would find it."""
+    folder = Path(out if out is not None else "runs").expanduser().absolute()
+    root = Path(data).expanduser().absolute()
+    if root.is_dir() and (folder == root or root in folder.parents):
+        where = "--out" if out is not None else "the default run folder runs/"
+        warnings.warn(
+            f"{where} {folder} is inside the data folder {root}; give an --out outside it so "
+            "the run's files stay apart from the images.",
+            stacklevel=3,
+        )
+    if out is not None:
+        RunDir(out).check_new()
 
 
 def _resolve(
@@ -319,6 +343,8 @@ def fit(
         )
     ranks = world(config.device)  # torchrun: rank 0 decides, prints and writes
     log = _Log(log.verbose and ranks.main, log.format)
+    if ranks.main:  # a folder fit may not write into is refused before minutes are spent
+        _check_out(data, config.out)
     if ranks.main:
         split, backbone, strategy, config, decision, device = _resolve(data, config, log)
         ranks.share(config)
@@ -348,47 +374,54 @@ def fit(
             config = _auto_batch_size(model, config, strategy, len(split.train), ranks, log)
         if strategy.trains_backbone:
             lighting = _lighting(augmentation, split, config, log, preset_by_size)
-        run_dir = _run_dir(config, split.root)
-        _write_run_files(run_dir, dataclasses.replace(config, out=str(run_dir)), split, decision)
-    lighting, run_dir, batch_size = ranks.share((lighting, run_dir, config.batch_size))
-    config = dataclasses.replace(config, out=str(run_dir), batch_size=batch_size)
-    if not (ranks.main or strategy.trains_backbone):  # a probe is one pass: rank 0's alone
-        return ranks.share(None)
-    meta = CheckpointMeta(
-        model=ModelSpec(
-            name=config.model,
-            num_features=model.num_features,
-            head="linear" if head is None else f"custom:{type(head).__qualname__}",
-        ),
-        data=str(split.root.resolve()),
-        classes=split.classes,
-        preprocessing=pre,
-        config=config.to_dict(),
-        strategy=strategy.name,
-        decision=decision.to_dict() if decision is not None else None,
-        augmentation={
-            **augmentation.to_dict(),
-            "pca_lighting": lighting.to_dict() if lighting else None,
-        }
-        if strategy.trains_backbone
-        else None,
-    )
-    ctx = FitContext(
-        model=model,
-        split=split,
-        pre=pre,
-        config=config,
-        device=device,
-        run_dir=run_dir,
-        meta=meta,
-        verbose=log.bars,
-        say=log.say,
-        on_epoch=_on_epoch(log, config.epochs),
-        augmentation=augmentation,
-        lighting=lighting,
-        ranks=ranks,
-    )
-    return ranks.share(_train(ctx, strategy, decision, started, log, report, head))
+        run_dir = _run_dir(config, split.root)  # claimed: run.lock held until the run ends
+    try:
+        if run_dir is not None:
+            _write_run_files(
+                run_dir, dataclasses.replace(config, out=str(run_dir)), split, decision
+            )
+        lighting, run_dir, batch_size = ranks.share((lighting, run_dir, config.batch_size))
+        config = dataclasses.replace(config, out=str(run_dir), batch_size=batch_size)
+        if not (ranks.main or strategy.trains_backbone):  # a probe is one pass: rank 0's alone
+            return ranks.finish(None)  # leaves the process group in order
+        meta = CheckpointMeta(
+            model=ModelSpec(
+                name=config.model,
+                num_features=model.num_features,
+                head="linear" if head is None else f"custom:{type(head).__qualname__}",
+            ),
+            data=str(split.root.resolve()),
+            classes=split.classes,
+            preprocessing=pre,
+            config=config.to_dict(),
+            strategy=strategy.name,
+            decision=decision.to_dict() if decision is not None else None,
+            augmentation={
+                **augmentation.to_dict(),
+                "pca_lighting": lighting.to_dict() if lighting else None,
+            }
+            if strategy.trains_backbone
+            else None,
+        )
+        ctx = FitContext(
+            model=model,
+            split=split,
+            pre=pre,
+            config=config,
+            device=device,
+            run_dir=run_dir,
+            meta=meta,
+            verbose=log.bars,
+            say=log.say,
+            on_epoch=_on_epoch(log, config.epochs),
+            augmentation=augmentation,
+            lighting=lighting,
+            ranks=ranks,
+        )
+        return ranks.finish(_train(ctx, strategy, decision, started, log, report, head))
+    finally:  # success, error or Ctrl-C: the next fit or resume may have the folder
+        if run_dir is not None:
+            RunDir(run_dir).unlock()
 
 
 def _cache_images(
@@ -497,8 +530,93 @@ def _write_run_files(
     atomic_write(run.config, _json(config.to_dict()))
     atomic_write(run.classes, _json(list(split.classes)))
     atomic_write(run.scan, _json(split.report.to_dict()))
+    atomic_write(run.split, _json(_split_record(split)))
     if decision is not None:
         atomic_write(run.decision, _json(decision.to_dict()))
+
+
+_SPLIT_FORMAT = 1
+_SPLIT_COLUMNS = ["path", "label", "sha1"]  # path relative to the data folder, POSIX slashes
+
+
+def _split_record(split: DatasetSplit) -> dict[str, Any]:
+    """split.json: the files of each side in their order, with the SHA-1 the scan computed
+    (the content it read anyway), so ``resume`` trains and validates on these files and no
+    other, whatever was added to the folder since."""
+
+    def rows(samples: tuple[Sample, ...]) -> list[list[Any]]:
+        return [[s.path.relative_to(split.root).as_posix(), s.label, s.digest] for s in samples]
+
+    return {
+        "format": _SPLIT_FORMAT,
+        "root": str(split.root),
+        "layout": split.layout,
+        "classes": list(split.classes),
+        "columns": _SPLIT_COLUMNS,
+        "train": rows(split.train),
+        "val": rows(split.val),
+    }
+
+
+def _recorded_split(run: RunDir, scanned: DatasetSplit) -> DatasetSplit:
+    """The split the run started with, as its split.json recorded it, over the files the scan
+    finds now; what changed since is said in a warning. Files added since are left out (a
+    training image never becomes a validation image), recorded files that are gone or now
+    unreadable are dropped, and a file whose content changed keeps its side. Runs written
+    before split.json existed get the seeded split drawn again, as they always did.
+
+    Raises:
+        CheckpointError: split.json is damaged.
+        DataError: A side would be left without images.
+    """
+    if not run.split.is_file():
+        return scanned
+    try:
+        record = json.loads(run.split.read_text())
+        sides = {side: [(str(r), int(lab), str(h)) for r, lab, h in record[side]]
+                 for side in ("train", "val")}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{run.split} cannot be read ({exc}); it records which images trained and which "
+            "validated. Start the run again with finetune fit (or restore the file)."
+        ) from exc
+    found = {s.path.relative_to(scanned.root).as_posix(): s for s in (*scanned.train, *scanned.val)}
+    missing: list[str] = []
+    changed: list[str] = []
+    kept: dict[str, list[Sample]] = {}
+    for side, rows in sides.items():
+        kept[side] = []
+        for rel, label, digest in rows:
+            sample = found.get(rel)
+            if sample is None or sample.label != label:
+                missing.append(rel)
+                continue
+            if digest and sample.digest and sample.digest != digest:
+                changed.append(rel)
+            kept[side].append(sample)
+    recorded = {rel for rows in sides.values() for rel, _, _ in rows}
+    added = sorted(set(found) - recorded)
+    where = scanned.root
+    for files, what in (
+        (added, "added since the run started, left out: the run keeps its split"),
+        (missing, "of the run's split are gone or unreadable, dropped"),
+        (changed, "changed content since the run started; each keeps its side"),
+    ):
+        if files:
+            warnings.warn(f"{where}: {_listed(files)} {what}.", stacklevel=3)
+    for side in ("train", "val"):
+        if not kept[side]:
+            raise DataError(
+                f"{where}: none of the run's {side} images is left; resume needs them. "
+                "Restore them, or start a new run with finetune fit."
+            )
+    return dataclasses.replace(scanned, train=tuple(kept["train"]), val=tuple(kept["val"]))
+
+
+def _listed(files: list[str], shown: int = 5) -> str:
+    more = f" and {len(files) - shown} more" if len(files) > shown else ""
+    noun = "file" if len(files) == 1 else "files"
+    return f"{len(files)} {noun} ({', '.join(files[:shown])}{more})"
 
 
 def _json(data: Any) -> str:
@@ -604,8 +722,41 @@ def resume(
             f"{run_dir} holds no last.pt: no epoch finished, so there is nothing to resume. "
             "Start the run again with finetune fit."
         )
+    run.lock()  # one fit or resume at a time writes a run folder
+    try:
+        return _resume_locked(run, head, log, report, started)
+    finally:  # success, error or Ctrl-C alike
+        run.unlock()
+
+
+def _run_config(run: RunDir) -> FitConfig:
+    """The run's config.json, refused cleanly when it is not a JSON object of settings."""
+    try:
+        values = json.loads(run.config.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"Cannot read {run.config}: {exc}; was it edited?") from exc
+    if not isinstance(values, dict):
+        raise CheckpointError(
+            f"{run.config} holds a JSON {type(values).__name__}, not the run's settings (an "
+            "object); was it edited? Start the run again with finetune fit."
+        )
+    return FitConfig.from_kwargs(**values)
+
+
+def _resume_locked(
+    run: RunDir, head: nn.Module | None, log: _Log, report: bool, started: float
+) -> FitResult:
+    """:func:`resume`, once the run folder's lock is held."""
+    run_dir = run.path
     last = load_checkpoint(run.last)
-    config = FitConfig.from_kwargs(**json.loads(run.config.read_text()))
+    config = _run_config(run)
+    saved_model = (last.get("model") or {}).get("name")
+    if saved_model != config.model:
+        raise CheckpointError(
+            f"{run.last} holds a {saved_model} model but {run.config} says {config.model}: the "
+            "checkpoint is another run's. Put that run's last.pt back, or start again with "
+            "finetune fit."
+        )
     strategy = get_strategy(config.strategy)
     if not strategy.trains_backbone:
         raise ConfigError(f"{run_dir} is a {strategy.name} run: one pass, nothing to resume.")
@@ -622,12 +773,19 @@ def resume(
             f"The classes in {split.root} changed since {run_dir} started "
             f"({', '.join(last['classes'])}); resume needs the same folder."
         )
+    split = _recorded_split(run, split)
     log.say(f"resume    {run_dir}: epoch {last['epoch']}/{config.epochs} done, continuing")
     device = _device(config.device)
     # last.pt has the weights
     backbone = create_backbone(config.model, pretrained=False, drop_path_rate=config.drop_path)
     model = create_classifier(backbone, len(split.classes), head, config.dropout)
-    model.load_state_dict(last["state_dict"])
+    try:
+        model.load_state_dict(last["state_dict"])
+    except RuntimeError as exc:  # torch lists the missing, unexpected and mis-shaped weights
+        raise CheckpointError(
+            f"{run.last} does not fit {config.model} with {len(split.classes)} classes (is it "
+            f"another run's?): {str(exc).splitlines()[0]}"
+        ) from exc
     model.to(device)
     saved = last.get("augmentation") or {}
     lighting = saved.get("pca_lighting")
@@ -726,7 +884,8 @@ def lr_find(
     Args:
         data: The image folder, as for :func:`fit`.
         config: Base configuration; ``options`` override its fields.
-        out: The plot's path; ``lr-find.json`` with the numbers is written beside it.
+        out: The plot's path (a folder: ``lr-find.png`` in it); the numbers are written
+            beside it, the same name with ``.json``, replacing only an earlier lr-find's.
         steps: Training steps (at least :data:`~finetune.training.lr_range.MIN_STEPS`).
         start_lr: The head LR of the first step.
         end_lr: The head LR of the last step, above ``start_lr``.
@@ -738,12 +897,14 @@ def lr_find(
         (``.suggestion``) and the plot's path (``.plot``; ``lr-find.json`` is written beside).
 
     Raises:
-        ConfigError: Too few ``steps``, a range that is not ``0 < start_lr < end_lr``, or a
-            strategy (or auto's choice) that is a probe, which has no LR to find.
+        ConfigError: Too few ``steps``, a range that is not ``0 < start_lr < end_lr``, a
+            strategy (or auto's choice) that is a probe, which has no LR to find, or a
+            ``.json`` beside ``out`` that lr-find did not write.
         DataError: The folder has too few readable images.
         TrainingError: The loss diverged at once (``start_lr`` too large).
     """
     check_range(start_lr, end_lr, steps)  # before minutes are spent building the model
+    plot_path, numbers = output_paths(out)  # a file lr-find would overwrite refused first
     config = FitConfig.from_kwargs(config, **options)
     split, backbone, strategy, config, _, device = _resolve(data, config, _Log(verbose))
     if not strategy.trains_backbone:
@@ -760,8 +921,8 @@ def lr_find(
         reseed=loader.batch_sampler.set_epoch,  # each pass its own order and augmentation
     )  # fmt: skip
     title = f"{split.root.name}: {strategy.name}, {config.model}, {config.optimizer}"
-    plot = plot_lr_finding(finding, out, title)
-    atomic_write(plot.with_suffix(".json"), json.dumps(finding.to_dict(), indent=2) + "\n")
+    plot = plot_lr_finding(finding, plot_path, title)
+    atomic_write(numbers, json.dumps(finding.to_dict(), indent=2) + "\n")
     return dataclasses.replace(finding, plot=plot)
 
 

@@ -19,6 +19,8 @@ import difflib
 import functools
 import json
 import math
+import os
+import stat
 import sys
 import types
 import typing
@@ -35,7 +37,11 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, from PyPI (a dependency there, see pyproject.toml)
     import tomli as tomllib
 
-__all__ = ["load_recipe", "write_recipe"]
+__all__ = ["MAX_RECIPE_BYTES", "load_recipe", "write_recipe"]
+
+# The largest recipe read: the longest possible recipe (every field set, with its comment) is
+# a few KB, so a bigger file is not a recipe (a log, an image, /dev/zero behind a symlink).
+MAX_RECIPE_BYTES = 1024 * 1024
 
 _WHERE_LISTED = (
     "a recipe's keys are the fields of finetune.FitConfig, each explained in finetune/config.py "
@@ -54,7 +60,8 @@ def load_recipe(path: str | Path) -> FitConfig:
         The :class:`FitConfig` the recipe describes (validated as any FitConfig is).
 
     Raises:
-        ConfigError: The file is missing or is not valid TOML (the message has the line), a
+        ConfigError: The file is missing, not a regular file, over :data:`MAX_RECIPE_BYTES`
+            or not valid TOML (the message has the line), sets ``out``, a
             key is not a FitConfig field (with the closest name), or a value has the wrong
             type or is out of range; every message starts with the file.
 
@@ -64,18 +71,16 @@ def load_recipe(path: str | Path) -> FitConfig:
         64
     """
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"Recipe {path} not found; recipes/ in the finetune repository has examples."
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"Recipe {path} cannot be read: {exc}.") from exc
+    text = _read_text(path)
     try:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
         raise ConfigError(f"{path}: not valid TOML: {exc}.") from exc
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(
+            f"{path}: not valid TOML for a recipe: its arrays or tables nest too deep; a "
+            "recipe's values are numbers, strings, booleans and pairs of numbers."
+        ) from None
     hints = _field_types()
     unknown = [key for key in values if key not in hints]
     if unknown:
@@ -86,6 +91,11 @@ def load_recipe(path: str | Path) -> FitConfig:
         raise ConfigError(
             f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(described)}; "
             f"{_WHERE_LISTED}."
+        )
+    if "out" in values:  # a shared recipe must not choose where a run writes (or overwrites)
+        raise ConfigError(
+            f"{path}: a recipe cannot set out (the run folder); remove the key and give "
+            "--out on the command line (or out= to finetune.fit)."
         )
     checked = {key: _checked(path, key, value, hints[key]) for key, value in values.items()}
     try:
@@ -120,13 +130,45 @@ def write_recipe(
         lines.append("")
     for field in dataclasses.fields(FitConfig):
         value = getattr(config, field.name)
-        if value == getattr(defaults, field.name):
+        if value == getattr(defaults, field.name) or field.name == "out":  # never in a recipe
             continue
         lines.append(f"{field.name} = {_toml_value(value)}  # {_comment(field.name)}")
     return atomic_write(Path(path).expanduser(), "\n".join(lines) + "\n")
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    """The recipe's text: only a regular file (after symlinks) of at most
+    :data:`MAX_RECIPE_BYTES` is read, so ``--recipe /dev/zero`` or a FIFO fails at once instead
+    of reading forever or blocking (the FIFO is opened non-blocking, and checked again on the
+    open file, so one swapped in after the first check is refused too)."""
+    missing = f"Recipe {path} not found; recipes/ in the finetune repository has examples."
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"Recipe {path} is not a regular file; give a .toml file.")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ConfigError(missing) from None
+    except OSError as exc:
+        raise ConfigError(f"Recipe {path} cannot be read: {exc.strerror or exc}.") from exc
+    with os.fdopen(fd, "rb") as f:
+        try:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"Recipe {path} is not a regular file; give a .toml file.")
+            data = f.read(MAX_RECIPE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"Recipe {path} cannot be read: {exc.strerror or exc}.") from exc
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ConfigError(
+            f"Recipe {path} is over {MAX_RECIPE_BYTES // 1024} KB; a recipe is a few lines of "
+            "settings: is it the file you meant?"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Recipe {path} is not UTF-8 text: {exc}.") from exc
 
 
 def _comment(name: str) -> str:
@@ -180,11 +222,16 @@ def _checked(path: Path, key: str, value: Any, hint: Any) -> Any:
 
 
 def _shown(value: Any) -> str:
+    """``value`` for a message, as TOML, cut short: a long array would flood the terminal."""
     if isinstance(value, dict):
         return "a table"
-    if isinstance(value, bool | int | float | str | list):
-        return _toml_value(tuple(value) if isinstance(value, list) else value)
-    return repr(value)
+    if isinstance(value, list) and any(isinstance(v, list | dict) for v in value):
+        return "an array of arrays or tables"
+    try:
+        text = _toml_value(tuple(value) if isinstance(value, list) else value)
+    except ConfigError:  # a date or time (TOML has them; no field takes one)
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _toml_value(value: Any) -> str:

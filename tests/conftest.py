@@ -13,6 +13,12 @@ from pathlib import Path
 # Tests never wait on the network: hub look-ups fail at once, as they must in CI. Set before
 # timm (and so huggingface_hub, which reads it at import) is imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Many tests start several processes side by side (fits, CLI commands) on CI's two cores. GNU
+# OpenMP's threads spin up to 300,000 times before they sleep, burning the cores the other
+# processes need; 10,000 spins give them back without slowing a process that runs alone (where
+# OMP_WAIT_POLICY=PASSIVE made bf16 steps 7x slower): benchmarks/omp_wait.py. Inherited by every
+# child process.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numpy as np
 import pytest
@@ -74,9 +80,10 @@ def small_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def linear_run(tmp_path_factory: pytest.TempPathFactory) -> finetune.FitResult:
-    """One real fit on the sample data, shared by the tests that only read its outputs."""
+    """One real fit on the sample data, shared by the tests that only read its outputs (not a
+    report: report_run has one)."""
     out = tmp_path_factory.mktemp("runs") / "linear"
-    return finetune.fit(FASHION, strategy="linear", out=str(out), verbose=False)
+    return finetune.fit(FASHION, strategy="linear", out=str(out), verbose=False, report=False)
 
 
 def noise_folder(root: Path, per_class: int) -> Path:
@@ -105,6 +112,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
             seed=seed,
             out=str(root / f"run{seed}-{size}px"),
             verbose=False,
+            report=False,
         ).dir
         for seed, size in ((0, 32), (1, 32), (2, 48))
     ]

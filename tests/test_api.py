@@ -54,7 +54,9 @@ def test_same_seed_gives_the_same_metrics_and_another_seed_does_not(
 ) -> None:
     common = {"strategy": "finetune-all", "epochs": 2, "image_size": 32, "batch_size": 8}
     runs = [
-        finetune.fit(small_folder, seed=seed, out=str(tmp_path / name), verbose=False, **common)
+        finetune.fit(
+            small_folder, seed=seed, out=str(tmp_path / name), verbose=False, **common, report=False
+        )
         for name, seed in (("a", 0), ("b", 0), ("c", 1))
     ]
     a, b, c = (r.history for r in runs)
@@ -83,6 +85,7 @@ def test_custom_head_trains_and_loads(small_folder: Path, tmp_path: Path) -> Non
         image_size=32,
         out=str(tmp_path / "r"),
         verbose=False,
+        report=False,
     )
     with pytest.raises(finetune.FinetuneError, match="custom head"):
         finetune.load(run.dir)
@@ -111,7 +114,9 @@ def test_every_public_name_resolves() -> None:
 
 
 def test_auto_decides_says_why_and_records_it(small_folder: Path, tmp_path: Path) -> None:
-    run = finetune.fit(small_folder, image_size=32, out=str(tmp_path / "auto"), verbose=False)
+    run = finetune.fit(
+        small_folder, image_size=32, out=str(tmp_path / "auto"), verbose=False, report=False
+    )
     assert run.config.strategy == run.strategy == "stage-probe"  # few Fashion-MNIST images
     decision = json.loads((run.dir / "decision.json").read_text())
     assert decision["strategy"] == "stage-probe"
@@ -171,6 +176,7 @@ def test_augmentation_is_chosen_recorded_and_tta_scores_val(
         tta="flip",
         out=str(tmp_path / "aug"),
         verbose=False,
+        report=False,
     )
     assert run.config.augment == "strong"  # 16 training images per class: little data
     saved = torch.load(run.best_checkpoint, weights_only=True)["augmentation"]
@@ -188,7 +194,7 @@ def test_augmentation_is_chosen_recorded_and_tta_scores_val(
     assert run.tta_val_acc == expected
     # The probes see each image once: nothing to augment, nothing recorded.
     probe = finetune.fit(small_folder, strategy="linear", image_size=32, verbose=False,
-                         out=str(tmp_path / "probe"))  # fmt: skip
+                         out=str(tmp_path / "probe"), report=False)  # fmt: skip
     assert torch.load(probe.best_checkpoint, weights_only=True)["augmentation"] is None
 
 
@@ -209,12 +215,12 @@ def test_imbalanced_classes_are_balanced_and_it_is_said(tmp_path: Path) -> None:
     assert split.report.imbalance == pytest.approx(32 / 5)
     with pytest.warns(UserWarning, match="classes imbalanced 6.4x"):  # said, even when quiet
         run = finetune.fit(folder, strategy="linear", image_size=32, out=str(tmp_path / "r"),
-                           verbose=False)  # fmt: skip
+                           verbose=False, report=False)  # fmt: skip
     assert run.config.balance == "weighted-loss"
     assert json.loads((run.dir / "config.json").read_text())["balance"] == "weighted-loss"
     with pytest.warns(UserWarning, match="imbalanced"):
         kept = finetune.fit(folder, strategy="linear", image_size=32, balance="none",
-                            out=str(tmp_path / "n"), verbose=False)  # fmt: skip
+                            out=str(tmp_path / "n"), verbose=False, report=False)  # fmt: skip
     assert kept.config.balance == "none"
     # Oversampling: one epoch of the training loader draws every class about equally often.
     train_loader, _ = training_loaders(

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+import PIL.features
 import pytest
 from PIL import Image
 
-from finetune.data.images import load_image
+from finetune.data.images import load_image, read_image_bytes
 from finetune.data.loaders import ImageDataset, collate_skipping_failed
-from finetune.data.scan import scan_folder
+from finetune.data.scan import check_file, scan_folder
 from finetune.errors import DataError
+from finetune.run.layout import RunDir, TuneDir
 
 from .conftest import copy_classes
 
@@ -202,3 +205,161 @@ def test_dataset_drops_undecodable_images_with_a_warning(small_folder: Path) -> 
         batch = collate_skipping_failed([dataset[i] for i in range(4)])
     images, labels = batch
     assert images.shape == (3, 28, 28, 3) and labels.shape == (3,)
+
+
+def test_the_random_split_puts_every_class_on_both_sides(tmp_path: Path) -> None:
+    """A tiny class beside a big one: scikit-learn's stratified split alone gave the tiny class
+    no validation image (val_split 0.2) or no training image (val_split 0.8)."""
+    data = copy_classes(tmp_path / "d", ["bag"], 2)
+    copy_classes(data, ["coat"], 30)
+    for val_split in (0.2, 0.5, 0.8, 0.95):
+        for seed in range(3):
+            split = scan_folder(data, val_split=val_split, seed=seed)
+            assert min(split.counts("train").values()) >= 1, (val_split, seed)
+            assert min(split.counts("val").values()) >= 1, (val_split, seed)
+            assert len(split.train) + len(split.val) == 32
+    # A class with a single image cannot be on both sides: a clear error naming it.
+    copy_classes(tmp_path / "one", ["bag"], 1)
+    copy_classes(tmp_path / "one", ["coat"], 30)
+    with pytest.raises(DataError, match=r"bag \(1\).*train/ and val/"):
+        scan_folder(tmp_path / "one")
+
+
+def test_a_rewritten_image_with_its_size_and_mtime_restored_is_checked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    data = copy_classes(tmp_path / "d", ["bag", "coat"], 4)
+    victim = data / "bag" / "x.bmp"
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(victim)  # BMP: the same size for any colour
+    before = {s.path: s.digest for s in scan_folder(data).train + scan_folder(data).val}
+    info = victim.stat()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(victim)
+    os.utime(victim, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert victim.stat().st_size == info.st_size and victim.stat().st_mtime_ns == info.st_mtime_ns
+    split = scan_folder(data)
+    after = {s.path: s.digest for s in split.train + split.val}
+    assert after[victim] == hashlib.sha1(victim.read_bytes()).hexdigest() != before[victim]
+
+
+def test_a_damaged_scan_cache_of_any_shape_is_checked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    data = copy_classes(tmp_path / "d", ["bag", "coat"], 4)
+    fresh = scan_folder(data)
+    (cache_file,) = (tmp_path / "cache" / "scan").glob("*.json")
+    entries = json.loads(cache_file.read_text())
+    wrong_values = ["text", 5, None, [1, 2], {}, {"width": "x", "height": 1}, {"bogus": 1}]
+    damaged: list[object] = [[], "text", 3, None, {k: {"digest": 7} for k in entries}]
+    damaged += [dict.fromkeys(entries, bad) for bad in wrong_values]
+    for content in damaged:
+        cache_file.write_text(json.dumps(content))
+        split = scan_folder(data)
+        assert split.train == fresh.train and split.val == fresh.val, content
+        assert not split.report.skipped, content  # never blamed on an image
+    cache_file.write_text('{"a": ' * 100_000)  # nested too deep for json
+    assert scan_folder(data).train == fresh.train
+
+
+@pytest.mark.timeout(30, method="thread")  # a regression blocks on the FIFO: fail, never hang
+def test_fifos_devices_and_oversized_files_are_never_read(tmp_path: Path) -> None:
+    data = copy_classes(tmp_path / "d", ["bag", "coat"], 3)
+    fifo, device = data / "bag" / "x.png", data / "coat" / "zero.png"
+    os.mkfifo(fifo)  # no writer: opening it for reading would block forever
+    os.symlink("/dev/zero", device)  # endless
+    split = scan_folder(data)
+    reasons = {p.name: why for p, why in split.report.skipped}
+    assert "FIFO" in reasons["x.png"] and "character device" in reasons["zero.png"]
+    assert len(split.train) + len(split.val) == 6
+    for path, kind in ((fifo, "FIFO"), (device, "character device")):
+        assert kind in (check_file(path).problem or "")
+        with pytest.raises(OSError, match=kind):
+            load_image(path)
+    with pytest.raises(OSError, match="byte limit"):
+        read_image_bytes(split.train[0].path, limit=10)
+
+
+def test_finetune_output_inside_the_data_is_never_a_class(tmp_path: Path) -> None:
+    """`finetune fit .` run inside the data folder puts runs/ there; the next scan must not
+    train a class named "runs" from the report's pictures."""
+    data = copy_classes(tmp_path / "d", ["bag", "coat"], 4)
+    picture = next((data / "bag").glob("*.png")).read_bytes()
+
+    def fake_run(folder: Path) -> RunDir:
+        run = RunDir(folder)
+        run.path.mkdir(parents=True)
+        for file in (run.best, run.config, run.metrics):
+            file.write_bytes(b"{}")
+        for png in (run.curves, run.augment_preview):
+            png.write_bytes(picture)  # a report's pictures are real images
+        return run
+
+    fake_run(data / "runs" / "d-linear-20261203-120000")
+    tune = TuneDir(data / "runs" / "tune-1")
+    fake_run(tune.trial(0, 2).path)
+    tune.plot.write_bytes(picture)
+    fake_run(data / "out")  # fit --out d/out
+    fake_run(data / "bag" / "run-in-a-class")
+    split = scan_folder(data)
+    assert split.classes == ("bag", "coat")
+    assert len(split.train) + len(split.val) == 8  # the class keeps its own images
+    reasons = {p.relative_to(data).as_posix(): why for p, why in split.report.skipped}
+    assert "run folder" in reasons["out"] and "run folder" in reasons["bag/run-in-a-class"]
+    assert "only finetune run folders" in reasons["runs"]
+    # The same with train/ and val/ folders.
+    tv = tmp_path / "tv"
+    copy_classes(tv / "train", ["bag", "coat"], 3)
+    copy_classes(tv / "val", ["bag", "coat"], 2, split="val")
+    fake_run(tv / "train" / "runs" / "x")
+    fake_run(tv / "val" / "y")
+    assert scan_folder(tv).classes == ("bag", "coat")
+
+
+def test_what_train_and_val_folders_leave_out_is_said(tmp_path: Path) -> None:
+    root = tmp_path / "tv"
+    copy_classes(root / "train", ["bag", "coat", "dress"], 3)
+    copy_classes(root / "val", ["bag", "coat"], 2, split="val")
+    copy_classes(root, ["sandal"], 2)  # a class folder beside train/ and val/ by mistake
+    copy_classes(root / "test", ["bag"], 1)  # left alone, as always
+    split = scan_folder(root)
+    skipped = {p.name: why for p, why in split.report.skipped}
+    assert "beside train/ and val/" in skipped["sandal"] and "test" not in skipped
+    notes = {p.name: n for p, n in split.report.notes}
+    assert "no validation image" in notes["dress"]
+    assert "sandal" in split.report.text() and "dress" in split.report.text()
+    # A class whose training files are all unreadable is an error, not a class never trained.
+    for path in (root / "train" / "dress").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(DataError, match="dress"):
+        scan_folder(root)
+
+
+def test_float_images_are_scaled_not_clamped(tmp_path: Path) -> None:
+    ramp = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(ramp, mode="F").save(tmp_path / "unit.tif")
+    unit = load_image(tmp_path / "unit.tif")
+    assert unit.dtype == np.uint8 and unit.min() == 0 and unit.max() == 255
+    assert len(np.unique(unit)) > 200  # a ramp, not black
+    wide = ramp * 4000.0 - 1000.0  # another range: stretched from its min to its max
+    wide[0, 0] = np.nan
+    Image.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
+    out = load_image(tmp_path / "wide.tif")
+    assert out[0, 0, 0] == 0 and out.max() == 255 and len(np.unique(out)) > 200
+
+
+def test_an_image_format_this_pillow_cannot_decode_is_named(tmp_path: Path) -> None:
+    heic = tmp_path / "photo.heic"  # an ISO-BMFF header with the HEIC brand
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    problem = check_file(heic).problem or ""
+    assert "HEIC" in problem and "this Pillow build" in problem
+    with pytest.raises(OSError, match="HEIC"):
+        load_image(heic)
+    data = copy_classes(tmp_path / "d", ["bag", "coat"], 3)
+    (data / "bag" / "photo.heic").write_bytes(heic.read_bytes())
+    reasons = {p.name: why for p, why in scan_folder(data).report.skipped}
+    assert "HEIC" in reasons["photo.heic"]  # not "not an image file (extension .heic)"
+    if PIL.features.check("avif"):  # a Pillow that decodes AVIF: an AVIF file is an image
+        Image.new("RGB", (32, 32), (0, 128, 0)).save(data / "coat" / "green.avif")
+        used = {s.path.name for s in scan_folder(data).train + scan_folder(data).val}
+        assert "green.avif" in used

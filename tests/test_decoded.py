@@ -99,6 +99,42 @@ def test_a_damaged_cache_file_is_decoded_again(photos: Path, tmp_path: Path) -> 
     np.testing.assert_array_equal(np.load(cache.path(sample.digest)), good)  # rewritten
 
 
+def test_a_cached_array_of_the_wrong_shape_or_dtype_is_decoded_again(
+    photos: Path, tmp_path: Path
+) -> None:
+    sample = scan_folder(photos).train[0]
+    cache = DecodedCache.for_preprocessing(PRE, tmp_path / "c")
+    good = np.array(cache.load(sample))
+    h, w = good.shape[:2]
+    wrong = [
+        np.zeros((h, w, 3), np.float32),  # the wrong dtype
+        np.zeros((h, w), np.uint8),  # greyscale: the wrong shape
+        np.zeros((h, w, 4), np.uint8),
+        np.zeros((h // 2, w, 3), np.uint8),  # another image's size
+        np.zeros((0, w, 3), np.uint8),
+        np.zeros((3,), np.int64),
+    ]
+    for array in wrong:
+        np.save(cache.path(sample.digest), array)
+        np.testing.assert_array_equal(cache.load(sample), good)
+        np.save(cache.path(sample.digest), array)
+        assert cache.fill([sample]).added == 1  # fill decodes it again too
+        np.testing.assert_array_equal(np.load(cache.path(sample.digest)), good)
+
+
+def test_identical_files_are_counted_once_in_the_fill_summary(
+    fashion: Path, tmp_path: Path
+) -> None:
+    first = sorted((fashion / "train" / "bag").glob("*.png"))[0]
+    (tmp_path / "a").mkdir()
+    for name in ("one.png", "two.png", "three.png"):
+        shutil.copy(first, tmp_path / "a" / name)
+    samples = [Sample(p, 0) for p in sorted((tmp_path / "a").iterdir())]
+    fill = DecodedCache(256, cv2.INTER_CUBIC, tmp_path / "c").fill(samples)
+    assert (fill.images, fill.added, fill.failed) == (1, 1, 0)
+    assert "0 reused" in fill.describe()  # was "-2 reused"
+
+
 def test_estimate_brings_the_short_side_down_and_never_up() -> None:
     big = Sample(Path("big.jpg"), 0, "d", width=4000, height=3000)
     small = Sample(Path("small.png"), 0, "e", width=28, height=28)

@@ -1,19 +1,26 @@
-"""``evaluate`` on a labelled folder: metrics that agree with the predictions, and real plots."""
+"""``evaluate`` on a labelled folder: metrics that agree with the predictions, and real plots;
+images that cannot be read are left out and listed."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 import finetune
+from finetune.cli.commands import SKIPPED_EXIT, cli
 from finetune.errors import DataError
 from finetune.inference.evaluate import evaluate
+from finetune.inference.inputs import Skipped
 from finetune.inference.predict import expand_inputs
+
+from .test_predict import unreadable_images
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +92,46 @@ def test_a_folder_with_some_classes_or_foreign_ones(
     (tmp_path / "empty" / "bag").mkdir(parents=True)
     with pytest.raises(DataError, match="no class sub-folders with images"):
         predictor.evaluate(tmp_path / "empty")
+
+
+def test_unreadable_images_are_left_out_of_the_metrics_named_and_exit_3(
+    predictor: finetune.Predictor,
+    linear_run: finetune.FitResult,
+    fashion: Path,
+    tmp_path: Path,
+) -> None:
+    """A decompression bomb, a truncated, an empty and a text file named as images, and a
+    folder named ``x.png``, among real images: the real ones are measured, the others listed
+    with why (in the Evaluation and evaluation.json), and the command exits 3."""
+    data = tmp_path / "labelled"
+    shutil.copytree(fashion / "test" / "bag", data / "bag")
+    shutil.copytree(fashion / "test" / "coat", data / "coat")
+    bad = unreadable_images(data / "bag", fashion)
+    (data / "coat" / "folder.png").mkdir()  # a folder, not an image: not one of the images
+    skipped: list[Skipped] = []
+    result = predictor.evaluate(data, on_skip=skipped.append)
+    assert len(result.labels) == 20 and result.per_class()["bag"]["support"] == 10
+    assert result.skipped == tuple(skipped)
+    assert sorted(Path(s.path or "").name for s in skipped) == sorted(bad)
+    assert all(s.reason for s in skipped)
+    files = result.save(tmp_path / "eval")
+    listed = json.loads(files["json"].read_text())["skipped"]
+    assert {Path(s["path"]).name: s["reason"] for s in listed}["bomb.png"].startswith(
+        "decompression bomb"
+    )
+    shown = warnings.showwarning
+    try:
+        command = CliRunner().invoke(
+            cli, ["evaluate", str(linear_run.dir), str(data), "-o", str(tmp_path / "cli")]
+        )
+    finally:
+        warnings.showwarning = shown
+    assert command.exit_code == SKIPPED_EXIT, command.output
+    assert "accuracy" in command.stdout and "Traceback" not in command.output
+    for path in bad.values():
+        assert f"skipped {path}: " in command.stderr
+    # Nothing readable at all: a clear error that gives the reasons, not a traceback.
+    only_bad = tmp_path / "only-bad"
+    unreadable_images(only_bad / "bag", fashion)
+    with pytest.raises(DataError, match=r"None of .* could be read; .*: (decompression|empty)"):
+        predictor.evaluate(only_bad, on_skip=[].append)

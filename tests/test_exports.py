@@ -306,3 +306,37 @@ def test_any_name_loads_by_content_and_unknown_files_list_the_kinds(
     assert not is_model_path(tmp_path / "notes") and not is_model_path(image)
     with pytest.raises(CheckpointError, match="does not exist"):
         finetune.load(tmp_path / "missing")
+
+
+def test_export_never_removes_or_overwrites_what_it_did_not_write(
+    linear_run: finetune.FitResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle replaces its own two files alone; a folder or file it did not write is refused
+    (named), and --force writes the export's files without removing anything else."""
+    shared = tmp_path / "shared"
+    export(linear_run.dir, out=shared)
+    (shared / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match=r"shared is a finetune bundle that also holds notes"):
+        export(linear_run.dir, out=shared)
+    assert export(linear_run.dir, out=shared, force=True) == shared
+    assert sorted(p.name for p in shared.iterdir()) == ["model.json", "model.safetensors",
+                                                        "notes.txt"]  # fmt: skip
+    assert (shared / "notes.txt").read_text() == "keep me" and is_bundle(shared)
+    # `-o .` inside a bundle folder: the working directory keeps its files and stays itself.
+    monkeypatch.chdir(shared)
+    result = _finetune_cli("export", str(linear_run.dir), "-o", ".")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "holds notes.txt" in result.stderr and "--force" in result.stderr
+    assert (shared / "notes.txt").read_text() == "keep me" and is_bundle(shared)
+    # One-file exports: an earlier export of the kind is replaced, a user's file is not.
+    mine = tmp_path / "model.pt"
+    mine.write_text("my notes")
+    with pytest.raises(CheckpointError, match=r"model\.pt exists and is not a TorchScript export"):
+        export(linear_run.dir, format="torchscript", out=mine)
+    assert mine.read_text() == "my notes"
+    assert export(linear_run.dir, format="torchscript", out=mine, force=True) == mine
+    assert export(linear_run.dir, format="torchscript", out=mine) == mine  # ours: replaced
+    for bad in (shared, mine / "below"):  # a folder for a file; a path below a file
+        with pytest.raises(CheckpointError, match=r"is a folder|lies below .*model\.pt"):
+            export(linear_run.dir, format="torchscript", out=bad, force=True)
+    assert (shared / "notes.txt").read_text() == "keep me" and is_torchscript(mine)

@@ -77,6 +77,65 @@ def test_a_damaged_cache_file_is_recomputed(small_folder: Path, cache: Path) -> 
     np.testing.assert_allclose(again[HEAD], good[HEAD], rtol=1e-5)
 
 
+def test_a_cache_file_that_does_not_hold_the_features_asked_for_is_recomputed(
+    small_folder: Path, cache: Path
+) -> None:
+    from safetensors.numpy import save_file
+
+    backbone = create_backbone("tf_efficientnet_lite0")
+    pre = Preprocessing.from_model(backbone, 32)
+    samples = scan_folder(small_folder).train[:4]
+    cpu = torch.device("cpu")
+    good, _ = extract_features(backbone, samples, pre, [HEAD], device=cpu, progress=False)
+    (file,) = cache.glob("*.safetensors")
+    labels = good["label"]
+    wrong = [
+        {"label": labels},  # the point is missing
+        {HEAD: good[HEAD]},  # the labels are missing
+        {HEAD: good[HEAD][:2], "label": labels},  # rows do not match
+        {HEAD: good[HEAD][0], "label": labels},  # 1-D
+        {HEAD: good[HEAD].astype(np.int32), "label": labels},
+        {HEAD: np.zeros((9, 1280), np.float32), "label": np.zeros(9, np.int64)},  # > samples
+    ]
+    for content in wrong:
+        features._MEMORY.clear()
+        save_file(content, str(file))
+        again, hit = extract_features(backbone, samples, pre, [HEAD], device=cpu, progress=False)
+        assert not hit
+        np.testing.assert_allclose(again[HEAD], good[HEAD], rtol=1e-5)
+
+
+def test_a_file_rewritten_with_its_mtime_restored_is_not_read_from_the_cache(
+    small_folder: Path, cache: Path
+) -> None:
+    backbone = create_backbone("tf_efficientnet_lite0")
+    pre = Preprocessing.from_model(backbone, 32)
+    samples = scan_folder(small_folder).train[:4]
+    cpu = torch.device("cpu")
+    extract_features(backbone, samples, pre, [HEAD], device=cpu, progress=False)
+    features._MEMORY.clear()
+    victim = samples[0].path
+    info = victim.stat()
+    victim.write_bytes(samples[1].path.read_bytes()[: info.st_size].ljust(info.st_size, b"\0"))
+    os.utime(victim, ns=(info.st_atime_ns, info.st_mtime_ns))
+    _, hit = extract_features(backbone, samples, pre, [HEAD], device=cpu, progress=False)
+    assert not hit
+
+
+def test_a_file_deleted_after_the_scan_is_left_out_with_a_warning(
+    small_folder: Path, cache: Path
+) -> None:
+    backbone = create_backbone("tf_efficientnet_lite0")
+    pre = Preprocessing.from_model(backbone, 32)
+    samples = scan_folder(small_folder).train[:4]
+    samples[0].path.unlink()
+    with pytest.warns(UserWarning, match=f"{samples[0].path.name}.*gone since the scan"):
+        out, _ = extract_features(
+            backbone, samples, pre, [HEAD], device=torch.device("cpu"), progress=False
+        )
+    assert out[HEAD].shape[0] == 3 and list(out["label"]) == [s.label for s in samples[1:]]
+
+
 def test_the_channels_last_pass_gives_the_same_features(small_folder: Path, cache: Path) -> None:
     backbone = create_backbone("tf_efficientnet_lite0")
     pre = Preprocessing.from_model(backbone, 32)

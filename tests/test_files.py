@@ -102,3 +102,25 @@ def test_a_folder_that_fails_midway_leaves_the_old_one(tmp_path: Path, exc: Base
         atomic_write_folder(target, fail)
     assert (target / "model.json").read_text() == "old"
     assert _names(tmp_path) == ["bundle"]
+
+
+def test_a_folder_write_replaces_its_own_files_and_never_removes_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing into a folder that exists (``-o .`` included) replaces the names written and
+    nothing else: the folder itself stays, with the user's files in it."""
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (target / "model.json").write_text("old")
+    atomic_write_folder(target, lambda folder: (folder / "model.json").write_text("new"))
+    assert (target / "model.json").read_text() == "new"
+    assert (target / "notes.txt").read_text() == "mine"
+    assert _names(tmp_path) == ["bundle"]
+    inode = target.stat().st_ino
+    monkeypatch.chdir(target)
+    assert atomic_write_folder(".", lambda folder: (folder / "model.json").write_text("dot"))
+    assert target.stat().st_ino == inode  # the working directory was not swapped for another
+    assert _names(target) == ["model.json", "notes.txt"]
+    assert (target / "model.json").read_text() == "dot"
+    assert _names(tmp_path) == ["bundle"]  # the temporary folder beside it is gone

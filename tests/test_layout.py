@@ -8,6 +8,7 @@ even when it is hidden in a function that no other test calls.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,12 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     }
 
 
+@functools.cache
+def package_graph() -> dict[str, frozenset[str]]:
+    """finetune's own import graph, parsed once for every test of this module."""
+    return {name: frozenset(targets) for name, targets in import_graph().items()}
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import cycle as a path ``[a, b, ..., a]``, or None."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
@@ -114,7 +121,7 @@ def _stage(module: str) -> str | None:
 
 
 def test_no_import_cycle_inside_the_package() -> None:
-    cycle = find_cycle(import_graph())
+    cycle = find_cycle(package_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
@@ -142,11 +149,11 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function(tmp_path: Path) -> 
 
 
 def test_every_stage_is_in_a_layer() -> None:
-    stages = {s for m in import_graph() if (s := _stage(m))}
+    stages = {s for m in package_graph() if (s := _stage(m))}
     assert stages <= set(RANK), f"add {sorted(stages - set(RANK))} to LAYERS"
 
 
-@pytest.mark.parametrize("module", sorted(import_graph()))
+@pytest.mark.parametrize("module", sorted(package_graph()))
 def test_imports_point_down(module: str) -> None:
     """A stage imports only itself and the stages below it (timm's data/ never imports models/)."""
     own = _stage(module)
@@ -154,7 +161,7 @@ def test_imports_point_down(module: str) -> None:
         return
     upward = sorted(
         target
-        for target in import_graph()[module]
+        for target in package_graph()[module]
         if (stage := _stage(target)) is not None and RANK[stage] > RANK[own]
     )
     assert not upward, f"{module} ({own}) imports later stages: {upward}"

@@ -230,3 +230,22 @@ def test_the_cli_says_what_is_wrong_with_the_range_without_a_traceback(
     assert result.returncode == 1
     assert "Error: start_lr=1 (--start-lr) must be below end_lr=0.1 (--end-lr)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_lr_find_never_overwrites_a_file_it_was_not_asked_to_write(
+    finding: LRFinding, tmp_path: Path
+) -> None:
+    """-o names the plot; the numbers beside it replace only an earlier lr-find's, and a file
+    of the user's there is refused before anything is trained (no data is even read here)."""
+    mine = tmp_path / "x.json"
+    mine.write_text("my numbers")
+    with pytest.raises(ConfigError, match=r"x\.json exists and is not the numbers of an earlier"):
+        finetune.lr_find(tmp_path / "no-data", out=tmp_path / "x.png", verbose=False)
+    assert mine.read_text() == "my numbers"
+    from finetune.training.lr_range import output_paths  # where -o's files go
+
+    assert finding.plot is not None
+    assert output_paths(finding.plot) == (finding.plot, finding.plot.with_suffix(".json"))
+    assert output_paths(tmp_path) == (tmp_path / "lr-find.png", tmp_path / "lr-find.json")
+    with pytest.raises(ConfigError, match=r"cannot be a \.json file"):
+        output_paths(tmp_path / "plot.json")

@@ -132,3 +132,7 @@ def test_weight_errors_say_how_to_fix(tmp_path: Path) -> None:
         create_backbone("resnt18")
     with pytest.raises(ModelError, match="--weights PATH"):
         create_backbone("resnet18")  # HF_HUB_OFFLINE=1: not in the cache, cannot download
+    # A pattern is not a model, with or without --weights (timm.list_models matched it).
+    for weights in (tmp_path / "resnet.pth", None):
+        with pytest.raises(ModelError, match=r"'resnet\*' is a pattern \(it matches \d+: resnet"):
+            create_backbone("resnet*", weights=weights)

@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 import shutil
+import struct
 import subprocess
 import sys
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner, Result
 from PIL import Image
 
 import finetune
 import finetune.inference.evaluate
+import finetune.inference.inputs
+from finetune.cli.commands import SKIPPED_EXIT, cli
 from finetune.errors import CheckpointError, ConfigError, DataError
+from finetune.inference.inputs import Skipped
 from finetune.inference.predict import expand_inputs, is_model_path, leading_models
 
 from .conftest import copy_classes
+
+
+def invoke(*args: str) -> Result:
+    """A command run in this process (no seconds spent importing torch again); the
+    process's warning display is left as it was."""
+    shown = warnings.showwarning
+    try:
+        return CliRunner().invoke(cli, list(args))
+    finally:
+        warnings.showwarning = shown
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +117,130 @@ def test_inputs_expand_recursively_and_missing_paths_fail(tmp_path: Path, fashio
         expand_inputs([tmp_path / "nope.png"])
 
 
-def test_unreadable_images_are_skipped_with_a_warning(
-    predictor: finetune.Predictor, tmp_path: Path, fashion: Path
+def bomb_png(path: Path, pixels: int) -> Path:
+    """A real PNG of at least ``pixels`` pixels, all black, 1 bit per pixel: 22 KB on disk for
+    Pillow's error limit (2 x ``Image.MAX_IMAGE_PIXELS``), as zlib squeezes its zero rows;
+    written row by row, so making it costs no memory."""
+    side = math.isqrt(pixels - 1) + 1
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = bytes(1 + (side + 7) // 8)  # filter byte 0, then the packed bits
+    packer = zlib.compressobj(9)
+    rows = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def unreadable_images(folder: Path, fashion: Path) -> dict[str, Path]:
+    """One file of each kind that is not a usable image, all named as PNGs, in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    real = next((fashion / "test" / "bag").glob("*.png")).read_bytes()
+    files = {name: folder / name for name in ("truncated.png", "text.png", "empty.png")}
+    files["truncated.png"].write_bytes(real[: len(real) // 2])
+    files["text.png"].write_text("not a png, whatever its name says")
+    files["empty.png"].write_bytes(b"")
+    files["bomb.png"] = bomb_png(folder / "bomb.png", 2 * Image.MAX_IMAGE_PIXELS + 1)
+    # over the warning limit only: refused as fit's scan refuses it (gigabytes to decode)
+    files["huge.png"] = bomb_png(folder / "huge.png", Image.MAX_IMAGE_PIXELS + 1)
+    return files
+
+
+@pytest.fixture(scope="module")
+def unreadable(tmp_path_factory: pytest.TempPathFactory, fashion: Path) -> dict[str, Path]:
+    return unreadable_images(tmp_path_factory.mktemp("unreadable"), fashion)
+
+
+def test_every_kind_of_unreadable_image_is_skipped_with_why_and_the_others_classified(
+    predictor: finetune.Predictor, unreadable: dict[str, Path], tmp_path: Path, fashion: Path
 ) -> None:
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not a png")
-    good = next((fashion / "test" / "coat").glob("*.png"))
-    with pytest.warns(UserWarning, match="bad.png"):
-        predictions = predictor.predict([bad, good])
-    assert [p.path for p in predictions] == [str(good)]
+    folder = tmp_path / "folder.png"  # a folder, named as an image
+    folder.mkdir()
+    first, last = sorted((fashion / "test" / "coat").glob("*.png"))[:2]
+    inputs = [first, *unreadable.values(), folder, last]
+    skipped: list[Skipped] = []
+    predictions = predictor.predict(inputs, on_skip=skipped.append)
+    assert [p.path for p in predictions] == [str(first), str(last)]
+    assert [s.index for s in skipped] == list(range(1, len(inputs) - 1))
+    reasons = {Path(s.path or "").name: s.reason for s in skipped}
+    assert reasons["bomb.png"].startswith("decompression bomb: Image size (")
+    assert reasons["huge.png"].startswith("decompression bomb: Image size (")
+    assert reasons["empty.png"] == "empty file (0 bytes)"
+    assert reasons["text.png"] == "not an image (Pillow does not recognise its content)"
+    assert "truncated" in reasons["truncated.png"]
+    assert "a folder" in reasons["folder.png"]
+    # Probabilities stay aligned with the inputs: a row of NaN for each one left out.
+    probs = predictor.predict_proba(inputs, on_skip=[].append)
+    assert probs.shape == (len(inputs), len(predictor.classes))
+    assert np.isnan(probs[1:-1]).all() and np.isfinite(probs[[0, -1]]).all()
+    # Nobody asked: a warning per input left out.
+    with pytest.warns(UserWarning, match="bomb.png: decompression bomb"):
+        assert len(predictor.predict([unreadable["bomb.png"], first])) == 1
+
+
+def test_predict_command_names_each_image_it_skips_and_exits_3(
+    linear_run: finetune.FitResult, unreadable: dict[str, Path], fashion: Path
+) -> None:
+    """The good images are all predicted, in every format; the bad ones are named on stderr
+    with the reason, and the exit status says that some are missing."""
+    first, last = sorted((fashion / "test" / "coat").glob("*.png"))[:2]
+    args = [str(linear_run.dir), str(first), *map(str, unreadable.values()), str(last)]
+    table = invoke("predict", *args)
+    assert table.exit_code == SKIPPED_EXIT, table.output
+    assert [line.split("\t")[0] for line in table.stdout.splitlines()] == [str(first), str(last)]
+    for name, path in unreadable.items():
+        assert f"skipped {path}: " in table.stderr, name
+    assert f"{len(unreadable)} image files could not be read" in table.stderr
+    listed = invoke("predict", *args, "--format", "json")
+    assert listed.exit_code == SKIPPED_EXIT and "Traceback" not in listed.output
+    assert [p["path"] for p in json.loads(listed.stdout)] == [str(first), str(last)]
+
+
+def test_check_and_augment_preview_name_unreadable_images_and_exit_3(
+    fashion: Path, tmp_path: Path
+) -> None:
+    data = copy_classes(tmp_path / "data", ["bag", "sneaker"], 6)
+    bad = unreadable_images(data / "bag", fashion)
+    (data / "bag" / "notes.txt").write_text("not an image by name: no image to read")
+    checked = invoke("check", str(data))
+    assert checked.exit_code == SKIPPED_EXIT, checked.output
+    assert f"{len(bad)} image files could not be read" in checked.stderr
+    preview = tmp_path / "preview.png"
+    shown = invoke("augment-preview", str(data), "-o", str(preview), "--image-size", "32")
+    assert shown.exit_code == SKIPPED_EXIT, shown.output
+    assert shown.stdout.strip() == str(preview) and Image.open(preview).size[0] > 0
+    for path in bad.values():
+        assert f"skipped {path}: " in shown.stderr
+    # A folder with nothing wrong exits 0.
+    clean = copy_classes(tmp_path / "clean", ["bag", "sneaker"], 6)
+    assert invoke("check", str(clean)).exit_code == 0
+
+
+def test_the_table_prints_one_line_per_image_whatever_its_name(
+    linear_run: finetune.FitResult, tmp_path: Path, fashion: Path
+) -> None:
+    """Names with a tab or a newline are escaped (Python repr) in the table, so one image is
+    one line; printable names, accents included, are shown as they are; JSON and CSV keep
+    every name exact."""
+    source = next((fashion / "test" / "coat").glob("*.png"))
+    odd = tmp_path / "tab\tand\nnewline.png"
+    plain = tmp_path / "manteau d'été.png"
+    for path in (odd, plain):
+        shutil.copy(source, path)
+    table = invoke("predict", str(linear_run.dir), str(odd), str(plain))
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(repr(str(odd)) + "\t") and lines[1].startswith(f"{plain}\t")
+    listed = invoke("predict", str(linear_run.dir), str(odd), str(plain), "--format", "json")
+    assert [p["path"] for p in json.loads(listed.stdout)] == [str(odd), str(plain)]
+    rows = invoke("predict", str(linear_run.dir), str(odd), str(plain), "--format", "csv")
+    assert [r[0] for r in csv.reader(io.StringIO(rows.stdout))][1:] == [str(odd), str(plain)]
 
 
 def test_tta_averages_the_softmax_of_the_views(predictor: finetune.Predictor, fashion: Path):
@@ -160,9 +295,9 @@ def test_ensemble_averages_its_members_decoding_each_image_once(
     images = _test_images(fashion)
 
     decoded = []
-    real_load_image = finetune.inference.predict.load_image
+    real_load_image = finetune.inference.inputs.load_image
     monkeypatch.setattr(
-        finetune.inference.predict, "load_image", lambda p: decoded.append(p) or real_load_image(p)
+        finetune.inference.inputs, "load_image", lambda p: decoded.append(p) or real_load_image(p)
     )
     probs = ensemble.predict_proba(images, batch_size=4)
     assert decoded == images  # once per image, whatever the number of members

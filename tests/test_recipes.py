@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 import finetune
 from finetune.config import SETTINGS, FitConfig
 from finetune.errors import ConfigError
-from finetune.recipes import load_recipe, write_recipe
+from finetune.recipes import MAX_RECIPE_BYTES, load_recipe, write_recipe
 from tests.test_cli import run, run_many
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +84,9 @@ def test_write_then_load_round_trips_only_the_changed_fields(tmp_path: Path) -> 
         ("epochs = 2.5\n", ["epochs must be a whole number, got 2.5"]),
         ('hflip = "yes"\n', ["hflip must be true or false"]),
         ("crop_scale = [0.35]\n", ["crop_scale must be two numbers in brackets"]),
-        ("epochs = 0\n", ["epochs must be at least 1"]),
+        ("epochs = 0\n", ["epochs must be between 1 and 100000, got 0 (option --epochs)"]),
+        ("lighting = nan\n", ["lighting must be between 0 and 10, got nan (option --lighting)"]),
+        ("lr = 1e30\n", ["lr must be in (0, 10], got 1e+30"]),
         ('optimizer = "adamm"\n', ["Unknown optimizer 'adamm'"]),
         ("crop_scale = [0.9, 0.2]\n", ["crop_scale must satisfy"]),
     ],
@@ -98,6 +101,39 @@ def test_errors_name_the_file_and_the_fix(
     assert str(info.value).startswith(f"{path}: ")
     for message in messages:
         assert message in str(info.value)
+
+
+def test_only_a_small_regular_file_of_flat_values_is_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # opening it to read would block until a writer came
+    deep = tmp_path / "deep.toml"
+    deep.write_text("lr = " + "[" * 100_000 + "]" * 100_000 + "\n")  # a RecursionError in tomllib
+    huge = tmp_path / "huge.toml"
+    huge.write_text("# " + "x" * MAX_RECIPE_BYTES + "\n")
+    link = tmp_path / "zero.toml"
+    link.symlink_to("/dev/zero")  # endless: read without a cap, it filled the memory
+    for path, message in (
+        (fifo, "is not a regular file"),
+        (Path("/dev/zero"), "is not a regular file"),
+        (link, "is not a regular file"),
+        (tmp_path, "is not a regular file"),
+        (huge, "is over 1024 KB"),
+        (deep, "nest too deep"),
+    ):
+        with pytest.raises(ConfigError, match=message) as info:
+            load_recipe(path)
+        assert str(path) in str(info.value)
+
+
+def test_a_recipe_may_not_choose_the_run_folder(tmp_path: Path) -> None:
+    path = tmp_path / "shared.toml"
+    path.write_text('epochs = 2\nout = "/home/someone/important"\n')
+    with pytest.raises(ConfigError, match=r"cannot set out .*--out") as info:
+        load_recipe(path)
+    assert str(info.value).startswith(f"{path}: ")
+    # write_recipe never writes it either, so a written recipe always loads
+    written = write_recipe(tmp_path / "w.toml", FitConfig(epochs=2, out=str(tmp_path / "run")))
+    assert "out" not in written.read_text() and load_recipe(written) == FitConfig(epochs=2)
 
 
 def test_a_missing_recipe_is_a_clean_error(tmp_path: Path) -> None:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +37,8 @@ RUN_FILES = {
     "bundle": "bundle",
     "torchscript": "model.torchscript.pt",
     "onnx": "model.onnx",
+    "split": "split.json",
+    "lock_file": "run.lock",
 }
 TUNE_FILES = {"trials": "trials.csv", "plot": "tune.png", "best_recipe": "best.toml"}
 
@@ -71,15 +78,73 @@ def test_a_new_run_never_reuses_a_started_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = RunDir.create(tmp_path / "out", "ignored")
-    assert run.path == tmp_path / "out" and run.path.is_dir()
-    RunDir.create(tmp_path / "out", "ignored")  # nothing started there yet: reused
+    assert run.path == tmp_path / "out" and run.path.is_dir() and run.lock_file.is_file()
+    run.unlock()
+    assert not run.lock_file.exists()
+    RunDir.create(tmp_path / "out", "ignored").unlock()  # still empty: reused
     run.last.write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"already holds a run \(last\.pt\)"):
+    with pytest.raises(ConfigError, match=r"already holds a run \(last\.pt\).*--resume"):
         RunDir.create(tmp_path / "out", "ignored")
     monkeypatch.chdir(tmp_path)
     first, second = RunDir.create(None, "flowers-linear"), RunDir.create(None, "flowers-linear")
     assert first.path.parent == second.path.parent == Path("runs")
     assert first.path.name.startswith("flowers-linear-") and first.path != second.path
+
+
+def test_a_new_run_never_writes_into_a_folder_that_holds_files(tmp_path: Path) -> None:
+    """--out a folder of the user's, a file, or a path below a file: refused, named, and
+    nothing in it touched or left behind."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("my settings")
+    with pytest.raises(ConfigError, match=r"mine is not empty \(it holds config\.json\)"):
+        RunDir.create(mine, "ignored")
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json"]
+    assert (mine / "config.json").read_text() == "my settings"
+    with pytest.raises(ConfigError, match=r"config\.json is a file; give a folder"):
+        RunDir.create(mine / "config.json", "ignored")
+    with pytest.raises(ConfigError, match=r"lies below .*config\.json, which is a file"):
+        RunDir.create(mine / "config.json" / "run", "ignored")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ConfigError, match="is not writable"):
+            RunDir.create(locked / "run", "ignored")
+
+
+def _lock(run: RunDir, pid: int, host: str | None = None) -> None:
+    record = {"pid": pid, "host": host or socket.gethostname(), "started": "earlier"}
+    run.lock_file.write_text(json.dumps(record))
+
+
+def test_one_process_at_a_time_holds_a_run_folder(tmp_path: Path) -> None:
+    """run.lock is created exclusively: a second claim is refused with the holder's pid; a lock
+    whose process is gone is taken over; another host's is refused with how to remove it."""
+    first = RunDir.create(tmp_path / "out", "ignored")
+    with pytest.raises(ConfigError, match=rf"in use by another finetune fit .*pid {os.getpid()}"):
+        RunDir.create(tmp_path / "out", "ignored")
+    with pytest.raises(ConfigError, match="in use"):
+        first.lock()  # resume takes the same lock
+    first.unlock()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as alive:
+        try:
+            _lock(first, alive.pid)
+            with pytest.raises(ConfigError, match=rf"pid {alive.pid} .*remove .*run\.lock"):
+                RunDir.create(tmp_path / "out", "ignored")
+            first.unlock()  # not this process's lock: left alone
+            assert json.loads(first.lock_file.read_text())["pid"] == alive.pid
+        finally:
+            alive.kill()
+    alive.wait()
+    dead = RunDir.create(tmp_path / "out", "ignored")  # its holder is gone: taken over
+    assert json.loads(dead.lock_file.read_text())["pid"] == os.getpid()
+    dead.unlock()
+    _lock(first, 1, host="another-host")
+    with pytest.raises(ConfigError, match=r"on another-host.*remove"):
+        first.lock()
+    first.lock_file.write_text("")  # damaged, or its writer still between open and write
+    with pytest.raises(ConfigError, match="cannot be read"):
+        first.lock()
 
 
 def test_tune_folders(tmp_path: Path) -> None:

@@ -147,7 +147,12 @@ def test_stage_probe_picks_a_stage_by_cross_validation_and_keeps_only_what_it_ne
     small_folder: Path, tmp_path: Path
 ) -> None:
     run = finetune.fit(
-        small_folder, strategy="stage-probe", image_size=32, out=str(tmp_path / "r"), verbose=False
+        small_folder,
+        strategy="stage-probe",
+        image_size=32,
+        out=str(tmp_path / "r"),
+        verbose=False,
+        report=False,
     )
     probe = json.loads((run.dir / "probe.json").read_text())
     points = probe["points"]
@@ -238,7 +243,7 @@ def test_a_fine_tune_with_the_training_kit_follows_its_schedule_and_saves_its_av
     run = finetune.fit(
         fashion, strategy="finetune-top", epochs=4, image_size=32, ema=True, ema_decay=0.99,
         schedule="restarts", cycles=2, lr=2e-3, dropout=0.2, drop_path=0.1,
-        label_smoothing=0.1, out=str(tmp_path / "kit"), verbose=False,
+        label_smoothing=0.1, out=str(tmp_path / "kit"), verbose=False, report=False,
     )  # fmt: skip
     config = json.loads((run.dir / "config.json").read_text())
     for key, value in {"schedule": "restarts", "cycles": 2, "ema": True, "dropout": 0.2,

@@ -374,3 +374,76 @@ def test_a_non_finite_loss_is_remembered_by_the_step_without_stopping_it() -> No
     assert not torch.isfinite(step(x, y).loss) and not bool(step.finite)
     step(x, y)  # the driver decides what a non-finite loss means: the step goes on
     assert step.steps == 2 and not bool(step.finite) and not step.stopped
+
+
+class _InfiniteOnValidation(nn.Module):
+    """Finite weights, finite training losses, infinite logits in eval mode: what an LR far too
+    high gave (``--lr 1e30``), whose NaN validation loss became best.pt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out if self.training else out * float("inf")
+
+
+def test_a_non_finite_validation_loss_is_never_best_and_no_missing_checkpoint_is_named(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    model = _InfiniteOnValidation()
+    x, y = _separable()
+    training = _training(model, x, y, epochs=2)
+    with (
+        pytest.warns(UserWarning, match=r"\(training or validation\) became non-finite"),
+        pytest.raises(TrainingError, match="in epoch 1 ") as info,
+    ):
+        train(model, training, Recorder(tmp_path, META), progress=False)
+    message = str(info.value)
+    assert "no epoch finished with finite losses, so no checkpoint was written" in message
+    assert "last.pt" not in message and "lower --lr" in message
+    assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
+    # A NaN loss never beats a finite one, nor is the first "best", whatever its accuracy.
+    recorder = Recorder(tmp_path / "r", META)
+    assert not recorder.is_best(1.0, math.nan) and not recorder.is_ema_best(1.0, math.inf)
+    assert recorder.is_best(0.5, 0.7)
+
+
+class _Exhausting(nn.Module):
+    """A model whose forward pass fails as running out of memory does, in each of its forms."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.linear, self.error = nn.Linear(3, 2), error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 192000000000 bytes."
+        ),
+        MemoryError(),
+    ],
+)
+def test_running_out_of_memory_in_a_step_names_the_options_to_lower(error) -> None:
+    model = _Exhausting(error)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), CPU)
+    images, labels = torch.zeros(4, 3, 40, 48), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(TrainingError) as info:
+        step(images, labels)
+    message = str(info.value)
+    assert "Out of memory on cpu in a training step of 4 images of 40x48 px" in message
+    assert "--batch-size (this step had 4)" in message and "--image-size" in message
+    assert info.value.__cause__ is error  # the original stays reachable for a debugger
+    # Other errors are bugs, and keep their type and traceback.
+    other = _Exhausting(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes"):
+        TrainStep(other, torch.optim.SGD(other.parameters(), lr=0.1), CPU)(images, labels)

@@ -23,10 +23,10 @@ from finetune import __version__
 from finetune.cli.options import fit_option, fit_options
 from finetune.config import CHECKPOINTS, DEFAULT_MAX_IMAGES, LOG_FORMATS, TTA_MODES, FitConfig
 from finetune.errors import FinetuneError
-from finetune.run.layout import RunDir
 
 if TYPE_CHECKING:
     from finetune.inference.evaluate import Evaluation
+    from finetune.inference.inputs import Skipped
     from finetune.inference.predict import BasePredictor, Prediction
     from finetune.pipeline import FitResult, Plan
     from finetune.tuning import TuneResult
@@ -124,7 +124,13 @@ def _inference_option_list() -> list:
             help="Test-time augmentation: average the softmax over the mirror image (flip) or 4 "
             "corner + centre crops and their mirrors (10crop).",
         ),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=32,
+            show_default=True,
+            help="Images per forward pass (lower it if memory runs out).",
+        ),
         click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available]."),
     ]
 
@@ -279,6 +285,8 @@ def _summary(result: FitResult) -> str:
 def _data_of(run_dir: Path) -> Path | None:
     """The data folder a run recorded in scan.json, if it still exists."""
     try:
+        from finetune.run.layout import RunDir
+
         root = Path(json.loads(RunDir(run_dir).scan.read_text())["root"])
     except (OSError, ValueError, KeyError):
         return None
@@ -333,6 +341,7 @@ def _given_options(options: dict[str, object]) -> list[str]:
 
 def _plan_text(plan: Plan, rerun: str) -> str:
     from finetune.data.transforms import augmentation_of
+    from finetune.reporting.runs import duration
 
     split, config, decision = plan.data, plan.config, plan.decision
     lines = [
@@ -370,7 +379,7 @@ def _plan_text(plan: Plan, rerun: str) -> str:
             else []
         ),
         *([f"augment    {augmentation_of(config).describe()}"] if plan.trains_backbone else []),
-        f"estimate   about {_duration(plan.estimate_seconds)} of training on this machine",
+        f"estimate   about {duration(plan.estimate_seconds, 0)} of training on this machine",
         "",
         "Run it:",
         f"  {rerun}",
@@ -383,14 +392,6 @@ def _settings(values: dict[str, object]) -> str:
     return ", ".join(
         f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
     )
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 @cli.command("tune")
@@ -461,6 +462,8 @@ def tune_command(
 
 
 def _tune_text(result: TuneResult) -> str:
+    from finetune.reporting.runs import duration
+
     best = result.best
     lines = [
         "",
@@ -469,7 +472,7 @@ def _tune_text(result: TuneResult) -> str:
         f"  best         trial {best.trial} ({best.stage}): lr {best.lr:.3g}, weight decay "
         f"{best.weight_decay:.3g}, val acc {best.val_acc:.3f}",
         f"  strategy     {result.strategy}, {len(result.trials)} of {result.requested} trials "
-        f"in {_duration(result.seconds)}",
+        f"in {duration(result.seconds, 0)}",
         *([f"  budget       {result.stopped}"] if result.stopped else []),
         f"  trials       {result.trials_csv}",
         f"  plot         {result.plot}",
@@ -486,7 +489,13 @@ def _tune_text(result: TuneResult) -> str:
     "models", nargs=-1, required=True, metavar="MODEL...", type=click.Path(path_type=Path)
 )
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Also report top-K accuracy: the true class among the K most probable.",
+)
 @click.option(
     "-o",
     "--out",
@@ -529,14 +538,18 @@ def evaluate_command(
             "--ensemble to average them, or give one: finetune evaluate MODEL FOLDER"
         )
     predictor = _load_models(models, ensemble, checkpoint, device)
-    result = predictor.evaluate(folder, top_k=top_k, batch_size=batch_size, tta=tta)
+    note = _SkipPrinter()
+    result = predictor.evaluate(folder, top_k=top_k, batch_size=batch_size, tta=tta, on_skip=note)
     home = models[0] if models[0].is_dir() else models[0].parent
     suffix = ("" if checkpoint == "best" else f"-{checkpoint}") + ("-ensemble" if ensemble else "")
+    from finetune.run.layout import RunDir
+
     files = result.save(out or RunDir(home).evaluation(f"{folder.resolve().name}{suffix}"))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
-        return
-    click.echo(_evaluation_text(result, files))
+    else:
+        click.echo(_evaluation_text(result, files))
+    _exit_if_skipped(result.skipped)
 
 
 def _load_models(
@@ -614,12 +627,22 @@ def _files(model: dict) -> list[str]:
     help="Output path, used as given: no suffix is added or needed (predict and load tell the "
     "format from the content) [default: RUN/bundle, RUN/model.torchscript.pt or RUN/model.onnx].",
 )
-def export_command(model: Path, fmt: str, out: Path | None) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write where -o holds something else: the bundle's model.json and model.safetensors "
+    "into a folder with other files (which are kept), or a file over one that is not an export "
+    "of this kind. Never removes a file export did not write.",
+)
+def export_command(model: Path, fmt: str, out: Path | None, force: bool) -> None:
     """Export MODEL (a run directory or checkpoint) for deployment.
 
     Exports carry the class names and preprocessing: `finetune predict EXPORT ...` and
     `finetune.load(EXPORT)` give the same answers as on the run directory, whatever name
     -o gives the export. The bundle loads with no pickle at all.
+
+    An earlier export at -o is replaced; anything else there (a folder holding other files, a
+    file that is not an export) is left alone and the export refuses, unless --force.
 
     Example:
 
@@ -627,7 +650,7 @@ def export_command(model: Path, fmt: str, out: Path | None) -> None:
     """
     from finetune.inference.export import export
 
-    click.echo(str(export(model, fmt, out)))
+    click.echo(str(export(model, fmt, out, force=force)))
 
 
 @cli.command("predict")
@@ -699,7 +722,10 @@ def predict_command(
     if not paths:
         raise click.ClickException("No image files found in " + ", ".join(map(str, inputs)))
     predictor = _load_models(models, ensemble, checkpoint, device)
-    predictions = predictor.iter_predict(paths, top_k=top_k, batch_size=batch_size, tta=tta)
+    note = _SkipPrinter()
+    predictions = predictor.iter_predict(
+        paths, top_k=top_k, batch_size=batch_size, tta=tta, on_skip=note
+    )
     fmt = "json" if as_json else fmt
     if fmt == "json":
         _echo_json_list(p.to_dict() for p in predictions)
@@ -715,6 +741,7 @@ def predict_command(
     else:
         for p in predictions:
             click.echo(_prediction_line(p, top_k))
+    _exit_if_skipped(note.skipped)
 
 
 def _stdin_paths() -> list[Path]:
@@ -736,10 +763,52 @@ def _echo_json_list(items) -> None:
 
 
 def _prediction_line(p: Prediction, top_k: int) -> str:
+    """One line per image, whatever its file or class names hold (--format json and csv keep
+    them exact)."""
+    path = _printable(p.path)
     if top_k == 1:
-        return f"{p.path}\t{p.label}\t{p.probability:.3f}"
-    ranked = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
-    return f"{p.path}\t{ranked}"
+        return f"{path}\t{_printable(p.label)}\t{p.probability:.3f}"
+    ranked = ", ".join(f"{_printable(label)} {prob:.3f}" for label, prob in p.top_k)
+    return f"{path}\t{ranked}"
+
+
+def _printable(text: object) -> str:
+    """``text`` on one line, unambiguous: a name holding a tab, a newline or another
+    character that does not print (``str.isprintable``) is shown as its Python repr, quoted
+    and escaped (``'a\\tb.png'``); any other name as it is."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)
+
+
+# The exit status of predict, evaluate, check and augment-preview when they finished but left
+# out image files that could not be read (each named on stderr with the reason).
+SKIPPED_EXIT = 3
+
+
+class _SkipPrinter:
+    """An ``on_skip`` for the commands: prints each image left out on stderr, as it happens,
+    and keeps them for :func:`_exit_if_skipped`."""
+
+    def __init__(self) -> None:
+        self.skipped: list[Skipped] = []
+
+    def __call__(self, skip: Skipped) -> None:
+        self.skipped.append(skip)
+        what = _printable(skip.path) if skip.path is not None else f"input {skip.index}"
+        click.echo(f"skipped {what}: {skip.reason}", err=True)
+
+
+def _exit_if_skipped(skipped: Sequence[Skipped]) -> None:
+    """Exit with :data:`SKIPPED_EXIT` when images were left out: the output is complete for
+    the others, and a script can tell that some are missing."""
+    if skipped:
+        click.echo(
+            f"{len(skipped)} image file{'s' if len(skipped) != 1 else ''} could not be read "
+            f"and {'were' if len(skipped) != 1 else 'was'} left out (listed above); exit "
+            f"status {SKIPPED_EXIT}.",
+            err=True,
+        )
+        raise click.exceptions.Exit(SKIPPED_EXIT)
 
 
 @cli.command("augment-preview")
@@ -747,18 +816,30 @@ def _prediction_line(p: Prediction, top_k: int) -> str:
 @click.option(
     "-o",
     "--out",
-    type=click.Path(path_type=Path),
-    default=Path("augment-preview.png"),
+    type=click.Path(),
+    default="augment-preview.png",
     show_default=True,
-    help="The PNG to write.",
+    help="The PNG to write (a folder, or a path ending in /: augment-preview.png in it).",
 )
-@click.option("--images", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--versions", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--images",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Training images shown (rows).",
+)
+@click.option(
+    "--versions",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Augmented versions of each image (columns beside the original).",
+)
 @fit_option("model")
 @fit_option("image_size", help="Input side [default: as fit would choose].")
 @fit_option("seed")
 @fit_options(groups=("augmentation",))
-def augment_preview_command(data: Path, out: Path, images: int, versions: int, **options) -> None:
+def augment_preview_command(data: Path, out: str, images: int, versions: int, **options) -> None:
     """Write a PNG with training images from DATA beside augmented versions of them: what the
     model will see in `finetune fit DATA` with the same augmentation options.
 
@@ -769,7 +850,22 @@ def augment_preview_command(data: Path, out: Path, images: int, versions: int, *
     from finetune.reporting.preview import augment_preview
 
     config = FitConfig.from_kwargs(**options)
-    click.echo(str(augment_preview(data, out, config, images=images, versions=versions)))
+    target = _file_in(out, "augment-preview.png")
+    note = _SkipPrinter()
+    written = augment_preview(data, target, config, images=images, versions=versions, on_skip=note)
+    click.echo(str(written))
+    _exit_if_skipped(note.skipped)
+
+
+def _file_in(out: str, name: str) -> Path:
+    """The file ``-o`` names: ``out``, or ``name`` inside it when it is a folder or ends in a
+    slash (then created), so the path printed is the file written."""
+    path = Path(out).expanduser()
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        if path.exists() and not path.is_dir():
+            raise click.UsageError(f"-o {out}: {path} is a file, not a folder.")
+        return path / name
+    return path
 
 
 @cli.command("lr-find")
@@ -778,10 +874,11 @@ def augment_preview_command(data: Path, out: Path, images: int, versions: int, *
 @click.option(
     "-o",
     "--out",
-    type=click.Path(path_type=Path),
-    default=Path("lr-find.png"),
+    type=click.Path(),
+    default="lr-find.png",
     show_default=True,
-    help="The plot (lr-find.json with the numbers is written beside it).",
+    help="The plot (a folder, or a path ending in /: lr-find.png in it); the numbers are "
+    "written beside it with .json, which never replaces a file lr-find did not write.",
 )
 @click.option(
     "--steps", type=click.IntRange(min=10), default=100, show_default=True, help="Training steps."
@@ -797,7 +894,7 @@ def augment_preview_command(data: Path, out: Path, images: int, versions: int, *
     help="The head LR of the last step (the search stops early if the loss diverges).",
 )
 def lr_find_command(
-    data: Path, out: Path, steps: int, start_lr: float, end_lr: float, **options
+    data: Path, out: str, steps: int, start_lr: float, end_lr: float, **options
 ) -> None:
     """Find a learning rate: train a fresh model on DATA for --steps steps while the head LR
     grows exponentially from --start-lr to --end-lr (the backbone groups keep their ratios to
@@ -813,8 +910,8 @@ def lr_find_command(
     from finetune.pipeline import lr_find
 
     finding = lr_find(
-        data, FitConfig.from_kwargs(**options), out=out, steps=steps, start_lr=start_lr,
-        end_lr=end_lr,
+        data, FitConfig.from_kwargs(**options), out=_file_in(out, "lr-find.png"), steps=steps,
+        start_lr=start_lr, end_lr=end_lr,
     )  # fmt: skip
     given = _given_options({k: v for k, v in options.items() if k != "lr"})
     rerun = shlex.join(["finetune", "fit", str(data), *given, "--lr", f"{finding.suggestion:.1e}"])
@@ -849,10 +946,12 @@ def check_command(data: Path, val_split: float, seed: int, as_json: bool) -> Non
 
         finetune check sample_data/fashion
     """
+    from finetune.inference.inputs import unreadable_files
     from finetune.pipeline import check
 
     report = check(data, val_split=val_split, seed=seed)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.text())
+    _exit_if_skipped(unreadable_files(report))
 
 
 @cli.command("cache")

@@ -15,7 +15,9 @@ How a field becomes an option:
 * other types come from the annotation (``int``, ``float``, ``str``, a pair of floats), with
   ``click.Choice`` when the setting lists choices;
 * a field whose default is not ``None`` shows it (``[default: 32]``); ``None`` defaults are
-  explained in the help text itself.
+  explained in the help text itself;
+* a number field shows the range it accepts (``[default: 0.9; 0<=x<1]``), declared with the
+  setting; FitConfig checks it, so the CLI, recipes and the API give the same message.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, TypeVar
 
 import click
 
-from finetune.config import SETTINGS, FitConfig
+from finetune.config import SETTINGS, FitConfig, Range
 
 __all__ = ["fit_option", "fit_options"]
 
@@ -53,6 +55,8 @@ def fit_option(name: str, **overrides: Any) -> Callable[[_F], _F]:
     meta = SETTINGS[name]
     kind = _field_type(name)
     kwargs: dict[str, Any] = {"help": meta.help}
+    if meta.within is not None:
+        kwargs.update(cls=_SettingOption, range_text=_range_text(meta.within, kind))
     decls = [meta.flag, name]
     if kind is bool:
         # Untyped flags leave the field to its default: a recipe's value is never overridden.
@@ -106,6 +110,31 @@ def fit_options(
         return command
 
     return decorate
+
+
+class _SettingOption(click.Option):
+    """A number field's option: ``--help`` shows the range the setting declares, as click
+    shows an ``IntRange``'s (``[default: 0.9; 0<=x<1]``).
+
+    The range is shown, not enforced, here: the one check, with its one message, is
+    FitConfig's, for the CLI, recipes and the API alike (click's ranges would also let NaN
+    through). Click before 8.2 has no ``get_help_extra``; there the range is just not shown.
+    """
+
+    def __init__(self, *args: Any, range_text: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.range_text = range_text
+
+    def get_help_extra(self, ctx: click.Context) -> Any:  # click.types.OptionHelpExtra
+        extra = super().get_help_extra(ctx)
+        extra["range"] = self.range_text
+        return extra
+
+
+def _range_text(within: Range, kind: Any) -> str:
+    """``within`` as click writes a range (``0<=x<1``), or for a pair ``0<min<=max<=1``."""
+    x = "min <= max" if typing.get_origin(kind) is tuple else "x"
+    return within.notation(x).replace(" ", "")
 
 
 @functools.cache

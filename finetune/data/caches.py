@@ -22,7 +22,7 @@ __all__ = ["CACHES", "CacheUsage", "cache_root", "cache_usage", "clear_cache"]
 CACHES = {  # the folders under cache_root() and what each holds
     "decoded": "images decoded and resized once (fit --no-cache-images: none)",
     "features": "frozen-backbone features (linear, stage-probe; --no-feature-cache: none)",
-    "scan": "file checks, by path, size and modification time",
+    "scan": "file checks, by path, size, modification and change time, and inode",
 }
 
 

@@ -15,6 +15,8 @@ Later epochs and later runs memory-map the array instead of decoding; augmentati
 - Images smaller than the resize side are stored as decoded, never upscaled.
 - Writes are atomic (a temporary file, then a rename), so processes and DataLoader workers can
   share the cache; a read-only or full disk only means decoding again.
+- A cached file that is not what would be stored (unreadable, not a ``uint8`` (H, W, 3) array,
+  or of another size than the scan's width and height give) is decoded again, never used.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from finetune.data.caches import cache_root
-from finetune.data.images import load_image
+from finetune.data.images import load_image, read_image_bytes
 from finetune.data.scan import Sample
 from finetune.data.transforms import Preprocessing, resize_side
 from finetune.files import atomic_write
@@ -118,13 +120,41 @@ class DecodedCache:
         """
         digest = sample.digest or _digest(sample.path)
         file = self.path(digest)
-        try:
-            return np.load(file, mmap_mode="c")  # copy-on-write: augmentation may write
-        except (OSError, ValueError):  # not cached yet, or a damaged file: decode again
-            pass
+        cached = self._cached(file, sample)
+        if cached is not None:
+            return cached
         image = self.resized(load_image(sample.path))
         self._store(file, image)
         return image
+
+    def _cached(self, file: Path, sample: Sample) -> np.ndarray | None:
+        """The array stored in ``file`` when it is one this cache would store for ``sample``;
+        None when it is missing or damaged (then the file is decoded again and overwrites it)."""
+        try:
+            array = np.load(file, mmap_mode="c")  # copy-on-write: augmentation may write
+        except (OSError, ValueError, EOFError):  # not cached yet, or not a .npy file
+            return None
+        if not (
+            isinstance(array, np.ndarray)
+            and array.dtype == np.uint8
+            and array.ndim == 3
+            and array.shape[2] == 3
+            and min(array.shape[:2]) > 0
+        ):
+            return None
+        if sample.width and sample.height:  # from the scan: the stored size is known
+            want = _stored_shape(sample.width, sample.height, self.side)
+            got = array.shape[:2]
+            # Either way round (EXIF orientation turns the image); +-1 for the resize's rounding.
+            near = [
+                all(abs(g - w) <= 1 for g, w in zip(got, o, strict=True))
+                for o in (want, want[::-1])
+            ]
+            if not any(near):
+                return None
+        elif min(array.shape[:2]) > self.side:  # stored arrays are never above the side
+            return None
+        return array
 
     def resized(self, image: np.ndarray) -> np.ndarray:
         """``image`` with its short side brought down to :attr:`side` (never enlarged)."""
@@ -143,7 +173,12 @@ class DecodedCache:
         """Decode and store every image of ``samples`` not cached yet, in parallel threads
         (decoding and resizing release the GIL)."""
         start = time.perf_counter()
-        todo = [s for s in samples if not self.path(s.digest or _digest(s.path)).is_file()]
+        unique: dict[str, Sample] = {}
+        for s in samples:
+            with contextlib.suppress(OSError):  # a file gone since the scan: the loader warns
+                unique.setdefault(s.digest or _digest(s.path), s)
+        # Identical files are one entry: decoded once, counted once (the summary said "-1 reused").
+        todo = [s for d, s in unique.items() if self._cached(self.path(d), s) is None]
         failed = 0
         workers = max(1, min(16, os.cpu_count() or 1))
 
@@ -159,7 +194,6 @@ class DecodedCache:
             bar = tqdm(done, total=len(todo), desc="decoding images", unit="img", leave=False,
                        disable=None if progress and todo else True)  # fmt: skip
             failed = sum(not ok for ok in bar)
-        unique = {s.digest or _digest(s.path): s for s in samples}
         return CacheFill(
             images=len(unique) - failed,
             added=len(todo) - failed,
@@ -172,7 +206,7 @@ class DecodedCache:
 
 def _digest(path: Path) -> str:
     """SHA-1 of a file's content, as the scan computes it (for samples made without a scan)."""
-    return hashlib.sha1(path.read_bytes(), usedforsecurity=False).hexdigest()
+    return hashlib.sha1(read_image_bytes(path), usedforsecurity=False).hexdigest()
 
 
 def _size(file: Path) -> int:

@@ -4,8 +4,11 @@ Strategies that keep the backbone frozen (``linear``, ``stage-probe``) need each
 only once. :func:`extract_features` computes, in one forward pass per batch, the globally
 average-pooled output of every stage (``forward_intermediates``) and the pre-logits features of
 the full backbone (``"head"``). Results are cached in memory and on disk (safetensors, no pickle)
-under a key made of the backbone's weights, the preprocessing and the files (path, size, mtime),
-so a second run on the same data reuses them.
+under a key made of the backbone's weights, the preprocessing and the files (path, size,
+modification and change time, inode, and the content's SHA-1 from the scan), so a second run on
+the same data reuses them and a file rewritten in place (even with its mtime restored) does not.
+A cache file that does not hold what was asked for (a point missing, arrays of the wrong shape
+or type) is recomputed, never used.
 """
 
 from __future__ import annotations
@@ -64,10 +67,30 @@ def _cache_key(
 ) -> str:
     files = []
     for s in samples:
-        stat = s.path.stat()
-        files.append([str(s.path.resolve()), stat.st_size, stat.st_mtime_ns, s.label])
-    blob = json.dumps([1, fingerprint, pre.to_dict(), list(points), files], sort_keys=True)
+        try:
+            info = s.path.stat()
+            seen = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_dev, info.st_ino]
+        except OSError:  # gone since the scan: left out by the loader, with a warning
+            seen = None
+        files.append([str(s.path.absolute()), seen, s.digest, s.label])
+    blob = json.dumps([2, fingerprint, pre.to_dict(), list(points), files], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _usable(features: dict[str, np.ndarray], points: Sequence[str], samples: int) -> bool:
+    """Whether a cache file holds what :func:`_compute` returns for ``points`` over
+    ``samples`` images: every point a (N, D) float array and "label" N integers, N <= samples."""
+    labels = features.get("label")
+    if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu":
+        return False
+    n = len(labels)
+    if n > samples:
+        return False
+    for point in points:
+        array = features.get(point)
+        if array is None or array.ndim != 2 or array.shape[0] != n or array.dtype.kind != "f":
+            return False
+    return True
 
 
 @torch.inference_mode()
@@ -147,10 +170,12 @@ def extract_features(
         try:
             features = load_file(str(file))
         except Exception:  # a damaged cache file is recomputed, never trusted
-            file.unlink(missing_ok=True)
-        else:
+            features = {}
+        if _usable(features, points, len(samples)):
             _remember(key, features)
             return features, True
+        with contextlib.suppress(OSError):
+            file.unlink(missing_ok=True)
     features = _compute(
         backbone, samples, pre, points, device, batch_size, num_workers, progress, desc,
         channels_last,

@@ -46,6 +46,9 @@ class ImageDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         try:
             image = self.cache.load(sample) if self.cache else load_image(sample.path)
+        except FileNotFoundError:  # deleted (or renamed) since the scan
+            warnings.warn(f"Skipping {sample.path}: the file is gone since the scan", stacklevel=2)
+            return None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             warnings.warn(f"Skipping {sample.path}: cannot decode it ({exc})", stacklevel=2)
             return None

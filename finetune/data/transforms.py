@@ -16,6 +16,7 @@ prediction preprocesses exactly as training did.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from collections.abc import Sequence
@@ -250,14 +251,14 @@ def fit_lighting(
     each (JPEGs decode at reduced size, so large photos cost little). Falls back to
     :data:`IMAGENET_LIGHTING` when no image can be read.
     """
-    from finetune.data.images import pil_to_rgb
+    from finetune.data.images import pil_to_rgb, read_image_bytes
 
     chosen = sorted(random.Random(seed).sample(range(len(paths)), min(len(paths), max_images)))
     rng = np.random.default_rng(seed)
     rows = []
     for i in chosen:
         try:
-            with Image.open(paths[i]) as img:
+            with Image.open(io.BytesIO(read_image_bytes(paths[i]))) as img:  # regular files only
                 img.draft("RGB", (256, 256))  # JPEG: decode at 1/2..1/8 scale
                 pixels = pil_to_rgb(img).reshape(-1, 3)
         except (OSError, ValueError, Image.DecompressionBombError):

@@ -4,6 +4,9 @@
 :class:`Evaluation`: accuracy, top-k accuracy, per-class precision/recall/F1 (scikit-learn), the
 confusion matrix and the most confidently wrong images. :meth:`Evaluation.save` writes
 ``evaluation.json``, ``confusion.png`` and ``mistakes.png`` (matplotlib, headless).
+
+An image that cannot be read is left out of the metrics, with its reason, and the others are
+measured: :attr:`Evaluation.skipped` lists them, and so does ``evaluation.json``.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from finetune.data.images import load_image
 from finetune.data.scan import iter_image_files
 from finetune.errors import DataError
 from finetune.files import atomic_write
+from finetune.inference.inputs import OnSkip, Skipped, UnreadableImage, read_image, report_skip
 
 if TYPE_CHECKING:
     from finetune.inference.predict import BasePredictor
@@ -49,6 +52,7 @@ class Evaluation:
     top_k: int
     tta: str = "none"  # test-time augmentation the probabilities were averaged over
     model: dict[str, Any] | None = None  # the model file(s) and checkpoint choice (describe())
+    skipped: tuple[Skipped, ...] = ()  # images that could not be read: not in the metrics
 
     @property
     def predicted(self) -> np.ndarray:
@@ -113,6 +117,7 @@ class Evaluation:
             "most_confident_mistakes": [
                 {**m.__dict__, "path": str(m.path)} for m in self.mistakes()
             ],
+            "skipped": [s.to_dict() for s in self.skipped],
         }
 
     def save(self, out: str | Path) -> dict[str, Path]:
@@ -173,7 +178,11 @@ def _mistakes_figure(mistakes: list[Mistake]):  # -> matplotlib Figure
         return fig
     for index, mistake in enumerate(mistakes):
         ax = fig.add_subplot(rows, columns, index + 1)
-        ax.imshow(load_image(mistake.path))
+        try:  # read a moment ago to be classified; it may have changed since
+            ax.imshow(read_image(mistake.path))
+        except UnreadableImage as exc:
+            ax.text(0.5, 0.5, f"cannot show it:\n{exc.reason}", ha="center", va="center",
+                    fontsize=6, wrap=True)  # fmt: skip
         ax.set_title(
             f"true {mistake.true}\npredicted {mistake.predicted} {mistake.probability:.2f}",
             fontsize=8,
@@ -189,11 +198,13 @@ def evaluate(
     top_k: int = 5,
     batch_size: int = 32,
     tta: str = "none",
+    on_skip: OnSkip | None = None,
 ) -> Evaluation:
     """Classify every image of ``folder`` (one sub-folder per class, named as the model's
-    classes) and measure the result; ``tta`` as in :meth:`Predictor.iter_proba`. ``predictor``
-    may be an :class:`~finetune.inference.predict.Ensemble`: its averaged probabilities are
-    measured.
+    classes) and measure the result; ``tta`` and ``on_skip`` as in
+    :meth:`Predictor.iter_proba` (an image that cannot be read is left out, and listed in
+    :attr:`Evaluation.skipped`). ``predictor`` may be an
+    :class:`~finetune.inference.predict.Ensemble`: its averaged probabilities are measured.
 
     Raises:
         DataError: ``folder`` has no class folders with images, or classes the model lacks.
@@ -212,8 +223,9 @@ def evaluate(
             f"classes are: {', '.join(predictor.classes)}."
         )
     return evaluate_samples(
-        predictor, samples, top_k, batch_size, tta, where=f"the images in {folder}"
-    )
+        predictor, samples, top_k, batch_size, tta, where=f"the images in {folder}",
+        on_skip=on_skip,
+    )  # fmt: skip
 
 
 def evaluate_samples(
@@ -225,6 +237,7 @@ def evaluate_samples(
     where: str = "the images",
     progress: bool = True,
     desc: str = "evaluating",
+    on_skip: OnSkip | None = None,
 ) -> Evaluation:
     """Classify labelled images and measure the result: what :func:`evaluate` does once it has
     found a folder's images, and what the report does with a run's validation images.
@@ -239,23 +252,35 @@ def evaluate_samples(
         where: The images, as the error names them ("the images in FOLDER").
         progress: Show a progress bar (on a terminal only).
         desc: The progress bar's label.
+        on_skip: Told of each image that cannot be read, which is left out (see
+            :meth:`Predictor.iter_proba`) [default: a warning per image]; the
+            :class:`Evaluation` lists them too.
 
     Raises:
-        DataError: None of the images could be read.
+        DataError: None of the images could be read (the message gives the first reasons).
     """
     index = {name: i for i, name in enumerate(predictor.classes)}
     truth = dict(samples)
     paths, labels, rows = [], [], []
+    skipped: list[Skipped] = []
+
+    def note(skip: Skipped) -> None:
+        skipped.append(skip)
+        report_skip(skip, on_skip)
+        bar.update()
+
     # disable=None: the bar shows on a terminal only, never in logs or captured output
     with tqdm(total=len(samples), desc=desc, unit="image", leave=False,
               disable=None if progress else True) as bar:  # fmt: skip
-        for path, probs in predictor.iter_proba([p for p, _ in samples], batch_size, tta):
+        for path, probs in predictor.iter_proba([p for p, _ in samples], batch_size, tta, note):
             paths.append(Path(path))
             labels.append(index[truth[path]])
             rows.append(probs)
             bar.update()
     if not rows:
-        raise DataError(f"None of {where} could be read.")
+        reasons = "".join(f"; {s.path}: {s.reason}" for s in skipped[:3])
+        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        raise DataError(f"None of {where} could be read{reasons}{more}.")
     return Evaluation(
         predictor.classes,
         tuple(paths),
@@ -264,4 +289,5 @@ def evaluate_samples(
         max(1, top_k),
         tta,
         predictor.describe(),
+        tuple(skipped),
     )

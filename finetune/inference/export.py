@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -30,10 +31,12 @@ from finetune.files import atomic_write, atomic_write_folder
 from finetune.inference.formats import (
     META_FILE,
     WEIGHTS_FILE,
+    Format,
     is_bundle,
     is_onnx,
     is_torchscript,
     read_checkpoint,
+    sniff_format,
 )
 from finetune.run.checkpoint import find_checkpoint, rebuild_model
 from finetune.run.layout import RunDir
@@ -70,6 +73,8 @@ def export(
     format: str = "safetensors",
     out: str | Path | None = None,
     head: nn.Module | None = None,
+    *,
+    force: bool = False,
 ) -> Path:
     """Export a run directory or checkpoint.
 
@@ -80,41 +85,128 @@ def export(
             ``finetune.load`` and ``finetune predict`` tell the format from the content
             (``-o mymodel`` loads as ``mymodel``). Default ``<run dir>/bundle``,
             ``<run dir>/model.torchscript.pt`` or ``<run dir>/model.onnx``. An earlier export of
-            the same kind there is replaced; anything else there is left alone and the export
-            refuses.
+            the same kind there is replaced (a bundle: its own two files alone); anything else
+            there makes the export refuse, unless ``force``.
         head: TorchScript and ONNX: the custom head the model was trained with, if any.
+        force: Write anyway where ``out`` holds something else: a bundle's two files go into
+            a folder that holds other files too (those are kept, never removed), a TorchScript
+            or ONNX file replaces a file that is not such an export. A checkpoint, a run folder
+            or a folder in place of a file is refused even so.
 
     Returns:
         The bundle directory or the exported file.
+
+    Raises:
+        CheckpointError: ``out`` holds something export must not replace (the message names
+            it and what to do), or cannot be written.
     """
     if format not in FORMATS:
         raise NotAvailableError(f"Unknown format {format!r}; choose one of: {', '.join(FORMATS)}.")
     source = find_checkpoint(model)
     checkpoint = read_checkpoint(source)  # weights only: a TorchScript file here is refused
-    if format == "torchscript":
-        return _export_torchscript(checkpoint, source, out, head)
-    if format == "onnx":
-        return _export_onnx(checkpoint, source, out, head)
-    return _export_bundle(checkpoint, source, out)
-
-
-def _target(
-    out: str | Path | None, default: Path, is_kind: Callable[[Path], bool], kind: str
-) -> Path:
-    """Where an export goes: ``out`` or ``default``; an existing path there must be ``kind``
-    (it is replaced), anything else is never overwritten."""
-    target = Path(out).expanduser() if out else default
-    if target.exists() and not is_kind(target):
+    try:
+        if format == "torchscript":
+            return _export_torchscript(checkpoint, source, out, head, force)
+        if format == "onnx":
+            return _export_onnx(checkpoint, source, out, head, force)
+        return _export_bundle(checkpoint, source, out, force)
+    except OSError as exc:  # a parent that is a file, no permission, a full disk...
+        where = exc.filename or out or source.parent
         raise CheckpointError(
-            f"{target} exists and is not {kind}; choose another -o PATH or remove it."
+            f"Cannot write the export to {where}: {exc.strerror or exc}; choose another -o PATH."
+        ) from exc
+
+
+_FORCE = "pass --force (force=True) to replace it, or choose another -o PATH"
+
+
+def _check_parents(target: Path) -> None:
+    """Refuse a target below a file, which no folder can be created for."""
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(
+                    f"-o {target} lies below {parent}, which is a file; choose another -o PATH."
+                )
+            return
+
+
+def _file_target(
+    out: str | Path | None, default: Path, is_ours: Callable[[Path], bool], kind: str, force: bool
+) -> Path:
+    """Where a one-file export goes: ``out`` or ``default``. What is there already is replaced
+    only when it is an earlier export of ``kind`` (``is_ours``) or when ``force`` says so; a
+    checkpoint, a bundle, a run or any folder never is."""
+    target = Path(out).expanduser() if out else default
+    _check_parents(target)
+    if not (target.exists() or target.is_symlink()):
+        return target
+    if target.is_dir():
+        raise CheckpointError(
+            f"{target} is a folder; a {kind} is one file: give a file name with -o PATH."
+        )
+    found = sniff_format(target)
+    if found in (Format.CHECKPOINT, Format.BUNDLE):
+        raise CheckpointError(
+            f"{target} is a finetune checkpoint, not a {kind}; an export never overwrites one: "
+            "choose another -o PATH."
+        )
+    if not (force or is_ours(target)):
+        raise CheckpointError(
+            f"{target} exists and is not a {kind} of finetune's (an earlier export of this kind "
+            f"is replaced, anything else is kept); {_FORCE}."
         )
     return target
 
 
-def _export_bundle(checkpoint: dict[str, Any], source: Path, out: str | Path | None) -> Path:
+def _bundle_target(out: str | Path | None, default: Path, force: bool) -> Path:
+    """Where a bundle goes: ``out`` or ``default``, a folder that is new, empty or holds no
+    more than a bundle's two files, which alone are replaced (``force``: whatever else it
+    holds, kept as it is). Never a file, a run folder or a folder in place of a bundle file."""
+    target = Path(out).expanduser() if out else default
+    _check_parents(target)
+    if not (target.exists() or target.is_symlink()):
+        return target
+    if not target.is_dir():
+        raise CheckpointError(
+            f"{target} is a file; a bundle is a folder ({META_FILE} + {WEIGHTS_FILE}): "
+            "give a folder with -o PATH."
+        )
+    own = (META_FILE, WEIGHTS_FILE)
+    entries = sorted(p.name for p in target.iterdir())
+    others = [name for name in entries if name not in own]
+    for name in own:
+        if name in entries and not (target / name).is_file():
+            raise CheckpointError(
+                f"{target / name} is not a file, so the bundle cannot be written there; "
+                "choose another -o PATH."
+            )
+    if RunDir(target).is_run():
+        raise CheckpointError(
+            f"{target} is a run folder; a bundle goes into a folder of its own (the default is "
+            f"{RunDir(target).bundle}): choose another -o PATH."
+        )
+    if others and not force:
+        what = (
+            "a finetune bundle that also holds"
+            if is_bundle(target)
+            else "not a finetune bundle; it holds"
+        )
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise CheckpointError(
+            f"{target} is {what} {listed}. Export writes only {META_FILE} and {WEIGHTS_FILE} "
+            "and never removes anything: pass --force (force=True) to write those two into it "
+            "(the other files are kept), or choose another -o PATH (a new or empty folder)."
+        )
+    return target
+
+
+def _export_bundle(
+    checkpoint: dict[str, Any], source: Path, out: str | Path | None, force: bool
+) -> Path:
     from safetensors.torch import save_file
 
-    target = _target(out, RunDir(source.parent).bundle, is_bundle, "a finetune bundle")
+    target = _bundle_target(out, RunDir(source.parent).bundle, force)
     meta = _describe(checkpoint, source)
     state = {k: v.detach().contiguous() for k, v in checkpoint["state_dict"].items()}
 
@@ -122,7 +214,8 @@ def _export_bundle(checkpoint: dict[str, Any], source: Path, out: str | Path | N
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "finetune-bundle"})
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-    return atomic_write_folder(target, fill)  # a reader never sees half a bundle
+    # A new folder appears whole; an existing one gets its two files replaced, nothing else.
+    return atomic_write_folder(target, fill)
 
 
 def _describe(checkpoint: dict[str, Any], source: Path) -> dict[str, Any]:
@@ -144,10 +237,14 @@ def _describe(checkpoint: dict[str, Any], source: Path) -> dict[str, Any]:
 
 
 def _export_torchscript(
-    checkpoint: dict[str, Any], source: Path, out: str | Path | None, head: nn.Module | None
+    checkpoint: dict[str, Any],
+    source: Path,
+    out: str | Path | None,
+    head: nn.Module | None,
+    force: bool,
 ) -> Path:
     default = RunDir(source.parent).torchscript
-    target = _target(out, default, is_torchscript, "a TorchScript export")
+    target = _file_target(out, default, _is_our_torchscript, "TorchScript export", force)
     model = rebuild_model(checkpoint, head)
     side = checkpoint["preprocessing"]["input_size"]
     example = torch.zeros(2, 3, side, side)
@@ -162,6 +259,30 @@ def _export_torchscript(
         traced = torch.jit.trace(model, example)
         extra = {TORCHSCRIPT_META: meta}
         return atomic_write(target, lambda f: torch.jit.save(traced, f, _extra_files=extra))
+
+
+def _is_our_torchscript(path: Path) -> bool:
+    """A TorchScript archive holding finetune's description: read from the zip's directory,
+    nothing loaded or run."""
+    if not is_torchscript(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith(f"/extra/{TORCHSCRIPT_META}") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _is_our_onnx(path: Path) -> bool:
+    """An ONNX model holding finetune's description in its metadata (parsed, never run)."""
+    if not is_onnx(path):
+        return False
+    onnx, _ = _onnx_modules()
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # onnx raises protobuf's own errors for a damaged file
+        return False
+    return any(prop.key == ONNX_META for prop in proto.metadata_props)
 
 
 def read_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
@@ -195,10 +316,14 @@ def _onnx_modules():  # -> (onnx, onnxruntime)
 
 
 def _export_onnx(
-    checkpoint: dict[str, Any], source: Path, out: str | Path | None, head: nn.Module | None
+    checkpoint: dict[str, Any],
+    source: Path,
+    out: str | Path | None,
+    head: nn.Module | None,
+    force: bool,
 ) -> Path:
     onnx, _ = _onnx_modules()
-    target = _target(out, RunDir(source.parent).onnx, is_onnx, "an ONNX export")
+    target = _file_target(out, RunDir(source.parent).onnx, _is_our_onnx, "ONNX export", force)
     model = rebuild_model(checkpoint, head)
     side = checkpoint["preprocessing"]["input_size"]
     example = (torch.zeros(2, 3, side, side),)

@@ -4,12 +4,16 @@
 ensemble of a run, or models of several runs, each with its own preprocessing). Both decode each
 image once and then classify batches of decoded arrays (:meth:`BasePredictor.batch_proba`), so
 an ensemble member only builds its own input tensors from the arrays.
+
+An input that is not a usable image (unreadable, truncated, empty, not an image whatever its
+name, a decompression bomb, a folder or a FIFO named ``x.png``) is skipped with the reason, and
+the others are classified: each skip is reported as a :class:`Skipped` to the caller's
+``on_skip`` (by default, as a warning; see :mod:`finetune.inference.inputs`).
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +24,19 @@ import torch
 from PIL import Image
 from torch import nn
 
-from finetune.data.images import load_image, pil_to_rgb
 from finetune.data.scan import iter_image_files
 from finetune.data.transforms import Preprocessing, TestTimeViews
 from finetune.errors import CheckpointError, ConfigError, DataError
 from finetune.inference.export import read_bundle, read_onnx, read_torchscript
 from finetune.inference.formats import Format, detect_format, read_checkpoint, sniff_format
+from finetune.inference.inputs import (
+    ImageInput,
+    OnSkip,
+    Skipped,
+    UnreadableImage,
+    read_image,
+    report_skip,
+)
 from finetune.model.backbone import Classifier
 from finetune.run.checkpoint import CHECKPOINTS, preprocessing_of, rebuild_model, run_checkpoints
 from finetune.training.compute import resolve_channels_last
@@ -37,16 +48,19 @@ __all__ = [
     "BasePredictor",
     "Ensemble",
     "ImageInput",
+    "OnSkip",
     "Prediction",
     "Predictor",
+    "Skipped",
+    "UnreadableImage",
     "expand_inputs",
     "is_model_path",
     "leading_models",
     "load",
     "load_ensemble",
+    "read_image",
 ]
 
-ImageInput = str | Path | Image.Image | np.ndarray
 _MODEL_SUFFIXES = (".pt", ".pth", ".onnx")  # names that claim a model (see is_model_path)
 
 
@@ -70,13 +84,20 @@ class Prediction:
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders expanded recursively to their image files (sorted)."""
+    """Files as given, folders expanded recursively to their image files (sorted).
+
+    Any other entry that exists (a FIFO, a device) is kept: reading it is refused with the
+    reason when its turn comes, as for any file that is not an image, and the others go on.
+
+    Raises:
+        DataError: An input does not exist (a typo: nothing is classified).
+    """
     paths: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
             paths.extend(iter_image_files(path))
-        elif path.is_file():
+        elif path.exists():
             paths.append(path)
         else:
             raise DataError(f"{path} does not exist. Give image files or folders of images.")
@@ -114,22 +135,6 @@ def leading_models(args: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
     return paths[:count], paths[count:]
 
 
-def _decode(image: ImageInput) -> np.ndarray:
-    """Any accepted input -> uint8 (H, W, 3) RGB array."""
-    if isinstance(image, Image.Image):
-        return pil_to_rgb(image)
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise DataError(
-                f"An array image must be uint8 (H, W, 3) RGB or (H, W) grey; got "
-                f"{image.dtype} {image.shape}."
-            )
-        return image
-    return load_image(image)
-
-
 class BasePredictor:
     """What :class:`Predictor` (one model) and :class:`Ensemble` (several) share: images in,
     probabilities and :class:`Prediction` objects out. Subclasses set ``classes`` and implement
@@ -153,23 +158,46 @@ class BasePredictor:
         raise NotImplementedError
 
     def predict_proba(
-        self, images: Iterable[ImageInput], batch_size: int = 32, tta: str = "none"
+        self,
+        images: Iterable[ImageInput],
+        batch_size: int = 32,
+        tta: str = "none",
+        on_skip: OnSkip | None = None,
     ) -> np.ndarray:
-        """Softmax probabilities, shape (N, num_classes), in ``self.classes`` order."""
-        rows = [p for _, p in self.iter_proba(images, batch_size, tta)]
-        return np.stack(rows) if rows else np.zeros((0, len(self.classes)), dtype=np.float32)
+        """Softmax probabilities, shape (N, num_classes), in ``self.classes`` order: row i is
+        input i's. An input that is not a usable image gets a row of NaN, so the rows stay
+        aligned with the inputs, and is reported as in :meth:`iter_proba`."""
+        skipped: list[int] = []
+
+        def note(skip: Skipped) -> None:
+            skipped.append(skip.index)
+            report_skip(skip, on_skip)
+
+        rows = [p for _, p in self.iter_proba(images, batch_size, tta, on_skip=note)]
+        probs = np.full((len(rows) + len(skipped), len(self.classes)), np.nan, dtype=np.float32)
+        read = np.ones(len(probs), dtype=bool)
+        read[skipped] = False
+        if rows:
+            probs[read] = np.stack(rows)
+        return probs
 
     def iter_proba(
-        self, images: Iterable[ImageInput], batch_size: int = 32, tta: str = "none"
+        self,
+        images: Iterable[ImageInput],
+        batch_size: int = 32,
+        tta: str = "none",
+        on_skip: OnSkip | None = None,
     ) -> Iterator[tuple[ImageInput, np.ndarray]]:
-        """Yield (input, softmax probabilities) as batches complete; undecodable inputs are
-        skipped with a warning.
+        """Yield (input, softmax probabilities) as batches complete. An input that is not a
+        usable image (:class:`UnreadableImage`) is left out, and the others go on.
 
         Args:
             tta: Test-time augmentation: "none" (the centre crop), "flip" (and its mirror
                 image) or "10crop" (four corners and centre, each also mirrored); the softmax
                 is averaged over the views (and, in an ensemble, over the models: each applies
                 ``tta`` to its own input). ``batch_size`` counts images, not views.
+            on_skip: Called with a :class:`Skipped` for each input left out [default: a
+                warning per input].
         """
         sources: list[ImageInput] = []
         arrays: list[np.ndarray] = []
@@ -179,11 +207,11 @@ class BasePredictor:
             sources.clear()
             arrays.clear()
 
-        for image in images:
+        for index, image in enumerate(images):
             try:
-                array = _decode(image)
-            except (OSError, ValueError) as exc:
-                warnings.warn(f"Skipping {image}: cannot decode it ({exc})", stacklevel=3)
+                array = read_image(image)
+            except UnreadableImage as exc:
+                report_skip(Skipped(exc.path, exc.reason, index), on_skip)
                 continue
             sources.append(image)
             arrays.append(array)
@@ -198,11 +226,14 @@ class BasePredictor:
         top_k: int = 5,
         batch_size: int = 32,
         tta: str = "none",
+        on_skip: OnSkip | None = None,
     ) -> Iterator[Prediction]:
-        """Yield a :class:`Prediction` per image as batches complete (streams large folders)."""
+        """Yield a :class:`Prediction` per image as batches complete (streams large folders);
+        an input that is not a usable image is reported to ``on_skip`` (see
+        :meth:`iter_proba`) and the others go on."""
         k = max(1, min(top_k, len(self.classes)))
         with torch.inference_mode():
-            for source, probs in self.iter_proba(images, batch_size, tta):
+            for source, probs in self.iter_proba(images, batch_size, tta, on_skip):
                 order = np.argsort(-probs, kind="stable")[:k]
                 ranked = tuple((self.classes[i], float(probs[i])) for i in order)
                 path = str(source) if isinstance(source, (str, Path)) else None
@@ -214,22 +245,31 @@ class BasePredictor:
         top_k: int = 5,
         batch_size: int = 32,
         tta: str = "none",
+        on_skip: OnSkip | None = None,
     ) -> list[Prediction]:
         """Classify images: paths, PIL images or uint8 RGB arrays (one, or an iterable of them).
 
-        ``tta``: "none", "flip" or "10crop" (see :meth:`iter_proba`)."""
+        ``tta``: "none", "flip" or "10crop"; ``on_skip``: what is told of an input that is not
+        a usable image, which is left out (see :meth:`iter_proba`)."""
         if isinstance(images, (str, Path, Image.Image, np.ndarray)):
             images = [images]
-        return list(self.iter_predict(images, top_k=top_k, batch_size=batch_size, tta=tta))
+        return list(
+            self.iter_predict(images, top_k=top_k, batch_size=batch_size, tta=tta, on_skip=on_skip)
+        )
 
     def evaluate(
-        self, folder: str | Path, top_k: int = 5, batch_size: int = 32, tta: str = "none"
+        self,
+        folder: str | Path,
+        top_k: int = 5,
+        batch_size: int = 32,
+        tta: str = "none",
+        on_skip: OnSkip | None = None,
     ) -> Evaluation:
         """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder (one
         sub-folder per class); see :func:`finetune.inference.evaluate.evaluate`."""
         from finetune.inference.evaluate import evaluate
 
-        return evaluate(self, folder, top_k=top_k, batch_size=batch_size, tta=tta)
+        return evaluate(self, folder, top_k, batch_size, tta, on_skip)
 
 
 class Predictor(BasePredictor):

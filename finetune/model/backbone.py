@@ -197,8 +197,17 @@ def create_backbone(
             in training (timm's ``drop_path_rate``; the blocks near the input skip less).
 
     Raises:
-        ModelError: Unknown model, or weights that cannot be had or do not fit.
+        ModelError: Unknown model, a pattern such as ``resnet*`` rather than one name, or
+            weights that cannot be had or do not fit.
     """
+    if any(char in name for char in "*?["):  # timm.list_models(name) would match it
+        matches = timm.list_models(name)
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        found = f"it matches {len(matches)}: {shown}" if matches else "it matches none"
+        raise ModelError(
+            f"--model {name!r} is a pattern ({found}); give one timm model name, as "
+            "timm.list_models(pattern) lists them."
+        )
     if not timm.list_models(name) and not timm.is_model(name):
         raise _unknown_model(name)
     if not pretrained:

@@ -34,7 +34,7 @@ from finetune import __version__
 from finetune.config import DEFAULT_MAX_IMAGES  # torch-free there: the CLI's default
 from finetune.errors import DataError, FinetuneError
 from finetune.files import atomic_write
-from finetune.reporting.runs import REPORT_NAME, RunSummary, _duration, _shown, read_run
+from finetune.reporting.runs import REPORT_NAME, RunSummary, _shown, duration, read_run
 from finetune.run.layout import RunDir
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class _Page:
             ("best val acc", f"{best.val_acc:.3f}"),
             ("strategy", self.run.strategy),
             ("best epoch", f"{best.epoch}/{len(self.run.history)}"),
-            ("training time", _duration(self.run.seconds)),
+            ("training time", duration(self.run.seconds)),
             ("classes", str(len(self.classes))),
         ]
         nav = " · ".join(f'<a href="#{s}">{s}</a>' for s in SECTIONS)
@@ -205,7 +205,7 @@ class _Page:
                 f"{ema[-1].epoch} (ema.pt)")] if ema else []),
             *([("test-time aug.", f"{_e(self.tta['tta'])}: val acc {self.tta['val_acc']:.3f}")]
               if self.tta else []),
-            ("training time", f"{_duration(run.seconds)} (the epochs; data scan and model "
+            ("training time", f"{duration(run.seconds)} (the epochs; data scan and model "
              "load not counted)"),
             ("finished", run.date.strftime("%Y-%m-%d %H:%M")),
         ]  # fmt: skip
@@ -273,7 +273,7 @@ class _Page:
                  f"{size['per_class_min']}, max {size['per_class_max']}"),
                 ("BatchNorm shift", "not measured" if shift is None else f"{shift:.3f}"),
                 *((name.replace("_", " "), f"{value:g}") for name, value in limits.items()),
-                ("estimated training time", _duration(d.get("estimate_seconds", 0.0))),
+                ("estimated training time", duration(d.get("estimate_seconds", 0.0))),
             ]  # fmt: skip
             parts.append("<h3>Measurements</h3>" + _pairs([(k, _e(v)) for k, v in measured]))
             if d.get("hyperparameters"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -98,12 +99,17 @@ def read_run(run_dir: str | Path) -> RunSummary:
     try:
         config = json.loads(config_file.read_text())
         history = tuple(read_metrics(metrics_file))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"{run_dir}: cannot read config.json / metrics.csv ({exc}); were they edited?"
         ) from exc
-    if not history:
+    if not isinstance(config, dict):
         raise CheckpointError(
+            f"{config_file} holds a JSON {type(config).__name__}, not the run's settings (an "
+            "object); was it edited?"
+        )
+    if not history:
+        raise _NoEpoch(
             f"{run_dir}: no epoch finished (metrics.csv has no rows), so there is nothing to "
             f"report. Continue it with `finetune fit --resume {run_dir}` or start it again."
         )
@@ -111,9 +117,15 @@ def read_run(run_dir: str | Path) -> RunSummary:
     return RunSummary(run_dir, config, history, date)
 
 
+class _NoEpoch(CheckpointError):
+    """A run killed before its first epoch ended: nothing to list, nothing wrong with it."""
+
+
 def list_runs(root: str | Path = "runs") -> list[RunSummary]:
     """The runs under ``root`` (its sub-folders, and the trials of a ``finetune tune`` folder
-    one level deeper), oldest first; folders whose first epoch never finished are left out.
+    one level deeper), oldest first; folders whose first epoch never finished are left out,
+    and one whose records cannot be read is left out with a warning naming it (one damaged
+    folder never hides the others).
 
     Raises:
         CheckpointError: ``root`` is not a folder.
@@ -129,8 +141,10 @@ def list_runs(root: str | Path = "runs") -> list[RunSummary]:
         for metrics in root.glob(depth + RunDir.METRICS):
             try:
                 found.append(read_run(metrics.parent))
-            except CheckpointError:
+            except _NoEpoch:
                 continue  # killed before its first epoch ended: nothing to list
+            except CheckpointError as exc:
+                warnings.warn(f"skipped {metrics.parent}: {exc}", stacklevel=2)
     return sorted(found, key=lambda run: (run.date, str(run.dir)))
 
 
@@ -144,7 +158,7 @@ def runs_table(runs: Sequence[RunSummary], root: Path | None = None) -> str:
             run.strategy,
             f"{run.best.val_acc:.3f}",
             f"{len(run.history)}/{run.planned_epochs}",
-            _duration(run.seconds),
+            duration(run.seconds),
             run.date.strftime("%Y-%m-%d %H:%M"),
             "yes" if run.report else "-",
         ]
@@ -182,7 +196,7 @@ def compare_table(runs: Sequence[RunSummary]) -> str:
             f"{len(run.history)}/{run.planned_epochs}",
             f"{run.best.val_acc:.3f}",
             str(run.best.epoch),
-            _duration(run.seconds),
+            duration(run.seconds),
         ]
         for label, run in zip(_labels([r.dir for r in runs]), runs, strict=True)
     ]
@@ -230,9 +244,11 @@ def _shown(path: Path | str | None) -> str:
         return str(path)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float, digits: int = 1) -> str:
+    """``seconds`` in the unit a reader takes in at once: s under 90 s, min under 90 min, else h
+    (hours always with one decimal)."""
     if seconds < 90:
-        return f"{seconds:.1f} s"
+        return f"{seconds:.{digits}f} s"
     if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
+        return f"{seconds / 60:.{digits}f} min"
     return f"{seconds / 3600:.1f} h"

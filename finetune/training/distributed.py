@@ -8,12 +8,18 @@ shard of every batch; DistributedDataParallel averages the gradients. Rank 0 alo
 ranks, so all of them see the same numbers and make the same decisions (best epoch, early
 stop). ``batch_size`` stays the global batch: each rank takes ``batch_size / WORLD_SIZE``, so
 a run keeps its optimisation whatever the number of processes.
+
+A run that joined the process group leaves it in order (:meth:`World.finish`): every rank
+waits for the others at a barrier, then destroys the group, which joins gloo's and NCCL's
+threads while the interpreter is whole. A group left for the interpreter's exit to tear down
+can abort a finished run (SIGABRT, "terminate called without an active exception": gloo's
+threads still hold tensors when Python is already gone).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +37,9 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    # world() joined the process group for this run, so the run leaves it (finish); False when
+    # the caller had joined it already: theirs to destroy
+    joined: bool = field(default=False, compare=False)
 
     @property
     def distributed(self) -> bool:
@@ -56,6 +65,20 @@ class World:
         box = [value if self.main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def finish(self, value: Any) -> Any:
+        """The end of a run: rank 0's ``value`` on every rank (:meth:`share`, the run's last
+        collective), then, when :func:`world` joined the process group for this run, a barrier
+        (no rank tears down while another still communicates) and the group destroyed.
+
+        Called on success only: after an error on one rank, the others may be inside a
+        collective, and a barrier would wait for them forever; torchrun stops them.
+        """
+        value = self.share(value)
+        if self.distributed and self.joined and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        return value
 
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """``values`` summed over the ranks (float64)."""
@@ -84,13 +107,15 @@ ALONE = World()  # a single process
 
 
 def world(device: str | None = None) -> World:
-    """The world this process runs in: joins the process group the first time when launched by
-    ``torchrun`` (``WORLD_SIZE`` > 1), else a world of one. ``device`` (the config's) picks the
+    """The world this process runs in: when launched by ``torchrun`` (``WORLD_SIZE`` > 1), joins
+    the process group unless the caller joined it already (a run that joined it leaves it at
+    its end: :meth:`World.finish`), else a world of one. ``device`` (the config's) picks the
     backend: NCCL for CUDA, gloo for CPUs."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return ALONE
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise ConfigError(
@@ -102,4 +127,5 @@ def world(device: str | None = None) -> World:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend=backend)
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, joined)

@@ -13,9 +13,12 @@ and average) and calls its hooks (:class:`StepHook`, at each :class:`Event`) bef
 The epochs run it, and so does the LR range test (:mod:`finetune.training.lr_range`, a hook), so
 the learning rate it suggests was measured under the precision, layout and loss of the run.
 
-Faults: a non-finite loss (or non-finite weights after an epoch) abandons the epoch, restores the
-weights, optimizer, scheduler and average of the last good epoch and halves every learning rate,
-at most :data:`MAX_RETRIES` times; nothing non-finite is ever written. SIGINT (Ctrl-C) and
+Faults: a non-finite loss (or non-finite weights, or a non-finite validation loss, after an
+epoch) abandons the epoch, restores the weights, optimizer, scheduler and average of the last
+good epoch and halves every learning rate, at most :data:`MAX_RETRIES` times; nothing
+non-finite is ever written, and a non-finite validation loss is never the best. A training step
+that runs out of memory stops with a :class:`~finetune.errors.TrainingError` naming
+``--batch-size`` and ``--image-size``. SIGINT (Ctrl-C) and
 SIGTERM stop at the next batch: the half-done epoch is dropped, ``last.pt`` (written atomically
 after every epoch) stays valid, and :class:`~finetune.errors.TrainingError` says how to resume.
 
@@ -78,6 +81,7 @@ __all__ = [
     "Training",
     "balanced_class_weights",
     "evaluate",
+    "out_of_memory",
     "overfitting",
     "read_metrics",
     "train",
@@ -275,7 +279,20 @@ class TrainStep:
         return _batches(loader, self.device, self.channels_last)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
-        """Train on one batch (from :meth:`batches`); its loss, logits and learning rate."""
+        """Train on one batch (from :meth:`batches`); its loss, logits and learning rate.
+
+        Raises:
+            TrainingError: The step ran out of memory (the message names the options that
+                lower it, with their values).
+        """
+        try:
+            return self._step(images, labels)
+        except (RuntimeError, MemoryError) as exc:
+            if not out_of_memory(exc):
+                raise
+            raise TrainingError(_out_of_memory_advice(images, self.device)) from exc
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         self._fire(Event.BEFORE_STEP, None)
         # Not `self.net or self.model`: a compiled module's truth value is its len(), which a
         # model does not have.
@@ -303,6 +320,29 @@ class TrainStep:
     def _fire(self, event: Event, out: StepOutput | None) -> None:
         asks = [hook(event, self, out) for hook in self.hooks]  # every hook runs, whatever
         self.stopped = self.stopped or any(asks)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device (or the host) ran out of memory: torch's
+    ``OutOfMemoryError`` (CUDA), a CPU allocator's ``RuntimeError`` or a ``MemoryError``."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        words in text for words in ("out of memory", "can't allocate memory", "cannot allocate")
+    )
+
+
+def _out_of_memory_advice(images: torch.Tensor, device: torch.device) -> str:
+    """Which options lower a training step's memory, with the values this step had."""
+    batch = images.shape[0] if images.ndim else 1
+    # The frozen layers' outputs (finetune-top's cache) are not images: no size to say.
+    size = f" of {images.shape[-2]}x{images.shape[-1]} px" if images.ndim == 4 else ""
+    return (
+        f"Out of memory on {device} in a training step of {batch} images{size}: lower "
+        f"--batch-size (this step had {batch}) or --image-size, or use --precision bf16 on a "
+        "GPU that supports it; on a GPU, --auto-batch-size finds the largest batch that fits."
+    )
 
 
 def evaluate(
@@ -398,11 +438,17 @@ class Recorder:
         atomic_write(self.metrics_path, text.getvalue())
 
     def is_best(self, val_acc: float, val_loss: float) -> bool:
-        """Would this epoch beat every earlier one (accuracy first, then loss)?"""
+        """Would this epoch beat every earlier one (accuracy first, then loss)? Never with a
+        non-finite loss: such weights predict NaN probabilities, whatever their accuracy."""
+        if not math.isfinite(val_loss):
+            return False
         return val_acc > self.best_acc or (val_acc == self.best_acc and val_loss < self.best_loss)
 
     def is_ema_best(self, val_acc: float, val_loss: float) -> bool:
-        """Would the average's score beat its every earlier one?"""
+        """Would the average's score beat its every earlier one (never with a non-finite
+        loss)?"""
+        if not math.isfinite(val_loss):
+            return False
         return val_acc > self.ema_best_acc or (
             val_acc == self.ema_best_acc and val_loss < self.ema_best_loss
         )
@@ -539,19 +585,15 @@ def train(
             if result is None:  # non-finite: back to the last good state, half the LR
                 retries += 1
                 if retries > MAX_RETRIES:
-                    raise TrainingError(
-                        f"The loss became NaN or infinite in epoch {epoch} even after halving "
-                        f"the learning rate {MAX_RETRIES} times. Nothing non-finite was saved; "
-                        f"{recorder.run.last} holds the last good epoch. Try a lower "
-                        "--lr, or check the images for extreme values."
-                    )
+                    raise TrainingError(_diverged(recorder, epoch))
                 _restore(model, t, good)
                 for group in t.optimizer.param_groups:
                     group["lr"] *= 0.5
                 t.scheduler.base_lrs = [lr * 0.5 for lr in t.scheduler.base_lrs]
                 warnings.warn(
-                    f"epoch {epoch}: the loss became non-finite; restarting the epoch from the "
-                    f"last good state at half the learning rate (retry {retries}/{MAX_RETRIES})",
+                    f"epoch {epoch}: the loss (training or validation) became non-finite; "
+                    "restarting the epoch from the last good state at half the learning rate "
+                    f"(retry {retries}/{MAX_RETRIES})",
                     stacklevel=2,
                 )
                 continue
@@ -606,6 +648,22 @@ def _restore(model: nn.Module, t: Training, good: dict[str, Any]) -> None:
     torch.set_rng_state(good["rng"])
 
 
+def _diverged(recorder: Recorder, epoch: int) -> str:
+    """What to say when the loss stayed non-finite: which checkpoint holds the last good
+    epoch, only if one was written (a run that diverges in its first epoch has none)."""
+    last = recorder.run.last
+    kept = (
+        f"{last} holds the last good epoch ({epoch - 1})"
+        if epoch > 1 and last.is_file()  # written after every good epoch, this one's previous
+        else "no epoch finished with finite losses, so no checkpoint was written"
+    )
+    return (
+        f"The loss became NaN or infinite in epoch {epoch} even after halving the learning "
+        f"rate {MAX_RETRIES} times. Nothing non-finite was saved; {kept}. Try a lower --lr, "
+        "or check the images for extreme values."
+    )
+
+
 def _interrupted(signal_name: str, run_dir: Path, epoch: int) -> str:
     last = RunDir(run_dir).last
     if last.is_file():
@@ -624,8 +682,8 @@ def _epoch(
     progress: bool,
     stop: list[str],
 ) -> EpochResult | None:
-    """One epoch of training and validation; ``None`` when the loss or weights went non-finite
-    (or a stop was requested, which ``stop`` then says)."""
+    """One epoch of training and validation; ``None`` when the training loss, the weights or
+    the validation loss went non-finite (or a stop was requested, which ``stop`` then says)."""
     start = time.perf_counter()
     if t.reseed is not None:
         t.reseed(epoch)
@@ -678,6 +736,10 @@ def _epoch(
         else (math.nan,) * 2
     )
     if stop:
+        return None
+    if not math.isfinite(val_loss) and math.isfinite(val_acc):
+        # Finite weights can still give infinite logits (an LR far too high): validation
+        # images were scored and their loss is NaN or infinite, so the model is no good.
         return None
     train_acc = correct / max(seen, 1)
     return EpochResult(

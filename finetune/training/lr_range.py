@@ -18,6 +18,7 @@ descent of the loss is reported beside it.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -34,7 +35,17 @@ from finetune.files import atomic_write
 from finetune.model.backbone import set_train_mode
 from finetune.training.loop import Event, StepOutput, TrainStep
 
-__all__ = ["MIN_STEPS", "LRFinder", "LRFinding", "check_range", "find_lr", "plot_lr_finding"]
+__all__ = [
+    "MIN_STEPS",
+    "LRFinder",
+    "LRFinding",
+    "check_range",
+    "find_lr",
+    "output_paths",
+    "plot_lr_finding",
+]
+
+PLOT_NAME = "lr-find.png"  # the plot's name inside a folder given as -o
 
 SMOOTHING = 0.98  # exponential smoothing of the recorded loss (with bias correction)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
@@ -250,6 +261,49 @@ def _steepest(lrs: list[float], losses: list[float]) -> float:
         return lrs[min(start, end - 1)]
     slope = np.gradient(np.asarray(losses[start:end]), np.log(np.asarray(lrs[start:end])))
     return lrs[start + int(np.argmin(slope))]
+
+
+def output_paths(out: str | Path) -> tuple[Path, Path]:
+    """The plot's path and that of the numbers (the same name, ``.json``), checked before any
+    training: ``out`` is the plot the user named (an existing folder: ``lr-find.png`` in it);
+    the numbers' file, which the user did not name, replaces only an earlier lr-find's numbers.
+
+    Raises:
+        ConfigError: ``out`` ends in ``.json`` (the numbers' name), lies below a file, or the
+            ``.json`` beside it is a file that lr-find did not write.
+    """
+    plot = Path(out).expanduser()
+    if plot.is_dir():
+        plot = plot / PLOT_NAME
+    if plot.suffix.lower() == ".json":
+        raise ConfigError(
+            f"-o {plot}: the plot cannot be a .json file, which is where the numbers go (beside "
+            "the plot, the same name with .json); give the plot a .png name."
+        )
+    for parent in plot.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"-o {plot} lies below {parent}, which is a file.")
+            break
+    numbers = plot.with_suffix(".json")
+    if (numbers.exists() or numbers.is_symlink()) and not _is_lr_record(numbers):
+        raise ConfigError(
+            f"{numbers} exists and is not the numbers of an earlier lr-find; lr-find writes them "
+            f"beside the plot ({plot.name}) and never overwrites another file: choose another "
+            "-o name or move that file."
+        )
+    return plot, numbers
+
+
+def _is_lr_record(path: Path) -> bool:
+    """Whether ``path`` holds what :meth:`LRFinding.to_dict` writes (read as JSON, no more)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 64 * 1024 * 1024:
+            return False
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"suggestion", "lrs", "losses"} <= record.keys()
 
 
 def plot_lr_finding(finding: LRFinding, out: str | Path, title: str = "") -> Path:
