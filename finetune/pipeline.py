@@ -64,7 +64,13 @@ from finetune.training.compute import (
     resolve_precision,
 )
 from finetune.training.distributed import World, world
-from finetune.training.loop import EpochResult, TrainStep, balanced_class_weights, read_metrics
+from finetune.training.loop import (
+    EpochResult,
+    TrainStep,
+    balanced_class_weights,
+    names_memory_options,
+    read_metrics,
+)
 from finetune.training.lr_range import (
     LRFinding,
     check_range,
@@ -300,6 +306,7 @@ def _hyperparameters(config: FitConfig, strategy: Strategy) -> dict[str, Any]:
     }
 
 
+@names_memory_options
 def fit(
     data: str | Path,
     config: FitConfig | None = None,
@@ -688,6 +695,7 @@ def _write_report(ctx: FitContext, head: nn.Module | None, log: _Log) -> Path | 
     return path
 
 
+@names_memory_options
 def resume(
     run_dir: str | Path,
     *,
@@ -841,6 +849,7 @@ def check(data: str | Path, val_split: float = 0.2, seed: int = 0) -> ScanReport
     return scan_folder(data, val_split=val_split, seed=seed, progress=True).report
 
 
+@names_memory_options
 def plan(
     data: str | Path, config: FitConfig | None = None, *, verbose: bool = False, **options: Any
 ) -> Plan:
@@ -866,6 +875,7 @@ def plan(
     return Plan(split, strategy.name, config, decision, seconds, strategy.trains_backbone)
 
 
+@names_memory_options
 def lr_find(
     data: str | Path,
     config: FitConfig | None = None,

@@ -206,6 +206,11 @@ def test_augment_preview_draws_what_training_sees(small_folder: Path, tmp_path: 
         assert img.format == "PNG" and img.width > 400 and img.height > 300
         pixels = np.asarray(img.convert("L"), dtype=float)
     assert pixels.std() > 20  # images, not a blank page
+    # A folder that exists gets the picture inside it, beside what it holds.
+    (tmp_path / "p" / "notes.txt").write_text("mine")
+    inside = finetune.augment_preview(small_folder, tmp_path / "p", images=2, versions=2)
+    assert inside == tmp_path / "p" / "augment-preview.png" and inside.stat().st_size > 0
+    assert (tmp_path / "p" / "notes.txt").read_text() == "mine" and out.is_file()
 
 
 def test_imbalanced_classes_are_balanced_and_it_is_said(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -261,6 +262,25 @@ def test_plan_shows_the_decision_without_training(small_folder: Path) -> None:
     as_json = json.loads(as_json.stdout)
     assert as_json["strategy"] == "stage-probe"
     assert as_json["decision"]["size"]["images"] == 48
+
+
+def test_running_out_of_memory_before_training_names_the_options(small_folder: Path) -> None:
+    # plan times a training pass of 16 images at 8192 px (12 GiB of input alone): under an 8 GiB
+    # address-space limit the allocation fails in auto's measurement, not in a training step.
+    limit = 8 * 2**30
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    exe = Path(sys.executable).with_name("finetune")
+    args = ["plan", str(small_folder), "--strategy", "finetune-all", "--image-size", "8192"]
+    result = subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, preexec_fn=cap, timeout=600, check=False
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Out of memory" in result.stderr and "--image-size" in result.stderr
+    assert "--batch-size" in result.stderr
 
 
 def test_the_speed_options_are_in_the_help_and_reach_the_config(small_folder: Path) -> None:

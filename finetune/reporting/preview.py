@@ -70,8 +70,11 @@ def augment_preview(
             that cannot be read now (changed since the scan) is a warning].
 
     Returns:
-        The path of the PNG.
+        The path of the PNG: ``out``, or ``out/augment-preview.png`` when ``out`` is a folder.
     """
+    out = Path(out).expanduser()
+    if out.is_dir():  # a folder names where the picture goes, as `-o DIR` does in the CLI
+        out = out / "augment-preview.png"
     config = FitConfig.from_kwargs(config, **options)
     split = scan_folder(data, val_split=config.val_split, seed=config.seed)
     backbone = create_backbone(config.model, pretrained=False)
@@ -98,7 +101,6 @@ def augment_preview(
         titles=[split.classes[s.label] for s in picked],
     )
     figure.suptitle(f"augmentation {augmentation.describe()}, {side} px", fontsize=8)
-    out = Path(out).expanduser()
     kind = out.suffix.lstrip(".") or None  # as savefig infers it from a file name
     return atomic_write(out, lambda f: figure.savefig(f, dpi=110, bbox_inches="tight", format=kind))
 

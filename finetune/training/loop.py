@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import csv
 import enum
+import functools
 import io
 import math
 import signal
@@ -60,7 +61,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune.errors import TrainingError
+from finetune.errors import FinetuneError, TrainingError
 from finetune.files import atomic_write
 from finetune.model.backbone import set_train_mode
 from finetune.run.checkpoint import CheckpointMeta, save_checkpoint
@@ -81,6 +82,7 @@ __all__ = [
     "Training",
     "balanced_class_weights",
     "evaluate",
+    "names_memory_options",
     "out_of_memory",
     "overfitting",
     "read_metrics",
@@ -331,6 +333,28 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(
         words in text for words in ("out of memory", "can't allocate memory", "cannot allocate")
     )
+
+
+def names_memory_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a pipeline entry point (fit, resume, plan, lr_find): running out of memory anywhere
+    in it (auto's timing pass, a probe's feature pass, evaluation, not only a training step,
+    which says more itself) raises a :class:`TrainingError` naming the options that lower
+    memory, instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (RuntimeError, MemoryError) as exc:
+            if isinstance(exc, FinetuneError) or not out_of_memory(exc):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainingError(
+                f"Out of memory ({first[:200]}): lower --image-size or --batch-size, or use "
+                "--precision bf16 on a GPU that supports it."
+            ) from exc
+
+    return wrapper
 
 
 def _out_of_memory_advice(images: torch.Tensor, device: torch.device) -> str:
