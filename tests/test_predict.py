@@ -28,6 +28,7 @@ from finetune.cli.commands import SKIPPED_EXIT, cli
 from finetune.errors import CheckpointError, ConfigError, DataError
 from finetune.inference.inputs import Skipped
 from finetune.inference.predict import expand_inputs, is_model_path, leading_models
+from finetune.run.checkpoint import load_checkpoint
 
 from .conftest import copy_classes
 
@@ -499,6 +500,16 @@ def test_a_torchscript_checkpoint_in_a_run_folder_is_refused_never_run(
     refused(lambda: finetune.load(run / "best.pt", device="cpu"))  # named, but a run's name
     refused(lambda: finetune.load_ensemble([tiny_runs[1], run], device="cpu"))
     refused(lambda: finetune.export(run, format="onnx", out=tmp_path / "model.onnx"))
+    for name in ("best.pt", "last.pt", "ema.pt", "snapshot-1.pt"):  # the reader every path uses
+        refused(lambda n=name: load_checkpoint(run / n))
+    # report writes the page from the run's records and says why best.pt is not evaluated; torch
+    # never gets the archive (it would warn that it is "dispatching to torch.jit.load").
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        finetune.report(run, device="cpu")
+    said = [str(w.message) for w in caught]
+    assert any("best.pt is a TorchScript archive" in m for m in said), said
+    assert not any("jit.load" in m for m in said), said
     for args in (["predict", str(run), str(images[0])], ["evaluate", str(run), str(folder)]):
         result = _finetune_cli(*args)
         assert result.returncode != 0 and "is a TorchScript archive" in result.stderr, args

@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from finetune.errors import CheckpointError
-from finetune.run.checkpoint import find_checkpoint, load_checkpoint
+from finetune.run.checkpoint import (
+    find_checkpoint,
+    is_torchscript_archive,
+    load_checkpoint,
+    not_weights,
+)
 from finetune.run.layout import RunDir
 
 __all__ = [
@@ -114,7 +119,7 @@ def detect_format(path: str | Path) -> Format:
             f"{path} is not a model finetune reads: the {what} is none of {_kinds()}."
         )
     if found is Format.TORCHSCRIPT and _is_run_checkpoint(path):
-        raise _not_weights(path)
+        raise not_weights(path)
     return found
 
 
@@ -127,10 +132,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         CheckpointError: The file is a TorchScript archive (a program, which a checkpoint must
             not be: it is refused, never run), or not a readable finetune checkpoint.
     """
-    file = find_checkpoint(path)
-    if sniff_format(file) is Format.TORCHSCRIPT:
-        raise _not_weights(file)
-    return load_checkpoint(file)
+    return load_checkpoint(find_checkpoint(path))  # refuses a TorchScript archive by content
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -152,16 +154,6 @@ def _kinds() -> str:
     return "; ".join(_KINDS.values())
 
 
-def _not_weights(path: Path) -> CheckpointError:
-    return CheckpointError(
-        f"{path} is a TorchScript archive, a program, where finetune expects a checkpoint: "
-        "finetune reads a run's checkpoints (best.pt, last.pt, ema.pt, snapshot-K.pt) and "
-        "checkpoint files as weights only and never runs code found in them, so it refuses "
-        "this file. A TorchScript file you exported yourself loads when you give its own path "
-        "under another name (finetune export writes model.torchscript.pt); otherwise remove it."
-    )
-
-
 def _is_bundle_folder(folder: Path) -> bool:
     return (folder / META_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
@@ -176,14 +168,14 @@ def _is_run_checkpoint(path: Path) -> bool:
 def _torch_archive(path: Path) -> Format | None:
     """A zip archive as torch writes it (``archive/data.pkl``...): TorchScript when it holds
     ``constants.pkl`` or ``code/``, a checkpoint when it holds ``data.pkl`` only."""
+    if is_torchscript_archive(path):
+        return Format.TORCHSCRIPT
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
         return None
     records = {name.split("/", 1)[1] for name in names if "/" in name}  # below the top folder
-    if "constants.pkl" in records or any(r.startswith("code/") for r in records):
-        return Format.TORCHSCRIPT
     return Format.CHECKPOINT if "data.pkl" in records else None
 
 

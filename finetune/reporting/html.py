@@ -23,6 +23,7 @@ import html
 import json
 import math
 import shlex
+import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -77,14 +78,18 @@ def report(
             then not scanned again [default: scanned as the run scanned it].
 
     Returns:
-        The path of ``report.html``.
+        The path of ``report.html``. A part it cannot build (the data folder is gone, best.pt
+        cannot be evaluated) is left out, saying why on the page and in a warning.
 
     Raises:
         CheckpointError: ``run_dir`` is not a run directory, or no epoch of it finished.
     """
     run = read_run(run_dir)
     page = _Page(run, head, max_images, device, progress, split)
-    return atomic_write(RunDir(run.dir).report, page.html())
+    written = atomic_write(RunDir(run.dir).report, page.html())
+    for why in dict.fromkeys(page.problems.values()):  # the page says it too, in its section
+        warnings.warn(f"{written}: {why}", stacklevel=2)
+    return written
 
 
 # --- the page -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ config, the head...), the epoch and metrics, and the model/optimizer/scheduler/R
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ __all__ = [
     "FrozenRecord",
     "ModelSpec",
     "find_checkpoint",
+    "is_torchscript_archive",
     "load_checkpoint",
+    "not_weights",
     "preprocessing_of",
     "rebuild_model",
     "run_checkpoints",
@@ -218,9 +221,36 @@ def run_checkpoints(run: str | Path, checkpoint: str = "best") -> list[Path]:
     return snapshots
 
 
+def is_torchscript_archive(path: str | Path) -> bool:
+    """Whether ``path`` is a zip archive as TorchScript writes it: it holds ``constants.pkl`` or
+    ``code/`` below its top folder (torch's own test, ``_is_torchscript_zip``), by its content."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    records = {name.split("/", 1)[1] for name in names if "/" in name}  # below the top folder
+    return "constants.pkl" in records or any(r.startswith("code/") for r in records)
+
+
+def not_weights(path: Path) -> CheckpointError:
+    """The refusal of a TorchScript archive found where a checkpoint belongs."""
+    return CheckpointError(
+        f"{path} is a TorchScript archive, a program, where finetune expects a checkpoint: "
+        "finetune reads a run's checkpoints (best.pt, last.pt, ema.pt, snapshot-K.pt) and "
+        "checkpoint files as weights only and never runs code found in them, so it refuses "
+        "this file. A TorchScript file you exported yourself loads when you give its own path "
+        "under another name (finetune export writes model.torchscript.pt); otherwise remove it."
+    )
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint (file or run directory) without unpickling arbitrary objects."""
+    """Read a checkpoint (file or run directory) as weights and plain values only: never
+    unpickling arbitrary objects, never loading a TorchScript program (refused by content, before
+    torch sees it, whatever the file's name)."""
     file = find_checkpoint(path)
+    if is_torchscript_archive(file):
+        raise not_weights(file)
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
