@@ -18,16 +18,15 @@ whose name is not a run checkpoint's (``finetune export`` writes ``model.torchsc
 from __future__ import annotations
 
 import enum
-import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from finetune.errors import CheckpointError
 from finetune.run.checkpoint import (
     find_checkpoint,
-    is_torchscript_archive,
     load_checkpoint,
     not_weights,
+    torch_archive_kind,
 )
 from finetune.run.layout import RunDir
 
@@ -166,17 +165,9 @@ def _is_run_checkpoint(path: Path) -> bool:
 
 
 def _torch_archive(path: Path) -> Format | None:
-    """A zip archive as torch writes it (``archive/data.pkl``...): TorchScript when it holds
-    ``constants.pkl`` or ``code/``, a checkpoint when it holds ``data.pkl`` only."""
-    if is_torchscript_archive(path):
-        return Format.TORCHSCRIPT
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return None
-    records = {name.split("/", 1)[1] for name in names if "/" in name}  # below the top folder
-    return Format.CHECKPOINT if "data.pkl" in records else None
+    """A zip archive as torch writes it: TorchScript or a checkpoint, by the records it holds."""
+    kind = torch_archive_kind(path)
+    return None if kind is None else Format(kind)
 
 
 def _is_model_proto(file: BinaryIO, size: int) -> bool:

@@ -40,6 +40,7 @@ __all__ = [
     "rebuild_model",
     "run_checkpoints",
     "save_checkpoint",
+    "torch_archive_kind",
 ]
 
 FORMAT_VERSION = 1
@@ -221,16 +222,25 @@ def run_checkpoints(run: str | Path, checkpoint: str = "best") -> list[Path]:
     return snapshots
 
 
-def is_torchscript_archive(path: str | Path) -> bool:
-    """Whether ``path`` is a zip archive as TorchScript writes it: it holds ``constants.pkl`` or
-    ``code/`` below its top folder (torch's own test, ``_is_torchscript_zip``), by its content."""
+def torch_archive_kind(path: str | Path) -> str | None:
+    """What a zip archive as torch writes it (``archive/data.pkl``...) holds, by its content:
+    ``"torchscript"`` when it holds ``constants.pkl`` or ``code/`` below its top folder (torch's
+    own test, ``_is_torchscript_zip``), ``"checkpoint"`` when it holds ``data.pkl`` only, None
+    when ``path`` is no such archive."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
-        return False
+        return None
     records = {name.split("/", 1)[1] for name in names if "/" in name}  # below the top folder
-    return "constants.pkl" in records or any(r.startswith("code/") for r in records)
+    if "constants.pkl" in records or any(r.startswith("code/") for r in records):
+        return "torchscript"
+    return "checkpoint" if "data.pkl" in records else None
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a program), by its content."""
+    return torch_archive_kind(path) == "torchscript"
 
 
 def not_weights(path: Path) -> CheckpointError:
