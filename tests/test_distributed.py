@@ -25,16 +25,18 @@ TINY = ["--strategy", "finetune-top", "--epochs", "1", "--image-size", "32"]
 # Run by torchrun in each of two processes: a fit through the Python API (with DataLoader
 # worker processes), then what it left running, as one JSON line per rank.
 AFTER_FIT = """
-import json, multiprocessing, sys, threading
+import json, multiprocessing, os, sys, threading
+from pathlib import Path
 import torch.distributed as dist
 import finetune
 finetune.fit(sys.argv[1], strategy="finetune-top", epochs=1, image_size=32, num_workers=2,
              out=sys.argv[2], verbose=False, report=False)
-print("after fit " + json.dumps({
+# A file per rank: the two ranks share torchrun's stdout, where their lines can interleave.
+Path(sys.argv[3], f"after-fit-{os.environ['RANK']}.json").write_text(json.dumps({
     "group": dist.is_initialized(),
     "threads": sorted(t.name for t in threading.enumerate()),
     "children": len(multiprocessing.active_children()),
-}), flush=True)
+}))
 """
 
 
@@ -77,7 +79,7 @@ def test_two_gloo_processes_train_like_one_and_exit_cleanly_every_time(
     launches = [
         _torchrun("-m", "finetune", "fit", str(fashion), *OPTIONS, "--out", str(out)),
         _torchrun("-m", "finetune", "fit", str(tiny), *TINY, "--out", str(tmp_path / "tiny-cli")),
-        _torchrun(str(script), str(tiny), str(tmp_path / "tiny-api")),
+        _torchrun(str(script), str(tiny), str(tmp_path / "tiny-api"), str(tmp_path)),
     ]
     try:
         single = finetune.fit(fashion, strategy="finetune-top", epochs=2, image_size=32,
@@ -89,7 +91,7 @@ def test_two_gloo_processes_train_like_one_and_exit_cleanly_every_time(
             if launch.poll() is None:
                 launch.terminate()
                 launch.wait(30)
-    (stdout, stderr), (tiny_stdout, tiny_stderr), (api_stdout, _) = outputs
+    (stdout, stderr), (tiny_stdout, tiny_stderr), _ = outputs
     assert stdout.count("  run          ") == 1  # rank 0 alone prints the summary
     assert stderr.count("epoch 2/2") == 1 and "parallel  2 processes, 16 images" in stderr
     # A valid checkpoint of the unwrapped model (no "module." prefix), the same classes.
@@ -119,10 +121,9 @@ def test_two_gloo_processes_train_like_one_and_exit_cleanly_every_time(
     # A fit that joined the process group left it (barrier, then destroyed: gloo's threads
     # joined while Python is whole); its DataLoader workers are gone; no thread of the run is
     # left but tqdm's monitor (pure Python, waiting on an Event).
-    reports = [json.loads(line[len("after fit ") :])
-               for line in api_stdout.splitlines() if line.startswith("after fit ")]  # fmt: skip
-    assert len(reports) == 2, api_stdout
-    for state in reports:
+    reports = sorted(tmp_path.glob("after-fit-*.json"))
+    assert [p.name for p in reports] == ["after-fit-0.json", "after-fit-1.json"]
+    for state in map(json.loads, (p.read_text() for p in reports)):
         assert state["group"] is False
         assert state["children"] == 0
         assert set(state["threads"]) <= {"MainThread", "tqdm_monitor"}
