@@ -23,7 +23,7 @@ from .conftest import copy_classes
 OPTIONS = ["--strategy", "finetune-top", "--epochs", "2", "--image-size", "32"]
 TINY = ["--strategy", "finetune-top", "--epochs", "1", "--image-size", "32"]
 # Run by torchrun in each of two processes: a fit through the Python API (with DataLoader
-# worker processes), then what it left running, as one JSON line per rank.
+# worker processes), then what it left running, as one JSON file per rank.
 AFTER_FIT = """
 import json, multiprocessing, os, sys, threading
 from pathlib import Path

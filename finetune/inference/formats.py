@@ -22,12 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from finetune.errors import CheckpointError
-from finetune.run.checkpoint import (
-    find_checkpoint,
-    load_checkpoint,
-    not_weights,
-    torch_archive_kind,
-)
+from finetune.run.checkpoint import load_checkpoint, not_weights, torch_archive_kind
 from finetune.run.layout import RunDir
 
 __all__ = [
@@ -131,7 +126,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         CheckpointError: The file is a TorchScript archive (a program, which a checkpoint must
             not be: it is refused, never run), or not a readable finetune checkpoint.
     """
-    return load_checkpoint(find_checkpoint(path))  # refuses a TorchScript archive by content
+    return load_checkpoint(path)  # finds the run's file; refuses TorchScript by content
 
 
 def is_bundle(path: str | Path) -> bool:
