@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from finetune.config import FitConfig
 from finetune.data.decoded import DecodedCache
 from finetune.data.scan import scan_folder
-from finetune.data.transforms import PRESETS, Preprocessing
+from finetune.data.transforms import PRESETS, DeviceNormalize, Preprocessing
 from finetune.model.backbone import create_backbone, create_classifier
 from finetune.strategies.loaders import training_loaders
 from finetune.training.compute import keep_freed_memory
@@ -59,6 +59,7 @@ def main() -> None:
     config = FitConfig(batch_size=32)
     loader, _ = training_loaders(split, pre, config, torch.device("cpu"), PRESETS["default"],
                                  None, cache=cache)  # fmt: skip
+    normalize = DeviceNormalize.of(pre)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     random = torch.randn(32, 3, args.size, args.size).to(memory_format=NHWC)
     targets = torch.randint(0, len(split.classes), (32,))
@@ -82,7 +83,7 @@ def main() -> None:
         for _ in range(args.steps):
             start = time.perf_counter()
             x, y = next(batches)
-            x = x.to(memory_format=NHWC)
+            x = normalize(x.to(memory_format=NHWC))  # uint8 -> float, as the loop does
             prepare.append(time.perf_counter() - start)
             on_real.append(step(x, y))
         random_s, real_s = statistics.median(on_random[1:]), statistics.median(on_real[1:])

@@ -31,6 +31,7 @@ from finetune.data.decoded import describe_size, estimate_bytes
 from finetune.data.scan import DatasetSplit, Sample, ScanReport, scan_folder
 from finetune.data.transforms import (
     Augmentation,
+    DeviceNormalize,
     Lighting,
     Preprocessing,
     augmentation_of,
@@ -926,7 +927,7 @@ def lr_find(
     model = create_classifier(backbone, len(split.classes), dropout=config.dropout).to(device)
     loader = _lr_find_loader(split, pre, config, device)
     finding = find_lr(
-        _lr_find_step(model, strategy, split, config, device), loader,
+        _lr_find_step(model, strategy, split, config, device, pre), loader,
         start_lr=start_lr, end_lr=end_lr, steps=steps, progress=verbose,
         reseed=loader.batch_sampler.set_epoch,  # each pass its own order and augmentation
     )  # fmt: skip
@@ -942,6 +943,7 @@ def _lr_find_step(
     split: DatasetSplit,
     config: FitConfig,
     device: torch.device,
+    pre: Preprocessing,
 ) -> TrainStep:
     """The training step ``fit`` would run for ``strategy`` (finetune.strategies.finetune
     builds its :class:`~finetune.training.loop.Training` from the same settings), without the
@@ -954,8 +956,8 @@ def _lr_find_step(
         weights = balanced_class_weights([s.label for s in split.train], len(split.classes), device)
     return TrainStep(
         model, optimizer, device, bf16=config.precision == "bf16",
-        channels_last=bool(config.channels_last), class_weights=weights,
-        label_smoothing=config.label_smoothing,
+        channels_last=bool(config.channels_last), normalize=DeviceNormalize.of(pre),
+        class_weights=weights, label_smoothing=config.label_smoothing,
     )  # fmt: skip
 
 

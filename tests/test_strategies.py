@@ -361,6 +361,11 @@ def test_an_epoch_brings_the_same_batches_whatever_the_workers_and_after_a_resum
         assert torch.equal(images, again) and torch.equal(labels, labels_again)
     _, first = last_epoch(0, [1])
     assert not torch.equal(first[0][0], resumed[0][0])  # each epoch its own order and crops
+    # uint8 batches (a quarter of float32's bytes), normalised on the device by the training
+    # loop (tests/test_transforms.py: the same images as the float pipeline's)
+    _, val = training_loaders(split, pre, FitConfig(batch_size=8), torch.device("cpu"),
+                              PRESETS["strong"], None)  # fmt: skip
+    assert through[0][0].dtype == next(iter(val))[0].dtype == torch.uint8
 
 
 # Workers forked after this process used OpenCV's thread pool (a resize of a large image, as the

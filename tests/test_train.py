@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune.data.transforms import Preprocessing
+from finetune.data.transforms import DeviceNormalize, Preprocessing
 from finetune.errors import TrainingError
 from finetune.run.checkpoint import CheckpointMeta, ModelSpec, load_checkpoint
 from finetune.training.loop import (
@@ -447,3 +447,31 @@ def test_running_out_of_memory_in_a_step_names_the_options_to_lower(error) -> No
     other = _Exhausting(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="shapes"):
         TrainStep(other, torch.optim.SGD(other.parameters(), lr=0.1), CPU)(images, labels)
+
+
+def test_uint8_batches_are_normalised_on_the_device_before_the_model() -> None:
+    """The training loaders ship uint8 images; training and evaluation see exactly what a
+    float pipeline would have given, and uint8 never reaches a model un-normalised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
+    raw = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 2, (16,))
+    normalize = DeviceNormalize((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    floats = normalize(raw)
+    want = evaluate(model, _loader(floats, y), CPU)
+    assert evaluate(model, _loader(raw, y), CPU, normalize=normalize) == pytest.approx(want)
+    with pytest.raises(TypeError, match="uint8 images reached the model"):
+        evaluate(model, _loader(raw, y), CPU)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    step_a = TrainStep(a, torch.optim.SGD(a.parameters(), lr=0.1), CPU, channels_last=True)
+    step_b = TrainStep(
+        b, torch.optim.SGD(b.parameters(), lr=0.1), CPU, channels_last=True, normalize=normalize
+    )
+    batches = zip(step_a.batches(_loader(floats, y)), step_b.batches(_loader(raw, y)), strict=True)
+    for (xa, ya), (xb, yb) in batches:
+        assert xb.dtype == torch.float32 and xb.is_contiguous(memory_format=torch.channels_last)
+        assert step_a(xa, ya).loss.item() == pytest.approx(step_b(xb, yb).loss.item(), abs=1e-6)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-6)

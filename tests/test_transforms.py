@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import timm
@@ -13,6 +17,7 @@ from finetune.data.transforms import (
     IMAGENET_LIGHTING,
     PRESETS,
     Augmentation,
+    DeviceNormalize,
     Lighting,
     PCALighting,
     Preprocessing,
@@ -61,6 +66,34 @@ def test_pipelines_give_normalised_float_tensors(lite0_pre: Preprocessing, fashi
     wide[:, 30:60] = 255  # a white centre square survives the centre crop
     out = eval_transform(lite0_pre)(image=wide)["image"]
     assert out.shape == (3, 224, 224) and out[:, 112, 112].min() > 0.99
+
+
+def test_uint8_pipelines_normalised_on_the_device_give_the_same_tensors(
+    lite0_pre: Preprocessing, fashion
+) -> None:
+    """normalize=False stops at uint8 (a quarter of the bytes through a DataLoader) and
+    DeviceNormalize finishes: the same images as the float pipelines, in the same layout."""
+    image = load_image(next((fashion / "train" / "dress").glob("*.png")))
+    normalize = DeviceNormalize.of(lite0_pre)
+    pairs = [
+        (train_transform(lite0_pre, seed=3), train_transform(lite0_pre, seed=3, normalize=False)),
+        (eval_transform(lite0_pre), eval_transform(lite0_pre, normalize=False)),
+    ]
+    for floats, uint8 in pairs:
+        for _ in range(3):  # the same random draws on both sides
+            want = floats(image=image)["image"]
+            raw = uint8(image=image)["image"]
+            assert raw.dtype == torch.uint8 and raw.shape == want.shape
+            batch = raw[None].contiguous(memory_format=torch.channels_last)
+            got = normalize(batch)
+            assert got.dtype == torch.float32
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            assert torch.allclose(got[0], want, atol=1e-6)
+    imagenet = DeviceNormalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    white = imagenet(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+    assert torch.allclose(white[0, :, 0, 0], torch.tensor([2.2489, 2.4286, 2.64]), atol=1e-4)
+    already = torch.randn(2, 3, 4, 4)
+    assert normalize(already) is already  # floats (normalised, or a frozen layer's) pass
 
 
 def test_training_augmentation_is_random_but_reproducible(lite0_pre: Preprocessing, fashion):
@@ -229,3 +262,31 @@ def test_tta_views_have_the_ten_crop_geometry(pre64: Preprocessing) -> None:
     assert torch.equal(flip[0], centre) and torch.equal(flip[1], centre.flip(-1))
     with pytest.raises(ConfigError, match="none, flip, 10crop"):
         TestTimeViews(pre64, "5crop")
+
+
+_IMPORT_WATCHING_THE_NETWORK = """
+import urllib.request
+calls = []
+def refuse(self, request, *args, **kwargs):
+    calls.append(getattr(request, "full_url", request))
+    raise OSError("offline")
+urllib.request.OpenerDirector.open = refuse
+import finetune.data.transforms
+import os
+print(len(calls), os.environ["NO_ALBUMENTATIONS_UPDATE"])
+"""
+
+
+def test_importing_the_pipelines_asks_no_server_for_anything() -> None:
+    """albumentations checks PyPI for a newer version on import unless told not to: finetune
+    tells it, so no command makes a network request (a user's own setting is kept)."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    for setting, expected in ((None, "0 1"), ("false", "1 false")):
+        if setting is not None:
+            env["NO_ALBUMENTATIONS_UPDATE"] = setting
+        done = subprocess.run(
+            [sys.executable, "-c", _IMPORT_WATCHING_THE_NETWORK],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == expected.split(), done.stdout

@@ -10,6 +10,9 @@ prediction preprocesses exactly as training did.
   then normalisation. :class:`Augmentation` holds the settings; :data:`PRESETS` names four.
 - Evaluation (:func:`eval_transform`): resize the short side to ``input_size / crop_pct``, then
   centre-crop.
+- Both can stop before normalising (``normalize=False``: uint8 tensors) and leave it to the
+  device (:class:`DeviceNormalize`): what the training loaders do, since float32 batches are
+  four times the bytes through the workers' shared memory and the pinned and device copies.
 - Test-time augmentation (:class:`TestTimeViews`): the centre crop, its mirror image, or ten
   crops (four corners and the centre, each also mirrored); predictions average their softmax.
 """
@@ -49,6 +52,7 @@ __all__ = [
     "IMAGENET_LIGHTING",
     "PRESETS",
     "Augmentation",
+    "DeviceNormalize",
     "Lighting",
     "PCALighting",
     "Preprocessing",
@@ -360,8 +364,44 @@ def augmentation_ops(
     return ops
 
 
-def _to_tensor(pre: Preprocessing) -> list[A.BasicTransform]:
+def _to_tensor(pre: Preprocessing, normalize: bool = True) -> list[A.BasicTransform]:
+    if not normalize:  # uint8 (3, H, W): DeviceNormalize finishes the job on the device
+        return [ToTensorV2()]
     return [A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0), ToTensorV2()]
+
+
+@dataclass(frozen=True)
+class DeviceNormalize:
+    """The normalisation that a pipeline built with ``normalize=False`` leaves out, done where
+    the batch is: uint8 (N, 3, H, W) images in, ``(x / 255 - mean) / std`` in float32 out, in the
+    images' memory layout. A batch that is not uint8 (already normalised, or a frozen layer's
+    output) passes unchanged.
+
+    Why: a DataLoader moves each batch through shared memory from its worker, then into pinned
+    memory, then to the GPU; in float32 that is 0.6 MB per 224 px image, and those copies, not
+    the augmentation, bounded an epoch on a GPU (``benchmarks/gpu_check.py``'s "loader alone"
+    row; docs/speed.md has the numbers). uint8 is a quarter of the bytes. On a CPU too the
+    uint8 loader was faster, with or without workers (``benchmarks/loader_transport.py``).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, pre: Preprocessing) -> DeviceNormalize:
+        return cls(tuple(pre.mean), tuple(pre.std))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            return images
+        shape = (1, len(self.mean), 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float64).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float64).view(shape)
+        # (x / 255 - mean) / std as x * scale + shift: one pass after the conversion.
+        # Elementwise, so the result keeps the images' layout (NHWC stays NHWC).
+        scale = (1 / (255 * std)).to(images.device, torch.float32)
+        shift = (-mean / std).to(images.device, torch.float32)
+        return images.float().mul_(scale).add_(shift)
 
 
 def resize_side(pre: Preprocessing) -> int:
@@ -374,20 +414,24 @@ def train_transform(
     aug: Augmentation | None = None,
     lighting: Lighting | None = None,
     seed: int | None = None,
+    *,
+    normalize: bool = True,
 ) -> A.Compose:
     """Training pipeline: :func:`augmentation_ops` (``aug`` defaults to the "default" preset),
-    then normalisation with the backbone's mean/std and a (3, H, W) float tensor."""
+    then normalisation with the backbone's mean/std and a (3, H, W) float tensor; with
+    ``normalize=False`` a (3, H, W) uint8 tensor, for :class:`DeviceNormalize` to finish."""
     ops = augmentation_ops(pre, aug or PRESETS["default"], lighting)
-    return A.Compose([*ops, *_to_tensor(pre)], seed=seed)
+    return A.Compose([*ops, *_to_tensor(pre, normalize)], seed=seed)
 
 
-def eval_transform(pre: Preprocessing) -> A.Compose:
-    """Evaluation: resize the short side to input_size / crop_pct, centre-crop input_size."""
+def eval_transform(pre: Preprocessing, *, normalize: bool = True) -> A.Compose:
+    """Evaluation: resize the short side to input_size / crop_pct, centre-crop input_size
+    (``normalize=False``: a uint8 tensor, as in :func:`train_transform`)."""
     return A.Compose(
         [
             A.SmallestMaxSize(max_size=resize_side(pre), interpolation=pre.cv2_interpolation),
             A.CenterCrop(height=pre.input_size, width=pre.input_size),
-            *_to_tensor(pre),
+            *_to_tensor(pre, normalize),
         ]
     )
 

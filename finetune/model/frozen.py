@@ -37,7 +37,12 @@ from tqdm.auto import tqdm
 from finetune.data.decoded import DecodedCache
 from finetune.data.loaders import ImageDataset, collate_skipping_failed, prepare_for_workers
 from finetune.data.scan import Sample
-from finetune.data.transforms import Augmentation, Preprocessing, eval_transform
+from finetune.data.transforms import (
+    Augmentation,
+    DeviceNormalize,
+    Preprocessing,
+    eval_transform,
+)
 from finetune.errors import ModelError
 from finetune.model.backbone import set_train_mode
 
@@ -281,7 +286,7 @@ def _outputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     prepare_for_workers(num_workers)
     loader = DataLoader(
-        ImageDataset(samples, eval_transform(pre), cache),
+        ImageDataset(samples, eval_transform(pre, normalize=False), cache),  # uint8
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_skipping_failed,
@@ -289,13 +294,15 @@ def _outputs(
         generator=torch.Generator().manual_seed(0),  # leaves torch's global random state alone
     )
     layout = torch.channels_last if channels_last else torch.contiguous_format
+    normalize = DeviceNormalize.of(pre)
     chunks, labels = [], []
     for batch in tqdm(
         loader, desc=desc, unit="batch", leave=False, disable=None if progress else True
     ):
         if batch is None:  # every image of the batch failed to decode (already warned)
             continue
-        images = batch[0].to(device, non_blocking=True, memory_format=layout)
+        # normalised here, exactly as the training loop normalises the image loaders' batches
+        images = normalize(batch[0].to(device, non_blocking=True, memory_format=layout))
         versions = [images, images.flip(-1)][:views]  # the mirror image: HorizontalFlip's
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = [run_prefix(model, prefix, x).contiguous().cpu() for x in versions]

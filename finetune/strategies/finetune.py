@@ -14,6 +14,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from finetune.config import FitConfig
+from finetune.data.transforms import DeviceNormalize
 from finetune.errors import ConfigError
 from finetune.model.backbone import (
     Classifier,
@@ -171,6 +172,7 @@ class _FineTune(Strategy):
             wrapped=wrapped,
             bf16=config.precision == "bf16",
             channels_last=bool(config.channels_last),
+            normalize=DeviceNormalize.of(ctx.pre),  # the image loaders' uint8 batches
             view=view,
         )
         return train(

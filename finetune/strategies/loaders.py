@@ -178,7 +178,10 @@ def training_loaders(
     classes with ``balance="oversample"``) and the validation loader (centre crop). In a
     distributed run each rank gets its share: ``batch_size / ranks.size`` images per step from
     a DistributedSampler, and every ``ranks.size``-th validation image. With ``cache``, both
-    read decoded images from it instead of decoding files.
+    read decoded images from it instead of decoding files. Both yield uint8 images, a quarter
+    of float32's bytes through the workers' shared memory and the copies to the GPU: whoever
+    runs the model on them normalises them on the device with ``DeviceNormalize.of(pre)`` (the
+    training loop's ``normalize``).
 
     The training loader's ``batch_sampler.set_epoch(epoch)`` seeds the epoch's order and
     augmentation: every batch is augmented from a seed of its own, made of (seed, epoch, rank,
@@ -196,7 +199,9 @@ def training_loaders(
         "persistent_workers": workers > 0,
         "prefetch_factor": PREFETCH_BATCHES if workers else None,
     }
-    augment = train_transform(pre, augmentation, lighting, seed=config.seed)
+    # uint8 batches, normalised where the model runs (DeviceNormalize): faster on GPUs and on
+    # CPUs alike (benchmarks/loader_transport.py, benchmarks/gpu_check.py)
+    augment = train_transform(pre, augmentation, lighting, seed=config.seed, normalize=False)
     train_set = ImageDataset(split.train, augment, cache)
     train_loader = DataLoader(
         _BatchSeeded(train_set),
@@ -206,7 +211,8 @@ def training_loaders(
         generator=torch.Generator().manual_seed(config.seed),
         **common,
     )
-    val_set = ImageDataset(split.val[ranks.rank :: ranks.size], eval_transform(pre), cache)
+    val_transform = eval_transform(pre, normalize=False)
+    val_set = ImageDataset(split.val[ranks.rank :: ranks.size], val_transform, cache)
     val_loader = DataLoader(
         val_set,
         batch_size=config.batch_size // ranks.size,

@@ -68,6 +68,9 @@ from finetune.run.checkpoint import CheckpointMeta, save_checkpoint
 from finetune.run.layout import RunDir
 from finetune.training.distributed import ALONE, World
 
+# uint8 images -> the model's float input on the device (finetune.data.transforms.DeviceNormalize)
+Normalize = Callable[[torch.Tensor], torch.Tensor]
+
 __all__ = [
     "MAX_RETRIES",
     "OVERFIT_GAP",
@@ -170,6 +173,9 @@ class Training:
     wrapped: nn.Module | None = None
     bf16: bool = False  # forward and loss under bfloat16 autocast (training and evaluation)
     channels_last: bool = False  # images in NHWC layout (the model converted by the caller)
+    # uint8 batches (the training loaders') -> the model's float input, on the device
+    # (data.transforms.DeviceNormalize); None: the loaders yield the model's input already.
+    normalize: Normalize | None = None
     sync_every: int = SYNC_EVERY  # steps between two reads of the stop / non-finite flags
     # The part of a model (or of its average) that runs on what the loaders yield, when they
     # yield the frozen layers' outputs (finetune.model.frozen) rather than images; None: all of it.
@@ -181,7 +187,12 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def _batches(loader: DataLoader, device: torch.device, channels_last: bool = False):
+def _batches(
+    loader: DataLoader,
+    device: torch.device,
+    channels_last: bool = False,
+    normalize: Normalize | None = None,
+):
     layout = torch.channels_last if channels_last else torch.preserve_format
     for batch in loader:
         if batch is None:  # every image of the batch failed to decode (already warned)
@@ -190,8 +201,12 @@ def _batches(loader: DataLoader, device: torch.device, channels_last: bool = Fal
         # non_blocking: from pinned memory the copy overlaps the work already queued on the GPU
         # (frozen layers' outputs need not be 4-D, and only 4-D tensors have an NHWC layout)
         memory_format = layout if images.ndim == 4 else torch.preserve_format
-        yield (images.to(device, non_blocking=True, memory_format=memory_format),
-               labels.to(device, non_blocking=True))  # fmt: skip
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        if normalize is not None:  # uint8 images from the training loaders, on the device
+            images = normalize(images)
+        elif images.dtype == torch.uint8:
+            raise TypeError("uint8 images reached the model: pass the loaders' normalize")
+        yield images, labels.to(device, non_blocking=True)
 
 
 def balanced_class_weights(
@@ -261,6 +276,7 @@ class TrainStep:
     device: torch.device
     bf16: bool = False  # forward and loss under bfloat16 autocast
     channels_last: bool = False  # batches() in NHWC layout (the model converted by the caller)
+    normalize: Normalize | None = None  # batches(): uint8 images -> the model's input
     class_weights: torch.Tensor | None = None  # per-class loss weights (imbalanced classes)
     label_smoothing: float = 0.0
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after each step
@@ -278,7 +294,7 @@ class TrainStep:
 
     def batches(self, loader: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``loader``'s batches on the device, in this step's layout (empty ones skipped)."""
-        return _batches(loader, self.device, self.channels_last)
+        return _batches(loader, self.device, self.channels_last, self.normalize)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         """Train on one batch (from :meth:`batches`); its loss, logits and learning rate.
@@ -377,6 +393,7 @@ def evaluate(
     *,
     bf16: bool = False,
     channels_last: bool = False,
+    normalize: Normalize | None = None,
 ) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader`` (over every rank's
     ``loader`` when distributed: each holds its shard).
@@ -384,19 +401,26 @@ def evaluate(
     Args:
         bf16: Run the forward pass under bfloat16 autocast (as training did).
         channels_last: Give the model NHWC images (as training did).
+        normalize: Turns the loader's uint8 images into the model's input on the device
+            (:class:`~finetune.data.transforms.DeviceNormalize`); None: they are already.
     """
-    sums = _evaluate_sums(model, loader, device, bf16, channels_last)
+    sums = _evaluate_sums(model, loader, device, bf16, channels_last, normalize)
     total_loss, correct, seen = ranks.sum(sums, device)
     return (total_loss / seen, correct / seen) if seen else (math.nan, math.nan)
 
 
 @torch.inference_mode()
 def _evaluate_sums(
-    model: nn.Module, loader: DataLoader, device: torch.device, bf16: bool, channels_last: bool
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    bf16: bool,
+    channels_last: bool,
+    normalize: Normalize | None,
 ) -> list[float]:
     model.eval()
     total_loss, correct, seen = _zero(device), _zero(device), 0  # sums stay on the device
-    for images, labels in _batches(loader, device, channels_last):
+    for images, labels in _batches(loader, device, channels_last, normalize):
         with _autocast(device, bf16):
             logits = model(images).float()
         total_loss += F.cross_entropy(logits, labels, reduction="sum")
@@ -717,7 +741,7 @@ def _epoch(
     # net=t.wrapped: DistributedDataParallel, there, averages the gradients over the ranks.
     run = TrainStep(
         model, t.optimizer, t.device, bf16=t.bf16, channels_last=t.channels_last,
-        class_weights=t.class_weights, label_smoothing=t.label_smoothing,
+        normalize=t.normalize, class_weights=t.class_weights, label_smoothing=t.label_smoothing,
         scheduler=t.scheduler, ema=t.ema, net=t.wrapped,
         steps=t.scheduler.last_epoch,  # optimizer steps so far (the scheduler counts them)
     )  # fmt: skip
@@ -751,7 +775,7 @@ def _epoch(
         [*torch.stack([total_loss, correct]).tolist(), float(seen)], t.device
     )
     t.ranks.sync_buffers(model)
-    speed = {"bf16": t.bf16, "channels_last": t.channels_last}
+    speed = {"bf16": t.bf16, "channels_last": t.channels_last, "normalize": t.normalize}
     view = t.view or (lambda module: module)
     val_loss, val_acc = evaluate(view(model), t.val_loader, t.device, t.ranks, **speed)
     ema_loss, ema_acc = (
