@@ -388,6 +388,8 @@ def rows(check: Check, setup: Setup) -> list[tuple[str, Callable[[], tuple[float
         (
             "fit --precision fp16",
             (lambda: check.fit("fp16", precision="fp16"))
+            if fp16 and gpu
+            else "--cpu-only: CPUs emulate float16, many times slower than fp32"
             if fp16
             else f"not built: --precision takes {', '.join(PRECISIONS)}",
         ),

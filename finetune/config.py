@@ -90,9 +90,10 @@ IMBALANCED_FROM = 5.0  # largest / smallest training class from which auto balan
 CACHE_IMAGES_UP_TO = 4 * 1024**3  # cache_images=None: cache decoded images up to these bytes
 # cache_frozen=None: keep the frozen layers' outputs in memory up to these bytes
 FROZEN_CACHE_UP_TO = 2 * 1024**3
-# Number formats of training and evaluation: auto (bf16 on a CUDA GPU that supports it, else
-# fp32), fp32, or bf16 (forward and loss under torch.autocast; weights and optimizer stay fp32).
-PRECISIONS = ("auto", "fp32", "bf16")
+# Number formats of training and evaluation: auto (bf16 on a CUDA GPU that has it, fp16 on one
+# with tensor cores but no bf16, else fp32), fp32, bf16 or fp16 (forward and loss under
+# torch.autocast; weights and optimizer stay fp32; fp16 with a gradient scaler).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MAX_AUTO_BATCH = 1024  # auto_batch_size never goes above this many images per step
 CPU_BUDGET_SECONDS = 300.0  # on a CPU, auto sizes a fine-tune to take about this long
 # FitConfig fields that override single fields of the augmentation preset.
@@ -468,8 +469,9 @@ class FitConfig:
         "auto",
         group="speed",
         choices=PRECISIONS,
-        help="Number format of the forward pass: bf16 autocast (weights stay fp32) or fp32. "
-        "auto: bf16 on a CUDA GPU that supports it, else fp32.",
+        help="Number format of the forward pass: bf16 or fp16 autocast (weights stay fp32; fp16 "
+        "with a gradient scaler) or fp32. auto: bf16 on a CUDA GPU that has it, fp16 on one with "
+        "tensor cores but no bf16 (T4, V100), else fp32.",
     )
     channels_last: bool | None = setting(
         None,

@@ -57,8 +57,10 @@ from finetune.strategies.measure import (
 )
 from finetune.training.compute import (
     MAX_AUTO_BATCH,
+    autocast_dtype,
     check_compile,
     cuda_step_fits,
+    grad_scaler,
     keep_freed_memory,
     largest_batch,
     resolve_channels_last,
@@ -484,7 +486,7 @@ def _auto_batch_size(
         )
         return config
     fits = cuda_step_fits(
-        model, config.image_size, device, bf16=config.precision == "bf16",
+        model, config.image_size, device, amp=autocast_dtype(config.precision),
         channels_last=bool(config.channels_last),
     )  # fmt: skip
     limit = min(train_images, MAX_AUTO_BATCH)
@@ -955,7 +957,8 @@ def _lr_find_step(
     if config.balance == "weighted-loss":
         weights = balanced_class_weights([s.label for s in split.train], len(split.classes), device)
     return TrainStep(
-        model, optimizer, device, bf16=config.precision == "bf16",
+        model, optimizer, device, amp=autocast_dtype(config.precision),
+        scaler=grad_scaler(config.precision, device),
         channels_last=bool(config.channels_last), normalize=DeviceNormalize.of(pre),
         class_weights=weights, label_smoothing=config.label_smoothing,
     )  # fmt: skip

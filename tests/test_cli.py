@@ -286,7 +286,7 @@ def test_running_out_of_memory_before_training_names_the_options(small_folder: P
 def test_the_speed_options_are_in_the_help_and_reach_the_config(small_folder: Path) -> None:
     helped = CliRunner().invoke(cli, ["fit", "--help"])
     assert helped.exit_code == 0
-    for option in ("--precision [auto|fp32|bf16]", "--channels-last / --no-channels-last",
+    for option in ("--precision [auto|fp32|bf16|fp16]", "--channels-last / --no-channels-last",
                    "--compile", "--auto-batch-size"):  # fmt: skip
         assert option in helped.output, option
     speed = ["--precision", "bf16", "--no-channels-last", "--compile", "--auto-batch-size"]
@@ -297,8 +297,8 @@ def test_the_speed_options_are_in_the_help_and_reach_the_config(small_folder: Pa
     config = json.loads(as_json.stdout)["config"]
     assert (config["precision"], config["channels_last"], config["compile"],
             config["auto_batch_size"]) == ("bf16", False, True, True)  # fmt: skip
-    bad = CliRunner().invoke(cli, ["plan", str(small_folder), "--precision", "fp16"])
-    assert bad.exit_code == 2 and "'fp16' is not one of 'auto', 'fp32', 'bf16'" in bad.output
+    bad = CliRunner().invoke(cli, ["plan", str(small_folder), "--precision", "fp8"])
+    assert bad.exit_code == 2 and "'fp8' is not one of 'auto', 'fp32', 'bf16', 'fp16'" in bad.output
 
 
 def test_python_dash_m_and_help() -> None:

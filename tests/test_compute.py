@@ -59,10 +59,14 @@ def test_auto_precision_is_fp32_on_cpu_and_bf16_is_kept_when_asked() -> None:
     assert resolve_precision("auto", CPU) == "fp32"
     assert resolve_precision("bf16", CPU) == "bf16"
     assert resolve_precision("fp32", CPU) == "fp32"
+    with pytest.warns(UserWarning, match="fp16 on a CPU: CPUs emulate float16"):
+        assert resolve_precision("fp16", CPU) == "fp16"
 
 
+# bf16 from Ampere (8.x) on; fp16 with tensor cores but no bf16 (V100 7.0, T4 7.5); else fp32
 @pytest.mark.parametrize(("capability", "auto"), [((8, 0), "bf16"), ((9, 0), "bf16"),
-                                                 ((7, 5), "fp32")])  # fmt: skip
+                                                 ((7, 5), "fp16"), ((7, 0), "fp16"),
+                                                 ((6, 1), "fp32")])  # fmt: skip
 def test_auto_precision_on_cuda_is_bf16_where_the_gpu_computes_in_it(
     monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], auto: str
 ) -> None:
@@ -72,8 +76,12 @@ def test_auto_precision_on_cuda_is_bf16_where_the_gpu_computes_in_it(
     cuda = torch.device("cuda:1")
     assert resolve_precision("auto", cuda) == auto
     assert resolve_precision("fp32", cuda) == "fp32"
-    if auto == "fp32":
-        with pytest.raises(ConfigError, match=r"Tesla T4 \(compute capability 7.5\).*fp32"):
+    assert resolve_precision("fp16", cuda) == "fp16"
+    if auto != "bf16":
+        major, minor = capability
+        with pytest.raises(
+            ConfigError, match=rf"\(compute capability {major}.{minor}\).*fp16 .*or fp32"
+        ):
             resolve_precision("bf16", cuda)
     else:
         assert resolve_precision("bf16", cuda) == "bf16"
@@ -108,7 +116,7 @@ def test_the_cuda_step_probe_says_what_fits_and_leaves_the_model_as_it_was(
 
     model = Greedy().eval()
     statistics = model.bn.running_mean.clone()
-    fits = cuda_step_fits(model, 8, CPU, bf16=True, channels_last=True, share=0.85)
+    fits = cuda_step_fits(model, 8, CPU, amp=torch.bfloat16, channels_last=True, share=0.85)
     assert [fits(batch) for batch in (4, 8, 16, 32)] == [True, True, False, False]
     assert largest_batch(fits, 2, 1024) == 8  # 16 images would take 1600 of 850 bytes allowed
     assert not model.training and torch.equal(model.bn.running_mean, statistics)

@@ -32,7 +32,7 @@ def test_overrides_ignore_none_and_reject_unknown_names() -> None:
         ("val_split", 1.0, "val_split"),
         ("optimizer", "adam2", "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw"),
         ("image_size", 8, "image_size"),
-        ("precision", "fp16", r"Unknown precision 'fp16'; choose one of auto, fp32, bf16"),
+        ("precision", "fp8", r"Unknown precision 'fp8'; choose one of auto, fp32, bf16, fp16"),
     ],
 )
 def test_invalid_values_name_the_field(field: str, value, message: str) -> None:

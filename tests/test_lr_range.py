@@ -121,7 +121,7 @@ def test_the_finder_records_the_loss_of_fits_step_under_bf16_and_class_weights()
     torch.manual_seed(0)
     head = nn.Linear(features.shape[1], 2)
     twin, plain = copy.deepcopy(head), copy.deepcopy(head)
-    numerics = {"bf16": True, "class_weights": torch.tensor([0.2, 5.0])}
+    numerics = {"amp": torch.bfloat16, "class_weights": torch.tensor([0.2, 5.0])}
 
     def step(module: nn.Module, **options) -> TrainStep:
         optimizer = torch.optim.SGD(module.parameters(), lr=1.0)

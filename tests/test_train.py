@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -180,7 +181,7 @@ def test_evaluation_runs_in_the_layout_and_number_format_asked_for() -> None:
     model.to(memory_format=torch.channels_last)
     nhwc, _ = evaluate(model, loader, CPU, channels_last=True)
     assert nhwc == pytest.approx(expected, rel=1e-4)
-    bf16, _ = evaluate(model, loader, CPU, bf16=True)
+    bf16, _ = evaluate(model, loader, CPU, amp=torch.bfloat16)
     assert bf16 != expected and bf16 == pytest.approx(expected, rel=0.05)  # rounded, close
 
 
@@ -475,3 +476,48 @@ def test_uint8_batches_are_normalised_on_the_device_before_the_model() -> None:
         assert step_a(xa, ya).loss.item() == pytest.approx(step_b(xb, yb).loss.item(), abs=1e-6)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_an_fp16_step_scales_the_loss_and_skips_a_step_whose_gradients_overflowed() -> None:
+    """fp16 training (T4, V100): the gradient scaler multiplies the loss before backward; a
+    step whose float16 gradients overflowed leaves the weights alone and halves the scale
+    (without PyTorch's warning about the scheduler); later steps train as fp32 would."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
+    model = nn.Linear(5, 2)
+    fp32 = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # float16 gradients overflow
+    step = TrainStep(model, optimizer, CPU, amp=torch.float16, scaler=scaler, scheduler=scheduler)
+    before = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        out = step(x, y)
+    assert not [w for w in said if "lr_scheduler" in str(w.message)]
+    assert math.isfinite(out.loss.item())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # skipped
+    assert scaler.get_scale() == 2.0**99
+    scaler.update(2.0**10)  # a scale whose gradients fit in float16
+    step(x, y)
+    TrainStep(fp32, torch.optim.SGD(fp32.parameters(), lr=0.1), CPU)(x, y)
+    for a, b in zip(model.parameters(), fp32.parameters(), strict=True):
+        assert not torch.equal(a, before["weight"] if a.ndim == 2 else before["bias"])
+        assert torch.allclose(a, b, atol=1e-3)  # float16's rounding, no more
+
+
+def test_an_fp16_run_saves_the_scale_it_reached_and_restores_it(tmp_path: Path) -> None:
+    x = torch.randn(64, 5)
+    y = (x[:, 0] > 0).long()
+    model = nn.Linear(5, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # halves at each overflow
+    training = _training(model, x, y, epochs=4, amp=torch.float16, scaler=scaler)
+    history = train(model, training, Recorder(tmp_path, META), progress=False)
+    assert history[-1].val_acc > 0.8  # it learned once the scale came down
+    reached = scaler.get_scale()
+    assert reached < 2.0**24
+    saved = load_checkpoint(tmp_path / "last.pt")["scaler"]
+    assert saved["scale"] == reached
+    again = torch.amp.GradScaler("cpu")
+    again.load_state_dict(saved)  # what resume does (strategies.finetune)
+    assert again.get_scale() == reached

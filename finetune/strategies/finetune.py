@@ -34,7 +34,7 @@ from finetune.strategies.loaders import (
     _frozen_record,
     _loaders,
 )
-from finetune.training.compute import keep_freed_memory
+from finetune.training.compute import autocast_dtype, grad_scaler, keep_freed_memory
 from finetune.training.loop import (
     EpochResult,
     Recorder,
@@ -128,11 +128,14 @@ class _FineTune(Strategy):
         ema = None
         if config.ema:  # warmed-up decay: early steps average over few weights (timm)
             ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True, device=ctx.device)
+        scaler = grad_scaler(config.precision, ctx.device)  # fp16 only
         first_epoch = 1
         if ctx.resumed is not None:
             load_optimizer_state(
                 optimizer, scheduler, ctx.resumed["optimizer"], ctx.resumed["scheduler"], model
             )
+            if scaler is not None and "scaler" in ctx.resumed:  # the scale it had reached
+                scaler.load_state_dict(ctx.resumed["scaler"])
             torch.set_rng_state(ctx.resumed["torch_rng"])
             if ema is not None:
                 ema.module.load_state_dict(ctx.resumed["ema_state_dict"])
@@ -170,7 +173,8 @@ class _FineTune(Strategy):
             say=ctx.say,
             ranks=ctx.ranks,
             wrapped=wrapped,
-            bf16=config.precision == "bf16",
+            amp=autocast_dtype(config.precision),
+            scaler=scaler,
             channels_last=bool(config.channels_last),
             normalize=DeviceNormalize.of(ctx.pre),  # the image loaders' uint8 batches
             view=view,
@@ -193,7 +197,8 @@ def _class_weights(ctx: FitContext) -> torch.Tensor:
 
 def _describe_compute(config: FitConfig) -> str:
     """One line: device, number format, memory layout, compilation, batch."""
-    parts = [config.device or "cpu", "bf16 autocast" if config.precision == "bf16" else "fp32"]
+    number = {"bf16": "bf16 autocast", "fp16": "fp16 autocast, gradient scaler"}
+    parts = [config.device or "cpu", number.get(config.precision, "fp32")]
     if config.channels_last:
         parts.append("channels_last")
     if config.compile:

@@ -42,6 +42,7 @@ from finetune.model.frozen import (
 )
 from finetune.run.checkpoint import FrozenRecord
 from finetune.strategies.base import FitContext
+from finetune.training.compute import autocast_dtype
 from finetune.training.distributed import ALONE, World
 
 __all__ = ["PREFETCH_BATCHES", "training_loaders"]
@@ -93,17 +94,20 @@ def _frozen_outputs(
         return _frozen_off(ctx, "fewer than 2 training images could be read to check the split")
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     example = torch.stack([image for image, _ in loaded]).to(ctx.device, memory_format=layout)
-    bf16 = config.precision == "bf16"
+    amp = autocast_dtype(config.precision)
     prefix = find_prefix(ctx.model, example)
     if isinstance(prefix, str):
         return _frozen_off(ctx, prefix)
-    if not view_agrees(ctx.model, prefix, example, bf16=bf16):
+    if not view_agrees(ctx.model, prefix, example, amp=amp):
         return _frozen_off(
             ctx,
             f"the layers above {prefix.output} do not take its output alone (a skip "
             "connection or arithmetic between modules), so they cannot start from a cache",
         )
-    with torch.no_grad(), torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with (
+        torch.no_grad(),
+        torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None),
+    ):
         ctx.model.eval()
         one = run_prefix(ctx.model, prefix, example[:1])
     val = split.val[ctx.ranks.rank :: ctx.ranks.size]
@@ -115,7 +119,7 @@ def _frozen_outputs(
             f"{describe_size(FROZEN_CACHE_UP_TO)}; --cache-frozen keeps them anyway",
         )
     outputs = compute_frozen(
-        ctx.model, prefix, split.train, val, ctx.pre, views, device=ctx.device, bf16=bf16,
+        ctx.model, prefix, split.train, val, ctx.pre, views, device=ctx.device, amp=amp,
         channels_last=bool(config.channels_last), batch_size=config.batch_size,
         num_workers=config.num_workers or 0, cache=cache, progress=ctx.verbose,
     )  # fmt: skip

@@ -3,9 +3,11 @@
 ``fit`` resolves the automatic choices once, before training, and ``config.json`` records what
 was used:
 
-- ``precision="auto"``: bf16 on a CUDA GPU that supports it (Ampere and later), else fp32.
-  bf16 autocast keeps float32's exponent range, so unlike fp16 it needs no loss scaling; on a
-  CPU it is used only when asked for (:func:`resolve_precision` has the measurements).
+- ``precision="auto"``: bf16 on a CUDA GPU that supports it (Ampere and later), fp16 on one
+  with tensor cores but no bf16 (Volta, Turing: V100, T4), else fp32. bf16 autocast keeps
+  float32's exponent range, so it needs no loss scaling; fp16 trains with a gradient scaler
+  (:func:`grad_scaler`). On a CPU both are used only when asked for (:func:`resolve_precision`
+  has the measurements).
 - ``channels_last=None``: on, on CUDA and on CPU (:func:`resolve_channels_last` has the
   measurements).
 - ``compile``: ``torch.compile`` of the training forward needs a C++ compiler
@@ -23,6 +25,7 @@ import ctypes
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -36,8 +39,10 @@ __all__ = [
     "KEEP_FREED_BYTES",
     "MAX_AUTO_BATCH",
     "MEMORY_SHARE",
+    "autocast_dtype",
     "check_compile",
     "cuda_step_fits",
+    "grad_scaler",
     "keep_freed_memory",
     "largest_batch",
     "resolve_channels_last",
@@ -55,26 +60,53 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """``"fp32"`` or ``"bf16"``: what ``requested`` ("auto", "fp32", "bf16") means on ``device``.
+    """``"fp32"``, ``"bf16"`` or ``"fp16"``: what ``requested`` ("auto" or one of those) means on
+    ``device``.
 
     On a CPU, bf16 pays only on large inputs and only where the CPU has bfloat16 instructions
     (most have none, and emulate it slowly): even on a CPU that has them it was slower than fp32
     up to 128 px (docs/speed.md, "Measurements behind the defaults"). So auto means fp32 on a
-    CPU; bf16 is there on request.
+    CPU; bf16 and fp16 are there on request.
 
     Raises:
         ConfigError: bf16 asked for on a CUDA GPU without bfloat16 support.
     """
     if requested == "auto":
-        return "bf16" if device.type == "cuda" and _native_bf16(device) else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        if _native_bf16(device):
+            return "bf16"
+        # fp16 pays where tensor cores run it (compute capability 7.0+: V100, T4); older GPUs
+        # compute fp16 no faster, or far slower, than fp32.
+        return "fp16" if torch.cuda.get_device_capability(device)[0] >= 7 else "fp32"
+    if requested == "fp16" and device.type == "cpu":
+        warnings.warn(
+            "--precision fp16 on a CPU: CPUs emulate float16, so a training step runs many times "
+            "slower than in fp32 (the tests run it for correctness only); "
+            "use fp32 on a CPU.",
+            stacklevel=2,
+        )
     if requested == "bf16" and device.type == "cuda" and not _native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise ConfigError(
             f"--precision bf16 asked for, but {torch.cuda.get_device_name(device)} (compute "
             f"capability {major}.{minor}) has no bfloat16 arithmetic: it needs 8.0 (Ampere) or "
-            "newer. Use --precision fp32."
+            "newer. Use --precision fp16 (with a gradient scaler) or fp32."
         )
     return requested
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved ``precision`` ("bf16", "fp16"); None for "fp32"."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A gradient scaler for fp16 training on ``device``, None otherwise. fp16's smallest
+    normal number is 6e-5, so small gradients underflow to zero: the scaler multiplies the loss
+    before backward and divides the gradients before the step, skipping a step (and lowering the
+    scale) when they overflow."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 def _native_bf16(device: torch.device) -> bool:
@@ -138,7 +170,7 @@ def cuda_step_fits(
     image_size: int,
     device: torch.device,
     *,
-    bf16: bool,
+    amp: torch.dtype | None,
     channels_last: bool,
     share: float = MEMORY_SHARE,
 ) -> Callable[[int], bool]:
@@ -158,7 +190,7 @@ def cuda_step_fits(
     def step(batch: int) -> int:  # its tensors die with it, so the memory can be freed
         images = torch.randn(batch, 3, image_size, image_size, device=device)
         images = images.contiguous(memory_format=layout)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images).float()
             loss = F.cross_entropy(logits, logits.argmax(1))
         loss.backward()

@@ -26,8 +26,9 @@ Resume: every epoch reseeds the loader's shuffling and the augmentation from (se
 ``last.pt`` holds the optimizer, scheduler, average and RNG, so ``--resume`` continues exactly as
 an uninterrupted run would have.
 
-Speed: with ``bf16`` the forward pass and the loss run under ``torch.autocast`` (weights,
-gradients and optimizer state stay float32, so no loss scaling is needed); with
+Speed: with ``amp`` (bfloat16 or float16) the forward pass and the loss run under
+``torch.autocast`` (weights, gradients and optimizer state stay float32; float16 with a gradient
+scaler, bfloat16 needs none); with
 ``channels_last`` the images reach the model in NHWC layout, as its weights are. The loop never
 waits on the device inside an epoch except every :data:`SYNC_EVERY` steps, when it reads the
 stop and non-finite flags (one collective call for all ranks): losses and accuracies add up on
@@ -67,6 +68,11 @@ from finetune.model.backbone import set_train_mode
 from finetune.run.checkpoint import CheckpointMeta, save_checkpoint
 from finetune.run.layout import RunDir
 from finetune.training.distributed import ALONE, World
+
+# fp16: the gradient scaler has found its scale within this many steps (each skipped step
+# halves it: 65536 reaches 1 in 16), after which no step should be skipped at the start.
+_SCALER_SETTLES = 32
+_SCHEDULER_FIRST = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 
 # uint8 images -> the model's float input on the device (finetune.data.transforms.DeviceNormalize)
 Normalize = Callable[[torch.Tensor], torch.Tensor]
@@ -171,7 +177,10 @@ class Training:
     # The model as it runs forward: DistributedDataParallel and/or torch.compile around it.
     # Checkpoints and the average always come from the unwrapped, uncompiled model.
     wrapped: nn.Module | None = None
-    bf16: bool = False  # forward and loss under bfloat16 autocast (training and evaluation)
+    # forward and loss under autocast to this dtype (training and evaluation); None: fp32
+    amp: torch.dtype | None = None
+    # float16: scales the loss against gradient underflow; kept across epochs, saved in last.pt
+    scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False  # images in NHWC layout (the model converted by the caller)
     # uint8 batches (the training loaders') -> the model's float input, on the device
     # (data.transforms.DeviceNormalize); None: the loaders yield the model's input already.
@@ -182,9 +191,9 @@ class Training:
     view: Callable[[nn.Module], nn.Module] | None = None
 
 
-def _autocast(device: torch.device, bf16: bool):
-    """bfloat16 autocast on ``device`` when ``bf16``, else a context that changes nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    """Autocast to ``amp`` on ``device``; with None, a context that changes nothing."""
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
 def _batches(
@@ -263,8 +272,10 @@ class TrainStep:
     epochs (:func:`train`) and ``lr_find``'s range test both run it, so the range test measures
     the loss under the numerics the run trains with.
 
-    With ``bf16`` the forward pass and the loss run under bfloat16 autocast (weights, gradients
-    and optimizer state stay float32, so no loss scaling is needed). The loss is cross-entropy
+    With ``amp`` the forward pass and the loss run under autocast to that dtype (weights,
+    gradients and optimizer state stay float32); with ``scaler`` (float16) the loss is scaled
+    before backward and the gradients unscaled before the step, which the scaler skips when they
+    overflowed. The loss is cross-entropy
     with the run's class weights and label smoothing; then come backward, the optimizer step, the
     scheduler step and the moving average's update. A non-finite loss is not acted on here, as
     looking at it would wait for the device: ``finite`` keeps the record on the device, and
@@ -274,7 +285,8 @@ class TrainStep:
     model: nn.Module  # the unwrapped model: its train mode, and what the average follows
     optimizer: torch.optim.Optimizer
     device: torch.device
-    bf16: bool = False  # forward and loss under bfloat16 autocast
+    amp: torch.dtype | None = None  # forward and loss under autocast to this dtype
+    scaler: torch.amp.GradScaler | None = None  # float16: gradient scaling
     channels_last: bool = False  # batches() in NHWC layout (the model converted by the caller)
     normalize: Normalize | None = None  # batches(): uint8 images -> the model's input
     class_weights: torch.Tensor | None = None  # per-class loss weights (imbalanced classes)
@@ -315,17 +327,22 @@ class TrainStep:
         # Not `self.net or self.model`: a compiled module's truth value is its len(), which a
         # model does not have.
         net = self.net if self.net is not None else self.model
-        with _autocast(self.device, self.bf16):
+        with _autocast(self.device, self.amp):
             logits = net(images).float()
             loss = F.cross_entropy(
                 logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing
             )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:  # a step whose gradients overflowed is skipped and the scale lowered
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         lr = self.optimizer.param_groups[-1]["lr"]  # what this step used
         if self.scheduler is not None:
-            self.scheduler.step()
+            self._scheduler_step()
         self.steps += 1
         if self.ema is not None:
             self.ema.update(self.model, step=self.steps)
@@ -334,6 +351,17 @@ class TrainStep:
         out = StepOutput(loss=loss, logits=logits.detach(), lr=lr)
         self._fire(Event.AFTER_STEP, out)
         return out
+
+    def _scheduler_step(self) -> None:
+        """The scheduler counts batches, skipped steps too. The scaler skips the first steps,
+        whose gradients overflow while it lowers its scale from 65536, and PyTorch warns
+        about a scheduler stepping before its optimizer ever has: expected here, so not said."""
+        if self.scaler is None or self.steps >= _SCALER_SETTLES:
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _SCHEDULER_FIRST, UserWarning)
+            self.scheduler.step()
 
     def _fire(self, event: Event, out: StepOutput | None) -> None:
         asks = [hook(event, self, out) for hook in self.hooks]  # every hook runs, whatever
@@ -367,7 +395,7 @@ def names_memory_options(func: Callable[..., Any]) -> Callable[..., Any]:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TrainingError(
                 f"Out of memory ({first[:200]}): lower --image-size or --batch-size, or use "
-                "--precision bf16 on a GPU that supports it."
+                "--precision bf16 (or fp16) on a GPU."
             ) from exc
 
     return wrapper
@@ -380,8 +408,8 @@ def _out_of_memory_advice(images: torch.Tensor, device: torch.device) -> str:
     size = f" of {images.shape[-2]}x{images.shape[-1]} px" if images.ndim == 4 else ""
     return (
         f"Out of memory on {device} in a training step of {batch} images{size}: lower "
-        f"--batch-size (this step had {batch}) or --image-size, or use --precision bf16 on a "
-        "GPU that supports it; on a GPU, --auto-batch-size finds the largest batch that fits."
+        f"--batch-size (this step had {batch}) or --image-size, or use --precision bf16 (or "
+        "fp16) on a GPU; on a GPU, --auto-batch-size finds the largest batch that fits."
     )
 
 
@@ -391,7 +419,7 @@ def evaluate(
     device: torch.device,
     ranks: World = ALONE,
     *,
-    bf16: bool = False,
+    amp: torch.dtype | None = None,
     channels_last: bool = False,
     normalize: Normalize | None = None,
 ) -> tuple[float, float]:
@@ -399,12 +427,12 @@ def evaluate(
     ``loader`` when distributed: each holds its shard).
 
     Args:
-        bf16: Run the forward pass under bfloat16 autocast (as training did).
+        amp: Run the forward pass under autocast to this dtype (as training did).
         channels_last: Give the model NHWC images (as training did).
         normalize: Turns the loader's uint8 images into the model's input on the device
             (:class:`~finetune.data.transforms.DeviceNormalize`); None: they are already.
     """
-    sums = _evaluate_sums(model, loader, device, bf16, channels_last, normalize)
+    sums = _evaluate_sums(model, loader, device, amp, channels_last, normalize)
     total_loss, correct, seen = ranks.sum(sums, device)
     return (total_loss / seen, correct / seen) if seen else (math.nan, math.nan)
 
@@ -414,14 +442,14 @@ def _evaluate_sums(
     model: nn.Module,
     loader: DataLoader,
     device: torch.device,
-    bf16: bool,
+    amp: torch.dtype | None,
     channels_last: bool,
     normalize: Normalize | None,
 ) -> list[float]:
     model.eval()
     total_loss, correct, seen = _zero(device), _zero(device), 0  # sums stay on the device
     for images, labels in _batches(loader, device, channels_last, normalize):
-        with _autocast(device, bf16):
+        with _autocast(device, amp):
             logits = model(images).float()
         total_loss += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
@@ -655,6 +683,7 @@ def train(
                     "optimizer": t.optimizer.state_dict(),
                     "scheduler": t.scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
+                    **({"scaler": t.scaler.state_dict()} if t.scaler is not None else {}),
                     **({"stopped_early": epoch} if stopping else {}),
                 },
                 ema_model=t.ema.module if t.ema is not None else None,
@@ -683,6 +712,7 @@ def _state(model: nn.Module, t: Training) -> dict[str, Any]:
         "optimizer": copy.deepcopy(t.optimizer.state_dict()),
         "scheduler": copy.deepcopy(t.scheduler.state_dict()),
         "ema": copy.deepcopy(t.ema.module.state_dict()) if t.ema is not None else None,
+        "scaler": t.scaler.state_dict() if t.scaler is not None else None,
         "rng": torch.get_rng_state(),
     }
 
@@ -693,6 +723,8 @@ def _restore(model: nn.Module, t: Training, good: dict[str, Any]) -> None:
     t.scheduler.load_state_dict(good["scheduler"])
     if t.ema is not None:
         t.ema.module.load_state_dict(good["ema"])
+    if t.scaler is not None:
+        t.scaler.load_state_dict(good["scaler"])
     torch.set_rng_state(good["rng"])
 
 
@@ -740,7 +772,7 @@ def _epoch(
     set_train_mode(model)
     # net=t.wrapped: DistributedDataParallel, there, averages the gradients over the ranks.
     run = TrainStep(
-        model, t.optimizer, t.device, bf16=t.bf16, channels_last=t.channels_last,
+        model, t.optimizer, t.device, amp=t.amp, scaler=t.scaler, channels_last=t.channels_last,
         normalize=t.normalize, class_weights=t.class_weights, label_smoothing=t.label_smoothing,
         scheduler=t.scheduler, ema=t.ema, net=t.wrapped,
         steps=t.scheduler.last_epoch,  # optimizer steps so far (the scheduler counts them)
@@ -775,7 +807,7 @@ def _epoch(
         [*torch.stack([total_loss, correct]).tolist(), float(seen)], t.device
     )
     t.ranks.sync_buffers(model)
-    speed = {"bf16": t.bf16, "channels_last": t.channels_last, "normalize": t.normalize}
+    speed = {"amp": t.amp, "channels_last": t.channels_last, "normalize": t.normalize}
     view = t.view or (lambda module: module)
     val_loss, val_acc = evaluate(view(model), t.val_loader, t.device, t.ranks, **speed)
     ema_loss, ema_acc = (
