@@ -65,15 +65,14 @@ def digits(root: Path) -> Path:
     return root
 
 
-def photos(root: Path, per_class: tuple[int, int, int] = (30, 15, 30), size: int = 96) -> Path:
-    if (root / "train").is_dir():
-        return root
+def photo_sources() -> dict[str, Path]:
+    """The real photos shipped with scikit-image and scikit-learn, by class name."""
     import skimage
     import sklearn
 
     sk = Path(skimage.__file__).parent / "data"
     sl = Path(sklearn.__file__).parent / "datasets" / "images"
-    sources = {
+    return {
         "astronaut": sk / "astronaut.png",
         "cat": sk / "chelsea.png",
         "coffee": sk / "coffee.png",
@@ -82,6 +81,12 @@ def photos(root: Path, per_class: tuple[int, int, int] = (30, 15, 30), size: int
         "palace": sl / "china.jpg",
         "flower": sl / "flower.jpg",
     }
+
+
+def photos(root: Path, per_class: tuple[int, int, int] = (30, 15, 30), size: int = 96) -> Path:
+    if (root / "train").is_dir():
+        return root
+    sources = photo_sources()
     rng = np.random.default_rng(0)
     for name, path in sources.items():
         image = Image.open(path).convert("RGB")
@@ -103,20 +108,7 @@ def photo_files(root: Path, per_class: tuple[int, int], width: int, height: int)
     so that they compress, and decode, like photographs rather than like smooth upscales."""
     if (root / "train").is_dir():
         return root
-    import skimage
-    import sklearn
-
-    sk = Path(skimage.__file__).parent / "data"
-    sl = Path(sklearn.__file__).parent / "datasets" / "images"
-    sources = {
-        "astronaut": sk / "astronaut.png",
-        "cat": sk / "chelsea.png",
-        "coffee": sk / "coffee.png",
-        "rocket": sk / "rocket.jpg",
-        "motorcycle": sk / "motorcycle_left.png",
-        "palace": sl / "china.jpg",
-        "flower": sl / "flower.jpg",
-    }
+    sources = photo_sources()
     rng = np.random.default_rng(0)
     for name, path in sources.items():
         image = Image.open(path).convert("RGB")

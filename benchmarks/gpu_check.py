@@ -55,6 +55,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchdata import photo_sources  # benchmarks/benchdata.py
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,23 +130,6 @@ class Row:
 # Data
 
 
-def _sources() -> dict[str, Path]:
-    import skimage
-    import sklearn
-
-    sk = Path(skimage.__file__).parent / "data"
-    sl = Path(sklearn.__file__).parent / "datasets" / "images"
-    return {
-        "astronaut": sk / "astronaut.png",
-        "cat": sk / "chelsea.png",
-        "coffee": sk / "coffee.png",
-        "rocket": sk / "rocket.jpg",
-        "motorcycle": sk / "motorcycle_left.png",
-        "palace": sl / "china.jpg",
-        "flower": sl / "flower.jpg",
-    }
-
-
 def _write_crops(job: tuple[str, Path, Path, int, int, int]) -> int:
     """Random 4:3 crops of 40-100% of one photo, as JPEGs of ``side`` px short side."""
     name, source, folder, first, count, side = job
@@ -165,7 +149,7 @@ def _write_crops(job: tuple[str, Path, Path, int, int, int]) -> int:
 def build_photos(root: Path, setup: Setup) -> Path:
     """``root``/train and ``root``/val, one folder per photo, written by a process pool."""
     jobs = []
-    for name, source in _sources().items():
+    for name, source in photo_sources().items():
         for split, n in (("train", setup.train_per_class), ("val", setup.val_per_class)):
             for first in range(0, n, 250):
                 count = min(250, n - first)
