@@ -30,6 +30,7 @@ __all__ = [
     "EMBEDDED_WEIGHTS",
     "Classifier",
     "ParamGroup",
+    "autocast",
     "create_backbone",
     "create_classifier",
     "default_unfreeze",
@@ -40,6 +41,12 @@ __all__ = [
     "prune_to_stage",
     "set_train_mode",
 ]
+
+
+def autocast(device: torch.device, amp: torch.dtype | None):
+    """Autocast to ``amp`` (bfloat16, float16) on ``device``, how a model runs in a reduced
+    number format; with None, a context that changes nothing (fp32)."""
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
 @dataclass(frozen=True)

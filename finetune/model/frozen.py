@@ -44,7 +44,7 @@ from finetune.data.transforms import (
     eval_transform,
 )
 from finetune.errors import ModelError
-from finetune.model.backbone import set_train_mode
+from finetune.model.backbone import autocast, set_train_mode
 
 __all__ = [
     "FrozenOutputs",
@@ -234,7 +234,7 @@ def view_agrees(
     with (
         torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
         torch.no_grad(),
-        torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None),
+        autocast(device, amp),
     ):
         twin.eval()
         outputs = run_prefix(twin, prefix, images)
@@ -309,7 +309,7 @@ def _outputs(
         # normalised here, exactly as the training loop normalises the image loaders' batches
         images = normalize(batch[0].to(device, non_blocking=True, memory_format=layout))
         versions = [images, images.flip(-1)][:views]  # the mirror image: HorizontalFlip's
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp):
             out = [run_prefix(model, prefix, x).contiguous().cpu() for x in versions]
         chunks.append(torch.stack(out, 1) if views > 1 else out[0])
         labels.append(batch[1])

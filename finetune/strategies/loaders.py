@@ -31,6 +31,7 @@ from finetune.data.transforms import (
     train_transform,
 )
 from finetune.errors import ConfigError
+from finetune.model.backbone import autocast
 from finetune.model.frozen import (
     FrozenOutputs,
     compute_frozen,
@@ -104,10 +105,7 @@ def _frozen_outputs(
             f"the layers above {prefix.output} do not take its output alone (a skip "
             "connection or arithmetic between modules), so they cannot start from a cache",
         )
-    with (
-        torch.no_grad(),
-        torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None),
-    ):
+    with torch.no_grad(), autocast(ctx.device, amp):
         ctx.model.eval()
         one = run_prefix(ctx.model, prefix, example[:1])
     val = split.val[ctx.ranks.rank :: ctx.ranks.size]

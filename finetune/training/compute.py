@@ -34,6 +34,7 @@ from torch import nn
 
 from finetune.config import MAX_AUTO_BATCH  # torch-free there: --auto-batch-size's help
 from finetune.errors import ConfigError
+from finetune.model.backbone import autocast
 
 __all__ = [
     "KEEP_FREED_BYTES",
@@ -190,7 +191,7 @@ def cuda_step_fits(
     def step(batch: int) -> int:  # its tensors die with it, so the memory can be freed
         images = torch.randn(batch, 3, image_size, image_size, device=device)
         images = images.contiguous(memory_format=layout)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp):
             logits = model(images).float()
             loss = F.cross_entropy(logits, logits.argmax(1))
         loss.backward()

@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from finetune.errors import FinetuneError, TrainingError
 from finetune.files import atomic_write
-from finetune.model.backbone import set_train_mode
+from finetune.model.backbone import autocast, set_train_mode
 from finetune.run.checkpoint import CheckpointMeta, save_checkpoint
 from finetune.run.layout import RunDir
 from finetune.training.distributed import ALONE, World
@@ -189,11 +189,6 @@ class Training:
     # The part of a model (or of its average) that runs on what the loaders yield, when they
     # yield the frozen layers' outputs (finetune.model.frozen) rather than images; None: all of it.
     view: Callable[[nn.Module], nn.Module] | None = None
-
-
-def _autocast(device: torch.device, amp: torch.dtype | None):
-    """Autocast to ``amp`` on ``device``; with None, a context that changes nothing."""
-    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
 def _batches(
@@ -327,7 +322,7 @@ class TrainStep:
         # Not `self.net or self.model`: a compiled module's truth value is its len(), which a
         # model does not have.
         net = self.net if self.net is not None else self.model
-        with _autocast(self.device, self.amp):
+        with autocast(self.device, self.amp):
             logits = net(images).float()
             loss = F.cross_entropy(
                 logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing
@@ -449,7 +444,7 @@ def _evaluate_sums(
     model.eval()
     total_loss, correct, seen = _zero(device), _zero(device), 0  # sums stay on the device
     for images, labels in _batches(loader, device, channels_last, normalize):
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(images).float()
         total_loss += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
