@@ -19,6 +19,7 @@ prediction preprocesses exactly as training did.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -394,14 +395,25 @@ class DeviceNormalize:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             return images
-        shape = (1, len(self.mean), 1, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float64).view(shape)
-        std = torch.tensor(self.std, dtype=torch.float64).view(shape)
         # (x / 255 - mean) / std as x * scale + shift: one pass after the conversion.
         # Elementwise, so the result keeps the images' layout (NHWC stays NHWC).
-        scale = (1 / (255 * std)).to(images.device, torch.float32)
-        shift = (-mean / std).to(images.device, torch.float32)
+        scale, shift = _scale_shift(self.mean, self.std, images.device)
         return images.float().mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=32)
+def _scale_shift(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeviceNormalize's factors, made once per device: copying them from the host for every
+    batch would make the training process wait for the GPU twice a step (a copy from pageable
+    memory synchronises)."""
+    shape = (1, len(mean), 1, 1)
+    mean64 = torch.tensor(mean, dtype=torch.float64).view(shape)
+    std64 = torch.tensor(std, dtype=torch.float64).view(shape)
+    scale = (1 / (255 * std64)).to(device, torch.float32)
+    shift = (-mean64 / std64).to(device, torch.float32)
+    return scale, shift
 
 
 def resize_side(pre: Preprocessing) -> int:
