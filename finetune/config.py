@@ -54,6 +54,7 @@ __all__ = [
     "SETTINGS",
     "STEP_GAMMA",
     "STRONG_BELOW",
+    "TTA_CHOICES",
     "TTA_MODES",
     "FitConfig",
     "Range",
@@ -85,6 +86,8 @@ PRESET_NAMES = ("none", "light", "default", "strong")  # finetune.data.transform
 STRONG_BELOW = 100
 DEFAULT_BELOW = 1000
 TTA_MODES = ("none", "flip", "10crop")  # finetune.data.transforms.TestTimeViews
+# auto: the mode that scored best on val when the model was fit (finetune.inference.tta)
+TTA_CHOICES = ("auto", *TTA_MODES)
 BALANCE_MODES = ("none", "weighted-loss", "oversample")
 IMBALANCED_FROM = 5.0  # largest / smallest training class from which auto balances
 CACHE_IMAGES_UP_TO = 4 * 1024**3  # cache_images=None: cache decoded images up to these bytes
@@ -590,11 +593,12 @@ class FitConfig:
         help="Sigma of AlexNet PCA lighting over the training set's colours (0: off).",
     )
     tta: str = setting(
-        "none",
+        "auto",
         group="evaluation",
-        choices=TTA_MODES,
-        help="After training, also score val with test-time augmentation (flip: 2 views, "
-        "10crop: 4 corners + centre, each mirrored).",
+        choices=TTA_CHOICES,
+        help="Test-time augmentation that predict and evaluate use by default for this run: "
+        "auto scores none, flip (2 views) and 10crop (4 corners + centre, each mirrored) on val "
+        "after training and keeps the best; a mode fixes it (none: no scoring).",
     )
     time_budget: float | None = setting(
         None,

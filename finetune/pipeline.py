@@ -5,6 +5,7 @@ Read ``fit`` top to bottom to follow a run; each step is one call into its own m
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -42,11 +43,13 @@ from finetune.data.transforms import (
 )
 from finetune.errors import CheckpointError, ConfigError, DataError, FinetuneError
 from finetune.files import atomic_write
+from finetune.inference.tta import TTAChoice
 from finetune.log import _Log, _on_epoch
 from finetune.model.backbone import EMBEDDED_WEIGHTS, create_backbone, create_classifier
-from finetune.run.checkpoint import CheckpointMeta, ModelSpec, load_checkpoint
+from finetune.run.checkpoint import CheckpointMeta, ModelSpec, add_to_checkpoint, load_checkpoint
 from finetune.run.layout import RunDir
 from finetune.strategies import FitContext, Strategy, get_strategy
+from finetune.strategies.auto import Comparison, compare, fit_baseline
 from finetune.strategies.loaders import training_loaders
 from finetune.strategies.measure import (
     DataSize,
@@ -98,7 +101,8 @@ class FitResult:
     seconds: float
     skipped: tuple[tuple[Path, str], ...]  # files that were not usable images, and why
     decision: Decision | None  # auto's measurements and reasons, when auto chose
-    tta_val_acc: float | None = None  # val accuracy of best.pt with config.tta's views
+    tta_val_acc: float | None = None  # val accuracy of best.pt with the TTA mode chosen
+    tta: TTAChoice | None = None  # none/flip/10crop scored on val, and the mode chosen
     report: Path | None = None  # report.html in the run directory (None: it could not be made)
 
     @property
@@ -112,8 +116,18 @@ class FitResult:
         return [r for r in self.history if r.best][-1]
 
     @property
+    def comparison(self) -> Comparison | None:
+        """auto's probe baseline against its fine-tune, and which ``best.pt`` holds (None: no
+        baseline ran)."""
+        kept = self.decision.kept if self.decision is not None else None
+        return Comparison(**kept) if kept else None
+
+    @property
     def best_metric(self) -> float:
-        """Best validation accuracy."""
+        """Validation accuracy of ``best.pt`` (auto's probe baseline, when it was kept)."""
+        comparison = self.comparison
+        if comparison is not None and comparison.kept == "probe":
+            return comparison.probe_val_acc
         return self.best.val_acc
 
     @property
@@ -645,17 +659,16 @@ def _train(
 ) -> FitResult:
     """Run the strategy, then the optional TTA scoring and the report (best.pt loaded with
     ``head``, the custom head if any); the :class:`FitResult`."""
+    baseline = _baseline(ctx, strategy, decision, head, log)
     history = strategy.fit(ctx)  # ctx.model is the trained model; the checkpoints hold it
     if ctx.resumed is not None:  # the epochs before the resume, as metrics.csv holds them
         history = read_metrics(RunDir(ctx.run_dir).metrics)
+    if baseline is not None and decision is not None:
+        decision = _keep_better(ctx, strategy, decision, baseline, history, log)
     config, run_dir = ctx.config, ctx.run_dir
-    tta_val_acc = None
+    tta = None
     if config.tta != "none" and ctx.ranks.main:
-        tta_val_acc = _tta_val_accuracy(run_dir, ctx.split, config)
-        best = [r for r in history if r.best][-1]
-        ctx.say(
-            f"tta       {config.tta}: val acc {tta_val_acc:.3f} (centre crop {best.val_acc:.3f})"
-        )
+        tta = _choose_tta(run_dir, ctx.split, config, log, head)
     page = _write_report(ctx, head, log) if report and ctx.ranks.main else None
     result = FitResult(
         dir=run_dir,
@@ -666,7 +679,8 @@ def _train(
         seconds=time.perf_counter() - started,
         skipped=ctx.split.skipped,
         decision=decision,
-        tta_val_acc=tta_val_acc,
+        tta_val_acc=None if tta is None else tta.accuracy.get(tta.chosen),
+        tta=tta,
         report=page,
     )
     best = result.best
@@ -674,11 +688,78 @@ def _train(
         "summary", run=str(run_dir), strategy=result.strategy,
         cell=decision.cell if decision is not None else None, best_epoch=best.epoch,
         epochs=len(result.history), val_acc=best.val_acc, val_loss=best.val_loss,
-        train_acc=best.train_acc, tta_val_acc=tta_val_acc, seconds=result.seconds,
+        train_acc=best.train_acc, tta_val_acc=result.tta_val_acc,
+        tta=tta.to_dict() if tta is not None else None, seconds=result.seconds,
+        kept=decision.kept if decision is not None else None, best_metric=result.best_metric,
         checkpoints=[str(p) for p in sorted(RunDir(run_dir).checkpoints())],
         report=str(page) if page else None,
     )  # fmt: skip
     return result
+
+
+def _baseline(
+    ctx: FitContext,
+    strategy: Strategy,
+    decision: Decision | None,
+    head: nn.Module | None,
+    log: _Log,
+) -> tuple[str, EpochResult] | None:
+    """auto's probe baseline for its fine-tune (:func:`~finetune.strategies.auto.fit_baseline`):
+    fit now, or when resuming read back from the run's ``baseline/`` folder; None where there
+    is none (not auto, a probe, a custom head, several processes, a run begun without one)."""
+    if decision is None or decision.baseline is None or not strategy.trains_backbone:
+        return None
+    if head is not None:
+        log.say("baseline  none: your custom head trains only in a fine-tune, so no probe to "
+                "compare it with")  # fmt: skip
+        return None
+    if ctx.ranks.size > 1:  # the probe runs in one process; the others would wait for it
+        log.say("baseline  none under torchrun: run auto in one process to compare with a probe")
+        return None
+    folder = ctx.run.baseline
+    if ctx.resumed is not None:
+        if not folder.best.is_file():
+            return None
+        state = load_checkpoint(folder.best)
+        return str(state["strategy"]), EpochResult(**state["metrics"])
+    started = time.perf_counter()
+    log.say(f"baseline  the {decision.baseline} probe first, the fine-tune must beat it on val")
+    name, result = fit_baseline(ctx, decision)
+    log.say(
+        f"baseline  {name}: val acc {result.val_acc:.3f}, val loss {result.val_loss:.3f} "
+        f"({time.perf_counter() - started:.1f}s, in {folder.path})"
+    )
+    return name, result
+
+
+def _keep_better(
+    ctx: FitContext,
+    strategy: Strategy,
+    decision: Decision,
+    baseline: tuple[str, EpochResult],
+    history: list[EpochResult],
+    log: _Log,
+) -> Decision:
+    """Keep the better of auto's probe baseline and its fine-tune in ``best.pt`` (the
+    fine-tune's best epoch moves to ``finetune-best.pt`` when the probe wins); the decision
+    with the comparison, written to decision.json."""
+    comparison = compare(baseline[1], history, baseline[0], strategy.name)
+    run = ctx.run
+    if ctx.ranks.main:
+        # best.pt holds the probe already when a run that kept it was continued (config.json's
+        # epochs raised) and no epoch since beat the fine-tune's best, kept aside.
+        holds_probe = load_checkpoint(run.best).get("strategy") == comparison.probe
+        if comparison.kept == "probe" and not holds_probe:
+            atomic_write(run.finetune_best, run.best.read_bytes())
+            atomic_write(run.best, run.baseline.best.read_bytes())
+        elif comparison.kept == "finetune" and holds_probe:
+            atomic_write(run.best, run.finetune_best.read_bytes())
+            run.finetune_best.unlink()  # fit's own copy, now in best.pt
+    decision = dataclasses.replace(decision, kept=comparison.to_dict())
+    if ctx.ranks.main:
+        atomic_write(run.decision, _json(decision.to_dict()))
+    log.say(f"kept      {comparison.describe()}")
+    return decision
 
 
 def _write_report(ctx: FitContext, head: nn.Module | None, log: _Log) -> Path | None:
@@ -827,18 +908,39 @@ def _decision(data: dict[str, Any]) -> Decision:
     return Decision(**{**data, "size": size, "reasons": tuple(data["reasons"])})
 
 
-def _tta_val_accuracy(run_dir: Path, split: DatasetSplit, config: FitConfig) -> float:
-    """Validation accuracy of ``best.pt`` with test-time augmentation; written to tta.json."""
-    from finetune.inference.predict import load
+def _choose_tta(
+    run_dir: Path, split: DatasetSplit, config: FitConfig, log: _Log, head: nn.Module | None
+) -> TTAChoice:
+    """Score none, flip and 10crop with ``best.pt`` on the val images
+    (:mod:`finetune.inference.tta`), keep the choice (or the mode ``--tta`` fixed) in best.pt,
+    where predict and evaluate find it, and write the scores to tta.json."""
+    from tqdm.auto import tqdm
 
-    predictor = load(run_dir, device=config.device)
-    paths = [s.path for s in split.val]
-    probs = predictor.predict_proba(paths, batch_size=config.batch_size, tta=config.tta)
-    labels = np.array([s.label for s in split.val])
-    accuracy = float(np.mean(probs.argmax(1) == labels))
-    record = {"tta": config.tta, "val_acc": accuracy, "val_images": len(paths)}
-    atomic_write(RunDir(run_dir).tta, _json(record))
-    return accuracy
+    from finetune.inference.predict import load
+    from finetune.inference.tta import SCORE_IMAGES, score_tta
+
+    run = RunDir(run_dir)
+    # best.pt's weights go into a copy of the custom head: the caller's module stays as it is
+    predictor = load(run_dir, head=copy.deepcopy(head), device=config.device)
+    fixed = None if config.tta == "auto" else config.tta
+    samples = [(s.path, s.label) for s in split.val]
+    with tqdm(total=min(len(samples), SCORE_IMAGES), desc="tta (10 views)", unit="image",
+              leave=False, disable=None if log.bars else True) as bar:  # fmt: skip
+        choice = score_tta(
+            predictor, samples, batch_size=config.batch_size, seed=config.seed, fixed=fixed,
+            progress=lambda done: bar.update(done - bar.n),
+        )  # fmt: skip
+    add_to_checkpoint(run.best, tta=choice.to_dict())
+    record = {  # tta and val_acc: the keys tta.json had before the modes were compared
+        "tta": choice.chosen, "val_acc": choice.accuracy[choice.chosen],
+        "val_images": choice.images, **choice.to_dict(),
+    }  # fmt: skip
+    atomic_write(run.tta, _json(record))
+    log.say(f"tta       {choice.describe()}")
+    why = None if fixed is None else choice.hurts(fixed)
+    if why is not None:
+        warnings.warn(f"{run_dir}: {why}.", stacklevel=4)
+    return choice
 
 
 def check(data: str | Path, val_split: float = 0.2, seed: int = 0) -> ScanReport:

@@ -184,14 +184,19 @@ def test_augmentation_is_chosen_recorded_and_tta_scores_val(
     assert saved["crop_scale"] == list(PRESETS["strong"].crop_scale)
     assert saved["pca_lighting"]["source"] == "training set (48 images)"
     assert json.loads((run.dir / "config.json").read_text())["vflip"] is True
-    # tta.json holds the val accuracy of best.pt averaged over the flip views.
+    # tta.json holds the val accuracy of best.pt averaged over the flip views, which --tta
+    # fixed as the run's mode whatever the scores of the others.
     record = json.loads((run.dir / "tta.json").read_text())
     predictor = finetune.load(run.dir)
     data = scan_folder(small_folder)
     probs = predictor.predict_proba([s.path for s in data.val], tta="flip")
     expected = float(np.mean(probs.argmax(1) == [s.label for s in data.val]))
-    assert record == {"tta": "flip", "val_acc": expected, "val_images": len(data.val)}
-    assert run.tta_val_acc == expected
+    assert {k: record[k] for k in ("tta", "val_acc", "val_images")} == {
+        "tta": "flip", "val_acc": expected, "val_images": len(data.val)
+    }  # fmt: skip
+    assert record["fixed"] and record["chosen"] == "flip" and record["accuracy"]["flip"] == expected
+    assert set(record["accuracy"]) == {"none", "flip", "10crop"}
+    assert run.tta_val_acc == expected and predictor.resolve_tta("auto") == "flip"
     # The probes see each image once: nothing to augment, nothing recorded.
     probe = finetune.fit(small_folder, strategy="linear", image_size=32, verbose=False,
                          out=str(tmp_path / "probe"), report=False)  # fmt: skip

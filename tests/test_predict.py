@@ -53,7 +53,7 @@ def test_predictions_agree_with_the_validation_metric(
 ) -> None:
     """Predict preprocesses exactly as training evaluated: same accuracy on val/."""
     paths = expand_inputs([fashion / "val"])
-    predictions = predictor.predict(paths)
+    predictions = predictor.predict(paths, tta="none")  # the centre crop, as training scored
     correct = sum(Path(p.path).parent.name == p.label for p in predictions)
     assert len(predictions) == 100
     assert correct / 100 == pytest.approx(linear_run.best_metric)
@@ -68,7 +68,9 @@ def test_predict_runs_channels_last_like_training_and_agrees_with_nchw(
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     nchw = finetune.load(linear_run.dir, device="cpu")
     model = nchw.model.to(memory_format=torch.contiguous_format)
-    nchw = finetune.Predictor(model, nchw.classes, nchw.preprocessing, "cpu", channels_last=False)
+    nchw = finetune.Predictor(
+        model, nchw.classes, nchw.preprocessing, "cpu", channels_last=False, tta=nchw.tta
+    )
     conv = next(m for m in nchw.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert not nchw.channels_last and conv.weight.is_contiguous()
     np.testing.assert_allclose(
@@ -249,8 +251,8 @@ def test_tta_averages_the_softmax_of_the_views(predictor: finetune.Predictor, fa
     # 76 x 73: the short side is already the evaluation resize (64 / 0.875), and the centre
     # crop leaves 6 columns on each side, so cropping and mirroring commute exactly.
     arrays = [np.array(Image.open(p).convert("RGB").resize((76, 73))) for p in paths]
-    plain = predictor.predict_proba(arrays)
-    mirrored = predictor.predict_proba([a[:, ::-1].copy() for a in arrays])
+    plain = predictor.predict_proba(arrays, tta="none")
+    mirrored = predictor.predict_proba([a[:, ::-1].copy() for a in arrays], tta="none")
     flip = predictor.predict_proba(arrays, tta="flip")
     assert flip == pytest.approx((plain + mirrored) / 2, abs=1e-5)
     # 10 crops: the average of the ten views, each classified on its own.

@@ -21,7 +21,7 @@ from click.core import ParameterSource
 
 from finetune import __version__
 from finetune.cli.options import fit_option, fit_options
-from finetune.config import CHECKPOINTS, DEFAULT_MAX_IMAGES, LOG_FORMATS, TTA_MODES, FitConfig
+from finetune.config import CHECKPOINTS, DEFAULT_MAX_IMAGES, LOG_FORMATS, TTA_CHOICES, FitConfig
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
@@ -118,11 +118,13 @@ def _inference_option_list() -> list:
         ),
         click.option(
             "--tta",
-            type=click.Choice(TTA_MODES),
-            default="none",
+            type=click.Choice(TTA_CHOICES),
+            default="auto",
             show_default=True,
             help="Test-time augmentation: average the softmax over the mirror image (flip) or 4 "
-            "corner + centre crops and their mirrors (10crop).",
+            "corner + centre crops and their mirrors (10crop); auto: the mode fit found best on "
+            "the run's val images (none for models without that record). A mode that scored "
+            "below it there gets a warning.",
         ),
         click.option(
             "--batch-size",
@@ -247,6 +249,11 @@ def _summary(result: FitResult) -> str:
             else ""
         ),
         *(
+            [f"  kept         {result.comparison.describe()}"]
+            if result.comparison is not None
+            else []
+        ),
+        *(
             [
                 f"  ema          best val acc {result.best_ema.ema_val_acc:.3f} "
                 f"(epoch {result.best_ema.epoch}) in {result.run.ema}"
@@ -259,11 +266,7 @@ def _summary(result: FitResult) -> str:
             if result.snapshots
             else []
         ),
-        *(
-            [f"  tta          {result.config.tta}: val acc {result.tta_val_acc:.3f}"]
-            if result.tta_val_acc is not None
-            else []
-        ),
+        *([f"  tta          {result.tta.describe()}"] if result.tta is not None else []),
         f"  time         {result.seconds:.1f}s",
         f"  checkpoints  {result.best_checkpoint} (best), {result.last_checkpoint} (last)",
         f"  exports      {', '.join(exports) or 'none yet (finetune export, below)'}",

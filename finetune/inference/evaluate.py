@@ -197,7 +197,7 @@ def evaluate(
     folder: str | Path,
     top_k: int = 5,
     batch_size: int = 32,
-    tta: str = "none",
+    tta: str = "auto",
     on_skip: OnSkip | None = None,
 ) -> Evaluation:
     """Classify every image of ``folder`` (one sub-folder per class, named as the model's
@@ -233,7 +233,7 @@ def evaluate_samples(
     samples: Sequence[tuple[Path, str]],
     top_k: int = 5,
     batch_size: int = 32,
-    tta: str = "none",
+    tta: str = "auto",
     where: str = "the images",
     progress: bool = True,
     desc: str = "evaluating",
@@ -287,7 +287,7 @@ def evaluate_samples(
         np.array(labels),
         np.stack(rows),
         max(1, top_k),
-        tta,
+        predictor.resolve_tta(tta),
         predictor.describe(),
         tuple(skipped),
     )

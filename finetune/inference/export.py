@@ -231,6 +231,7 @@ def _describe(checkpoint: dict[str, Any], source: Path) -> dict[str, Any]:
         "strategy": checkpoint.get("strategy"),
         "epoch": checkpoint.get("epoch"),
         "metrics": checkpoint.get("metrics"),
+        "tta": checkpoint.get("tta"),  # the test-time augmentation chosen on val (tta.py)
         "source": str(source),
         "versions": _versions(),
     }

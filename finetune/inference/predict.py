@@ -14,6 +14,7 @@ the others are classified: each skip is reported as a :class:`Skipped` to the ca
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from finetune.config import TTA_MODES
 from finetune.data.scan import iter_image_files
 from finetune.data.transforms import Preprocessing, TestTimeViews
 from finetune.errors import CheckpointError, ConfigError, DataError
@@ -37,6 +39,7 @@ from finetune.inference.inputs import (
     read_image,
     report_skip,
 )
+from finetune.inference.tta import TTAChoice
 from finetune.model.backbone import Classifier
 from finetune.run.checkpoint import CHECKPOINTS, preprocessing_of, rebuild_model, run_checkpoints
 from finetune.training.compute import resolve_channels_last
@@ -143,14 +146,35 @@ class BasePredictor:
     classes: tuple[str, ...]  # the columns of every probability array, in order
     checkpoint: str | None = None  # which checkpoint of a run was loaded; None: a model file
 
-    def batch_proba(self, arrays: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
+    def batch_proba(self, arrays: Sequence[np.ndarray], tta: str = "auto") -> np.ndarray:
         """Softmax probabilities of decoded images, shape (len(arrays), num_classes).
 
         Args:
             arrays: uint8 (H, W, 3) RGB images of any size; each model resizes and crops them
                 to its own input.
-            tta: "none", "flip" or "10crop" (see :meth:`iter_proba`).
+            tta: "auto", "none", "flip" or "10crop" (see :meth:`iter_proba`).
         """
+        raise NotImplementedError
+
+    def views_proba(self, arrays: Sequence[np.ndarray], tta: str) -> np.ndarray:
+        """Softmax probabilities of each test-time view, shape (len(arrays), views,
+        num_classes), views in :meth:`TestTimeViews.crops`'s order; ``tta`` is "none", "flip"
+        or "10crop" (:mod:`finetune.inference.tta` scores the modes from the ten views)."""
+        raise NotImplementedError
+
+    def resolve_tta(self, tta: str) -> str:
+        """The test-time augmentation ``tta`` stands for: itself, or for "auto" the mode
+        chosen on val when the model was fit ("none" for a model without that record); "auto"
+        still for an ensemble whose members chose differently.
+
+        Raises:
+            ConfigError: ``tta`` is not "auto", "none", "flip" or "10crop".
+        """
+        raise NotImplementedError
+
+    def tta_warnings(self, tta: str) -> list[str]:
+        """Why an explicit ``tta`` is a poor choice for the model(s): it scored below the mode
+        chosen on val when they were fit (empty: it did not, or nothing was recorded)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -161,7 +185,7 @@ class BasePredictor:
         self,
         images: Iterable[ImageInput],
         batch_size: int = 32,
-        tta: str = "none",
+        tta: str = "auto",
         on_skip: OnSkip | None = None,
     ) -> np.ndarray:
         """Softmax probabilities, shape (N, num_classes), in ``self.classes`` order: row i is
@@ -185,7 +209,7 @@ class BasePredictor:
         self,
         images: Iterable[ImageInput],
         batch_size: int = 32,
-        tta: str = "none",
+        tta: str = "auto",
         on_skip: OnSkip | None = None,
     ) -> Iterator[tuple[ImageInput, np.ndarray]]:
         """Yield (input, softmax probabilities) as batches complete. An input that is not a
@@ -195,10 +219,17 @@ class BasePredictor:
             tta: Test-time augmentation: "none" (the centre crop), "flip" (and its mirror
                 image) or "10crop" (four corners and centre, each also mirrored); the softmax
                 is averaged over the views (and, in an ensemble, over the models: each applies
-                ``tta`` to its own input). ``batch_size`` counts images, not views.
+                ``tta`` to its own input). ``batch_size`` counts images, not views. "auto":
+                the mode ``fit`` found best on the validation images, as the model records it
+                (:mod:`finetune.inference.tta`; "none" for a model without the record). An
+                explicit mode that scored below the recorded choice gets a warning with the
+                numbers.
             on_skip: Called with a :class:`Skipped` for each input left out [default: a
                 warning per input].
         """
+        self.resolve_tta(tta)  # an unknown mode refused before any image is read
+        for message in self.tta_warnings(tta):
+            warnings.warn(message, stacklevel=3)
         sources: list[ImageInput] = []
         arrays: list[np.ndarray] = []
 
@@ -225,7 +256,7 @@ class BasePredictor:
         images: Iterable[ImageInput],
         top_k: int = 5,
         batch_size: int = 32,
-        tta: str = "none",
+        tta: str = "auto",
         on_skip: OnSkip | None = None,
     ) -> Iterator[Prediction]:
         """Yield a :class:`Prediction` per image as batches complete (streams large folders);
@@ -244,13 +275,13 @@ class BasePredictor:
         images: Iterable[ImageInput] | ImageInput,
         top_k: int = 5,
         batch_size: int = 32,
-        tta: str = "none",
+        tta: str = "auto",
         on_skip: OnSkip | None = None,
     ) -> list[Prediction]:
         """Classify images: paths, PIL images or uint8 RGB arrays (one, or an iterable of them).
 
-        ``tta``: "none", "flip" or "10crop"; ``on_skip``: what is told of an input that is not
-        a usable image, which is left out (see :meth:`iter_proba`)."""
+        ``tta``: "auto", "none", "flip" or "10crop"; ``on_skip``: what is told of an input that
+        is not a usable image, which is left out (see :meth:`iter_proba`)."""
         if isinstance(images, (str, Path, Image.Image, np.ndarray)):
             images = [images]
         return list(
@@ -262,7 +293,7 @@ class BasePredictor:
         folder: str | Path,
         top_k: int = 5,
         batch_size: int = 32,
-        tta: str = "none",
+        tta: str = "auto",
         on_skip: OnSkip | None = None,
     ) -> Evaluation:
         """Accuracy, per-class metrics, confusion matrix and mistakes on a labelled folder (one
@@ -284,6 +315,7 @@ class Predictor(BasePredictor):
         source: str | Path | None = None,
         checkpoint: str | None = None,
         channels_last: bool | None = None,
+        tta: TTAChoice | None = None,
     ) -> None:
         """
         Args:
@@ -297,6 +329,8 @@ class Predictor(BasePredictor):
             channels_last: Run a rebuilt classifier and its inputs in NHWC layout [default: on
                 CPUs and CUDA, as fit trains; ``benchmarks/predict.py`` measures it]. Exported
                 modules keep the layout they were exported in.
+            tta: The test-time augmentation chosen on val when the model was fit (what
+                ``tta="auto"`` uses; None: "none").
         """
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
@@ -309,23 +343,41 @@ class Predictor(BasePredictor):
         self.preprocessing = preprocessing
         self.source = None if source is None else str(source)
         self.checkpoint = checkpoint
+        self.tta = tta
         self._views: dict[str, TestTimeViews] = {}
 
-    def views(self, tta: str = "none") -> TestTimeViews:
+    def views(self, tta: str = "auto") -> TestTimeViews:
         """The test-time views for ``tta`` ("none": the evaluation centre crop, "flip",
         "10crop")."""
         if tta not in self._views:
             self._views[tta] = TestTimeViews(self.preprocessing, tta)
         return self._views[tta]
 
-    def batch_proba(self, arrays: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
-        views = self.views(tta)
+    def resolve_tta(self, tta: str) -> str:
+        if tta == "auto":
+            return "none" if self.tta is None else self.tta.chosen
+        if tta not in TTA_MODES:
+            modes = ", ".join(TTA_MODES)
+            raise ConfigError(f"Unknown TTA mode {tta!r}; choose auto or one of {modes}.")
+        return tta
+
+    def tta_warnings(self, tta: str) -> list[str]:
+        if tta == "auto" or self.tta is None or tta == self.tta.chosen:
+            return []
+        why = self.tta.hurts(tta)
+        return [] if why is None else [f"{_name(self)}: {why}."]
+
+    def views_proba(self, arrays: Sequence[np.ndarray], tta: str) -> np.ndarray:
+        views = self.views(self.resolve_tta(tta))
         x = torch.cat([views(a) for a in arrays]).to(self.device)  # (images * views, 3, H, W)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             probs = self.model(x).float().softmax(1)
-        return probs.view(len(arrays), views.count, -1).mean(1).cpu().numpy()
+        return probs.view(len(arrays), views.count, -1).cpu().numpy()
+
+    def batch_proba(self, arrays: Sequence[np.ndarray], tta: str = "auto") -> np.ndarray:
+        return self.views_proba(arrays, tta).mean(1)
 
     def describe(self) -> dict[str, Any]:
         return {"file": self.source, "checkpoint": self.checkpoint}
@@ -375,7 +427,22 @@ class Ensemble(BasePredictor):
         # member column j -> ensemble column: pick the member's columns in the ensemble's order
         self._columns = [[m.classes.index(c) for c in self.classes] for m in self.members]
 
-    def batch_proba(self, arrays: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
+    def resolve_tta(self, tta: str) -> str:
+        modes = {member.resolve_tta(tta) for member in self.members}
+        return modes.pop() if len(modes) == 1 else "auto"
+
+    def tta_warnings(self, tta: str) -> list[str]:
+        return [message for member in self.members for message in member.tta_warnings(tta)]
+
+    def views_proba(self, arrays: Sequence[np.ndarray], tta: str) -> np.ndarray:
+        if tta not in TTA_MODES:  # "auto" may mean a different number of views per member
+            raise ConfigError(f"An ensemble's views need one TTA mode, not {tta!r}.")
+        total = 0.0
+        for member, columns in zip(self.members, self._columns, strict=True):
+            total = total + member.views_proba(arrays, tta)[:, :, columns].astype(np.float64)
+        return (total / len(self.members)).astype(np.float32)
+
+    def batch_proba(self, arrays: Sequence[np.ndarray], tta: str = "auto") -> np.ndarray:
         total = np.zeros((len(arrays), len(self.classes)), dtype=np.float64)
         for member, columns in zip(self.members, self._columns, strict=True):
             total += member.batch_proba(arrays, tta)[:, columns]
@@ -460,11 +527,13 @@ def load(
         state = read_bundle(path)
         model = rebuild_model(state, head)
         pre = preprocessing_of(state)
-        return Predictor(model, state["classes"], pre, device, source=path)
+        tta = TTAChoice.from_dict(state.get("tta"), str(path))
+        return Predictor(model, state["classes"], pre, device, source=path, tta=tta)
     # an export the user named: the only place a TorchScript program is loaded
     module, meta = read_torchscript(path) if found is Format.TORCHSCRIPT else read_onnx(path)
     pre = Preprocessing.from_dict(meta["preprocessing"])
-    return Predictor(module, meta["classes"], pre, device, source=path)
+    tta = TTAChoice.from_dict(meta.get("tta"), str(path))
+    return Predictor(module, meta["classes"], pre, device, source=path, tta=tta)
 
 
 def load_ensemble(
@@ -510,4 +579,7 @@ def _load_checkpoint(
     state = read_checkpoint(path)
     model = rebuild_model(state, head)
     pre = preprocessing_of(state)
-    return Predictor(model, state["classes"], pre, device, source=path, checkpoint=checkpoint)
+    tta = TTAChoice.from_dict(state.get("tta"), str(path))
+    return Predictor(
+        model, state["classes"], pre, device, source=path, checkpoint=checkpoint, tta=tta
+    )

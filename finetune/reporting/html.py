@@ -33,7 +33,7 @@ import numpy as np
 
 from finetune import __version__
 from finetune.config import DEFAULT_MAX_IMAGES  # torch-free there: the CLI's default
-from finetune.errors import DataError, FinetuneError
+from finetune.errors import CheckpointError, DataError, FinetuneError
 from finetune.files import atomic_write
 from finetune.reporting.runs import REPORT_NAME, RunSummary, _shown, duration, read_run
 from finetune.run.layout import RunDir
@@ -206,9 +206,11 @@ class _Page:
              + (" (stopped early)" if len(run.history) < run.planned_epochs else "")),
             ("best epoch", f"{best.epoch}: val acc {best.val_acc:.3f}, val loss "
              f"{best.val_loss:.3f}, train acc {best.train_acc:.3f} (gap {best.gap:+.3f})"),
+            *([("auto kept", _e(_kept_line(self.decision["kept"])))]
+              if self.decision and self.decision.get("kept") else []),
             *([("EMA weights", f"best val acc {ema[-1].ema_val_acc:.3f} at epoch "
                 f"{ema[-1].epoch} (ema.pt)")] if ema else []),
-            *([("test-time aug.", f"{_e(self.tta['tta'])}: val acc {self.tta['val_acc']:.3f}")]
+            *([("test-time aug.", _e(_tta_line(self.tta, self.files.tta)))]
               if self.tta else []),
             ("training time", f"{duration(run.seconds)} (the epochs; data scan and model "
              "load not counted)"),
@@ -509,9 +511,38 @@ def _evaluate_val(
     batch = int(json.loads(RunDir(run_dir).config.read_text()).get("batch_size") or 32)
     top_k = min(5, len(predictor.classes))
     where = f"the {len(samples)} validation images"
-    return evaluate_samples(
-        predictor, samples, top_k, batch, where=where, progress=progress, desc="evaluating (val)"
-    )
+    # The centre crop, as the epochs scored val (the TTA modes' scores have a row of their
+    # own): asked for by name, so the warning that none lost to the run's choice is dropped.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*--tta none scored", category=UserWarning)
+        return evaluate_samples(
+            predictor, samples, top_k, batch, tta="none", where=where, progress=progress,
+            desc="evaluating (val)",
+        )  # fmt: skip
+
+
+def _kept_line(record: dict[str, Any]) -> str:
+    """decision.json's comparison of auto's probe baseline and its fine-tune, in one line."""
+    from finetune.strategies.auto import Comparison
+
+    try:
+        return Comparison(**record).describe()
+    except TypeError as exc:  # fields missing or unknown: an edited file
+        return f"the comparison in the decision record cannot be read ({exc})"
+
+
+def _tta_line(record: dict[str, Any], path: Path) -> str:
+    """tta.json in one line: the modes scored and the choice (runs before the modes were
+    compared recorded one mode and its val accuracy)."""
+    from finetune.inference.tta import TTAChoice
+
+    if "chosen" not in record:
+        return f"{record['tta']}: val acc {record['val_acc']:.3f}"
+    try:
+        choice = TTAChoice.from_dict(record, str(path))
+    except CheckpointError as exc:
+        return str(exc)
+    return f"{choice.describe()}; predict and evaluate use {choice.chosen} by default"
 
 
 def _read_json(path: Path) -> Any:

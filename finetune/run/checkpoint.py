@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointMeta",
     "FrozenRecord",
     "ModelSpec",
+    "add_to_checkpoint",
     "find_checkpoint",
     "is_torchscript_archive",
     "load_checkpoint",
@@ -157,6 +158,15 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         "finetune_version": __version__,
         **payload,
     }
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def add_to_checkpoint(path: Path, **values: Any) -> None:
+    """Rewrite the checkpoint at ``path`` with ``values`` added to (or replacing) its top-level
+    keys, atomically; what a run learns of its best weights after writing them (the test-time
+    augmentation chosen on val)."""
+    payload = load_checkpoint(path)
+    payload.update(values)
     atomic_write(path, lambda f: torch.save(payload, f))
 
 

@@ -13,6 +13,8 @@ A run folder::
     split.json                                    the files of each side, with their hashes
     run.lock                                      while a fit or resume writes the folder
     decision.json  probe.json  tta.json           auto's reasons, the probe's points, TTA score
+    baseline/  finetune-best.pt                   auto's probe baseline (a run folder); the
+                                                  fine-tune's best when the baseline won
     metrics.csv                                   one row per finished epoch
     report.html  curves.png  augment-preview.png  the report and the pictures it embeds
     recipe.toml  eval-NAME/                       the report's recipe; finetune evaluate's output
@@ -287,9 +289,22 @@ class RunDir:
         ]
         return [path for _, path in sorted(numbered)]
 
+    @property
+    def finetune_best(self) -> Path:
+        """The fine-tune's best epoch, when ``auto`` kept its probe baseline in ``best.pt``
+        because the probe scored higher on val."""
+        return self.path / "finetune-best.pt"
+
+    @property
+    def baseline(self) -> RunDir:
+        """The probe ``auto`` fits before a fine-tune, a run folder of its own: the fine-tune
+        must beat its val accuracy, else ``best.pt`` becomes the probe's."""
+        return RunDir(self.path / "baseline")
+
     def checkpoints(self) -> list[Path]:
-        """Every checkpoint file the run holds: best, last, ema, then the snapshots."""
-        named = [self.best, self.last, self.ema]
+        """Every checkpoint file the run holds: best, last, ema, the fine-tune's best when the
+        baseline was kept, then the snapshots."""
+        named = [self.best, self.last, self.ema, self.finetune_best]
         return [p for p in named if p.is_file()] + self.snapshots()
 
     def is_run(self) -> bool:

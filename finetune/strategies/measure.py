@@ -208,6 +208,12 @@ class Decision:
     # Every hyperparameter the run used (epochs, LRs, unfrozen groups, image size...), filled
     # in once the configuration is resolved.
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    # A fine-tune's baseline: the probe of the same row, fit first at its own image size; the
+    # run keeps whichever of the two scores higher on val (strategies.auto.Comparison, filled in
+    # as ``kept`` when the fine-tune ends).
+    baseline: str | None = None
+    baseline_image_size: int | None = None
+    kept: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "size": {**asdict(self.size), "imbalance": self.size.imbalance}}
@@ -321,6 +327,13 @@ def decide(
         reasons.append(
             f"different images need every layer adapted: all {groups} layer groups train"
         )
-    return Decision(
-        strategy, cell, size, shift, settings, chosen_epochs * epoch_seconds, tuple(reasons), limits
+    baseline = "linear" if similar else "stage-probe"
+    reasons.append(
+        f"first the {baseline} probe of the same row ({side} px, one pass over the images): the "
+        "fine-tune must beat it on val, else the run keeps the probe"
     )
+    probe_seconds = pass_seconds(backbone, side, device, n_train + n_val, channels_last)
+    return Decision(
+        strategy, cell, size, shift, settings, chosen_epochs * epoch_seconds + probe_seconds,
+        tuple(reasons), limits, baseline=baseline, baseline_image_size=side,
+    )  # fmt: skip
