@@ -607,9 +607,10 @@ class FitConfig:
         ),
         group="auto",
         metavar="MINUTES",
-        help="auto on a CPU: about how long a fine-tune may take; auto picks the largest image "
-        "size and the epochs that fit, timed here, else a probe "
-        f"[default: {CPU_BUDGET_SECONDS / 60:g}].",
+        help="How long the whole fit may take: training ends in time with the best weights so "
+        "far, the epochs left planned again when they run slower (any strategy). auto on a CPU "
+        "sizes its fine-tune to it (the largest image size and the epochs that fit, timed here, "
+        f"else a probe) [default: none; auto on a CPU plans for {CPU_BUDGET_SECONDS / 60:g}].",
     )
     out: str | None = setting(
         None,

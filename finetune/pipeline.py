@@ -52,6 +52,8 @@ from finetune.strategies import FitContext, Strategy, get_strategy
 from finetune.strategies.auto import Comparison, compare, fit_baseline
 from finetune.strategies.loaders import training_loaders
 from finetune.strategies.measure import (
+    SCORING_SHARE,
+    TRAINING_SHARE,
     DataSize,
     Decision,
     measure_size,
@@ -441,6 +443,7 @@ def fit(
             augmentation=augmentation,
             lighting=lighting,
             ranks=ranks,
+            deadline=_deadline(config, decision, started),
         )
         return ranks.finish(_train(ctx, strategy, decision, started, log, report, head))
     finally:  # success, error or Ctrl-C: the next fit or resume may have the folder
@@ -668,7 +671,9 @@ def _train(
     config, run_dir = ctx.config, ctx.run_dir
     tta = None
     if config.tta != "none" and ctx.ranks.main:
-        tta = _choose_tta(run_dir, ctx.split, config, log, head)
+        budget = _budget_seconds(config, decision)
+        end = None if budget is None else started + budget * SCORING_SHARE
+        tta = _choose_tta(run_dir, ctx.split, config, log, head, end)
     page = _write_report(ctx, head, log) if report and ctx.ranks.main else None
     result = FitResult(
         dir=run_dir,
@@ -695,6 +700,23 @@ def _train(
         report=str(page) if page else None,
     )  # fmt: skip
     return result
+
+
+def _budget_seconds(config: FitConfig, decision: Decision | None) -> float | None:
+    """The run's time budget: ``--time-budget``, else the CPU budget auto sized its fine-tune
+    to (None: no budget)."""
+    if config.time_budget is not None:
+        return 60 * config.time_budget
+    return decision.budget_seconds if decision is not None else None
+
+
+def _deadline(config: FitConfig, decision: Decision | None, started: float) -> float | None:
+    """When training must end (a ``time.perf_counter()`` value): by
+    :data:`~finetune.strategies.measure.TRAINING_SHARE` of the budget from ``started``, the
+    rest left for scoring TTA (by :data:`~finetune.strategies.measure.SCORING_SHARE`) and
+    writing the report."""
+    budget = _budget_seconds(config, decision)
+    return None if budget is None else started + budget * TRAINING_SHARE
 
 
 def _baseline(
@@ -900,6 +922,7 @@ def _resume_locked(
         resumed=last,
     )
     decision = _decision(last["decision"]) if last.get("decision") else None  # as recorded
+    ctx.deadline = _deadline(config, decision, started)  # the budget holds for this session
     return _train(ctx, strategy, decision, started, log, report, head)
 
 
@@ -909,11 +932,17 @@ def _decision(data: dict[str, Any]) -> Decision:
 
 
 def _choose_tta(
-    run_dir: Path, split: DatasetSplit, config: FitConfig, log: _Log, head: nn.Module | None
+    run_dir: Path,
+    split: DatasetSplit,
+    config: FitConfig,
+    log: _Log,
+    head: nn.Module | None,
+    deadline: float | None,
 ) -> TTAChoice:
     """Score none, flip and 10crop with ``best.pt`` on the val images
     (:mod:`finetune.inference.tta`), keep the choice (or the mode ``--tta`` fixed) in best.pt,
-    where predict and evaluate find it, and write the scores to tta.json."""
+    where predict and evaluate find it, and write the scores to tta.json; images stop being
+    scored at ``deadline`` (the time budget's end), the record saying how many were."""
     from tqdm.auto import tqdm
 
     from finetune.inference.predict import load
@@ -928,7 +957,7 @@ def _choose_tta(
               leave=False, disable=None if log.bars else True) as bar:  # fmt: skip
         choice = score_tta(
             predictor, samples, batch_size=config.batch_size, seed=config.seed, fixed=fixed,
-            progress=lambda done: bar.update(done - bar.n),
+            progress=lambda done: bar.update(done - bar.n), deadline=deadline,
         )  # fmt: skip
     add_to_checkpoint(run.best, tta=choice.to_dict())
     record = {  # tta and val_acc: the keys tta.json had before the modes were compared

@@ -25,6 +25,7 @@ from finetune.training.optim import (
     cycle_ends,
     load_optimizer_state,
     lr_factor,
+    shorten_schedule,
 )
 
 EXPECTED = {
@@ -335,3 +336,26 @@ def test_invalid_schedule_options_name_the_field() -> None:
     ):
         with pytest.raises(ConfigError, match=field):
             FitConfig(**options)
+
+
+def test_a_schedule_shortened_by_the_budget_anneals_by_the_new_end(tmp_path) -> None:
+    config = FitConfig(schedule="cosine", epochs=10)
+    weight = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = create_scheduler(optimizer, config, steps_per_epoch=4)
+    for _ in range(8):  # two epochs as planned for ten
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_factor(8, config, 4))
+    shorten_schedule(scheduler, config, 4, epochs=4)
+    short = FitConfig(schedule="cosine", epochs=4)
+    lrs = []
+    for _ in range(7):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([lr_factor(step, short, 4) for step in range(9, 16)])
+    assert lrs[-1] < 0.05 < lr_factor(15, config, 4)  # near zero at the new end, not the old
+    # The state dict stays plain values: last.pt loads with weights_only.
+    torch.save(scheduler.state_dict(), tmp_path / "s.pt")
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["last_epoch"] == 15

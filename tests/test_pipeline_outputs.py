@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -140,3 +141,16 @@ def test_augment_preview_into_a_folder_says_the_file_it_wrote(
         assert result.exit_code == 0, result.output
         assert result.output.strip() == str(written / "augment-preview.png")
         assert (written / "augment-preview.png").is_file()
+
+
+def test_a_time_budget_bounds_the_whole_fit_whatever_the_strategy(tmp_path: Path) -> None:
+    data = copy_classes(tmp_path / "data", ["bag", "sneaker", "trouser"], 20)
+    start = time.perf_counter()
+    run = finetune.fit(
+        data, strategy="finetune-top", epochs=500, image_size=32, time_budget=0.15,
+        out=str(tmp_path / "run"), verbose=False, report=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    assert 1 <= len(run.history) < 500 and run.config.epochs == 500  # planned, then cut
+    assert seconds < 1.2 * 9, seconds  # 0.15 min, TTA scoring included
+    assert RunDir(run.dir).best.is_file() and run.tta is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -521,3 +522,57 @@ def test_an_fp16_run_saves_the_scale_it_reached_and_restores_it(tmp_path: Path) 
     again = torch.amp.GradScaler("cpu")
     again.load_state_dict(saved)  # what resume does (strategies.finetune)
     assert again.get_scale() == reached
+
+
+class _Slow(nn.Linear):
+    """A linear model whose every training forward sleeps ``pause`` seconds, and ``slower``
+    times that from the ``from_call``-th on: another process taking the CPU mid-run."""
+
+    def __init__(self, pause: float, slower: float = 1.0, from_call: int = 10**9) -> None:
+        super().__init__(5, 2)
+        self.pause, self.slower, self.from_call, self.calls = pause, slower, from_call, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            time.sleep(self.pause * (self.slower if self.calls >= self.from_call else 1.0))
+        return super().forward(x)
+
+
+def test_a_budget_plans_the_epochs_left_again_when_they_slow_down(tmp_path: Path) -> None:
+    x, y = _separable()
+    # 8 steps of 0.02 s per epoch (~0.17 s), 4x slower from epoch 3 on; 0.9 s of budget: the
+    # 20 planned epochs do not fit, and after the slowdown fewer than planned after epoch 1.
+    model = _Slow(0.02, slower=4.0, from_call=17)
+    said: list[str] = []
+    horizons: list[int] = []
+    start = time.perf_counter()
+    history = train(
+        model, _training(model, x, y, epochs=20, say=said.append, deadline=start + 0.9,
+                         replan=horizons.append, sync_every=1),
+        Recorder(tmp_path, META), progress=False,
+    )  # fmt: skip
+    ended = time.perf_counter()
+    assert 2 <= len(history) < 20
+    assert horizons and horizons == sorted(horizons, reverse=True)  # shortened, never longer
+    assert any(m.startswith("budget    epochs take ~") for m in said), said
+    # Training ends by the deadline, give or take one step and the last validation.
+    assert ended - start < 0.9 + 0.2, (ended - start, said)
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == len(history) and (tmp_path / "best.pt").is_file()
+
+
+def test_an_epoch_running_at_the_deadline_is_cut_validated_and_recorded(tmp_path: Path) -> None:
+    x, y = _separable()
+    model = _Slow(0.05)  # 8 steps of 0.05 s: 0.4 s per epoch
+    said: list[str] = []
+    start = time.perf_counter()
+    history = train(
+        model, _training(model, x, y, epochs=5, say=said.append, deadline=start + 0.12,
+                         sync_every=1),
+        Recorder(tmp_path, META), progress=False,
+    )  # fmt: skip
+    assert [r.epoch for r in history] == [1]
+    assert any(m.startswith("budget    epoch 1 cut at batch") for m in said), said
+    assert time.perf_counter() - start < 0.4  # not the whole epoch
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1

@@ -244,7 +244,11 @@ def _summary(result: FitResult) -> str:
         f"  best epoch   {best.epoch}/{len(result.history)}: val acc {best.val_acc:.3f}, "
         f"val loss {best.val_loss:.3f} (train acc {best.train_acc:.3f})"
         + (
-            f"; stopped early (patience {result.config.patience})"
+            (
+                f"; stopped early (patience {result.config.patience})"
+                if result.config.patience
+                else "; ended by the time budget"
+            )
             if len(result.history) < result.config.epochs
             else ""
         ),

@@ -60,6 +60,8 @@ class FitContext:
     lighting: Lighting | None  # PCA of the training images' colours, for PCA lighting
     resumed: dict[str, Any] | None = None  # last.pt of the run being resumed
     ranks: World = ALONE  # the training processes (torchrun): rank 0 writes
+    # The time budget: training ends by this time.perf_counter() value (None: no budget)
+    deadline: float | None = None
 
     @property
     def run(self) -> RunDir:

@@ -47,6 +47,7 @@ from finetune.training.optim import (
     create_scheduler,
     cycle_ends,
     load_optimizer_state,
+    shorten_schedule,
 )
 
 __all__ = ["FinetuneAll", "FinetuneTop"]
@@ -178,6 +179,8 @@ class _FineTune(Strategy):
             channels_last=bool(config.channels_last),
             normalize=DeviceNormalize.of(ctx.pre),  # the image loaders' uint8 batches
             view=view,
+            deadline=ctx.deadline,
+            replan=functools.partial(shorten_schedule, scheduler, config, len(train_loader)),
         )
         return train(
             model,

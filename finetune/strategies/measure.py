@@ -43,7 +43,9 @@ __all__ = [
     "CPU_BUDGET_SECONDS",
     "LOTS_PER_CLASS",
     "MIN_FINETUNE_EPOCHS",
+    "SCORING_SHARE",
     "SIMILAR_BELOW",
+    "TRAINING_SHARE",
     "DataSize",
     "Decision",
     "batchnorm_shift",
@@ -57,6 +59,10 @@ __all__ = [
 SIMILAR_BELOW = 0.15  # BatchNorm shift under which images count as similar to ImageNet
 LOTS_PER_CLASS = 200  # median training images per class from which there is "a lot of data"
 MIN_FINETUNE_EPOCHS = 8  # fewer fit the CPU budget: the probe of the same row instead
+# Training ends by this share of the time budget (the trainer keeps to it: training.loop), and
+# scoring test-time augmentation by the second; the rest is for the report.
+TRAINING_SHARE = 0.85
+SCORING_SHARE = 0.95
 _CPU_SIZES = (224, 192, 160, 128, 96, 64)  # sizes auto may step down through on a CPU
 
 
@@ -214,6 +220,9 @@ class Decision:
     baseline: str | None = None
     baseline_image_size: int | None = None
     kept: dict[str, Any] | None = None
+    # The time budget the fine-tune was sized to on a CPU, which the trainer then keeps (None:
+    # not sized to one: a GPU, a probe, or the user's epochs or image size)
+    budget_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "size": {**asdict(self.size), "imbalance": self.size.imbalance}}
@@ -283,6 +292,10 @@ def decide(
 
     cores = os.cpu_count() or 1
     chosen_epochs = epochs or (15 if strategy == "finetune-all" else 10)
+    budget_seconds = None
+    # the probe baseline runs first (a pass over the images at the probe's size), then training
+    probe_seconds = pass_seconds(backbone, side, device, n_train + n_val, channels_last)
+    for_epochs = cpu_budget_seconds * TRAINING_SHARE - probe_seconds
     if device.type == "cuda" or epochs or image_size:  # the size stays; epochs are timed
         candidate = side
         epoch_seconds = training_epoch_seconds(
@@ -295,13 +308,15 @@ def decide(
             epoch_seconds = training_epoch_seconds(
                 backbone, candidate, device, n_train, n_val, channels_last
             )
-            fits = math.floor(cpu_budget_seconds / epoch_seconds)
+            fits = math.floor(max(for_epochs, 0) / epoch_seconds)
             if fits >= MIN_FINETUNE_EPOCHS:
                 chosen_epochs = min(chosen_epochs, fits)
+                budget_seconds = cpu_budget_seconds
                 reasons.append(
                     f"CPU with {cores} cores: {candidate} px and {chosen_epochs} epochs fit the "
                     f"~{cpu_budget_seconds / 60:.0f} min budget ({epoch_seconds:.0f} s per epoch "
-                    "measured here)"
+                    "measured here); the trainer keeps to it, planning the epochs left again if "
+                    "they run slower"
                 )
                 break
         else:
@@ -313,8 +328,9 @@ def decide(
                 f"scored below the probe (benchmarks/strategy_matrix.py): {probe} instead; "
                 f"--strategy {strategy} fine-tunes anyway, a GPU makes it fast"
             )
-            seconds = pass_seconds(backbone, side, device, n_train + n_val, channels_last)
-            return Decision(probe, cell, size, shift, settings, seconds, tuple(reasons), limits)
+            return Decision(
+                probe, cell, size, shift, settings, probe_seconds, tuple(reasons), limits
+            )
     settings.update(image_size=candidate, epochs=chosen_epochs)
     groups = layer_group_count(backbone)
     if strategy == "finetune-top":
@@ -332,8 +348,8 @@ def decide(
         f"first the {baseline} probe of the same row ({side} px, one pass over the images): the "
         "fine-tune must beat it on val, else the run keeps the probe"
     )
-    probe_seconds = pass_seconds(backbone, side, device, n_train + n_val, channels_last)
     return Decision(
         strategy, cell, size, shift, settings, chosen_epochs * epoch_seconds + probe_seconds,
         tuple(reasons), limits, baseline=baseline, baseline_image_size=side,
+        budget_seconds=budget_seconds,
     )  # fmt: skip

@@ -189,6 +189,12 @@ class Training:
     # The part of a model (or of its average) that runs on what the loaders yield, when they
     # yield the frozen layers' outputs (finetune.model.frozen) rather than images; None: all of it.
     view: Callable[[nn.Module], nn.Module] | None = None
+    # The time budget: training ends by this time.perf_counter() value (None: no budget). After
+    # each epoch the epochs left are planned again at the speed of the last one; an epoch still
+    # running at the deadline is cut short, validated and recorded, and the run ends there.
+    deadline: float | None = None
+    # Shortens the LR schedule to end with the given epoch, when the budget cuts the epochs.
+    replan: Callable[[int], None] | None = None
 
 
 def _batches(
@@ -696,8 +702,44 @@ def train(
                     f"{best_epoch}; best.pt holds that epoch"
                 )
                 break
+            deadline = t.deadline if epoch < t.epochs else None
+            if deadline is not None and _keep_budget(t, result, best_epoch, deadline):
+                break
             epoch += 1
     return history
+
+
+def _keep_budget(t: Training, result: EpochResult, best_epoch: int, deadline: float) -> bool:
+    """Plan the epochs left again at the speed of the one just ended (another process on the
+    machine, a throttled CPU): fewer epochs, with the LR schedule shortened to end with them,
+    when the planned ones would end past the deadline. True: not one more epoch fits, stop."""
+    left = deadline - time.perf_counter()
+    fits = math.floor(left / max(result.seconds, 1e-9)) if left > 0 else 0
+    fits = int(t.ranks.sum([float(fits)], t.device)[0]) // t.ranks.size  # one plan for all ranks
+    epoch = result.epoch
+    if fits <= 0:
+        t.say(
+            f"budget    stopped after epoch {epoch} of {t.epochs}: another epoch (~"
+            f"{result.seconds:.0f}s at the speed of the last) would end past the time budget; "
+            f"best.pt holds epoch {best_epoch} (fit --resume RUN trains the planned epochs)"
+        )
+        return True
+    if epoch + fits < t.epochs:
+        planned, t.epochs = t.epochs, epoch + fits
+        if t.replan is not None:
+            t.replan(t.epochs)
+        t.say(
+            f"budget    epochs take ~{result.seconds:.0f}s now: {t.epochs} epochs fit the time "
+            f"budget, not {planned}; the LR schedule now ends with epoch {t.epochs}"
+        )
+    return False
+
+
+def _past(deadline: float | None, t: Training) -> bool:
+    """Whether ``deadline`` has passed, on any rank (all of them stop together)."""
+    if deadline is None:
+        return False
+    return bool(t.ranks.any([time.perf_counter() > deadline], t.device)[0])
 
 
 def _state(model: nn.Module, t: Training) -> dict[str, Any]:
@@ -794,6 +836,14 @@ def _epoch(
                 if not bar.disable:
                     sums = torch.stack([total_loss, correct]).tolist()
                     bar.set_postfix(loss=f"{sums[0] / seen:.3f}", acc=f"{sums[1] / seen:.3f}")
+            # alone, a look at the clock after every step; with ranks, at the sync points
+            if (not t.ranks.distributed or n % t.sync_every == 0) and _past(t.deadline, t):
+                t.say(
+                    f"budget    epoch {epoch} cut at batch {n} of {len(t.train_loader)}: the "
+                    "time budget is spent; it is validated and the run ends with it"
+                )
+                t.deadline = time.perf_counter()  # the loop stops after this epoch
+                break
     finally:
         bar.close()
     if _abandon(t, stop, run.finite, model):

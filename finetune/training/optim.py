@@ -12,6 +12,7 @@ can be plotted, tested against its formula, and resumed from the step count alon
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "cycle_ends",
     "load_optimizer_state",
     "lr_factor",
+    "shorten_schedule",
 ]
 
 ONECYCLE_WARM = 0.3  # share of the steps one-cycle spends rising to the peak LR
@@ -190,6 +192,23 @@ def lr_factor(step: int, config: FitConfig, steps_per_epoch: int) -> float:
             start = end
         return 0.0
     raise ConfigError(f"Unknown schedule {config.schedule!r}.")  # FitConfig already refuses it
+
+
+def shorten_schedule(
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    config: FitConfig,
+    steps_per_epoch: int,
+    epochs: int,
+) -> None:
+    """Make a scheduler from :func:`create_scheduler` end its schedule with epoch ``epochs``
+    instead of ``config.epochs`` (the time budget cut the run): from the next step on, the LR
+    follows the schedule as planned for ``epochs`` epochs, so a cosine still anneals to zero
+    by the run's real end. ``lr_lambdas`` is LambdaLR's own list of factors; a
+    :func:`functools.partial` keeps nothing in its state dict, so checkpoints stay plain."""
+    factor = partial(
+        lr_factor, config=replace(config, epochs=epochs), steps_per_epoch=max(1, steps_per_epoch)
+    )
+    scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
 
 
 def _cos_between(start: float, end: float, fraction: float) -> float:
