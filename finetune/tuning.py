@@ -5,7 +5,14 @@ scales, in two stages. The coarse stage (about 2/3 of the trials, a third of the
 two decades of LR around the optimizer's default and four of weight decay; the fine stage
 (the rest, full epochs) samples a narrowed range, /3 to x3, around the best coarse trial.
 Every trial is an ordinary ``finetune.fit`` run in ``<tune dir>/trial-NN``, with the same
-strategy (``auto`` is resolved once, before the first trial), split and seed.
+strategy, split and seed.
+
+With ``auto`` (the default) the strategy is searched too: auto decides once, before the first
+trial; trial 0 is the probe of the decided row of the matrix (``linear`` or ``stage-probe``:
+one pass, its regularisation cross-validated, nothing to tune), then the coarse and fine
+trials search the learning rate and weight decay of that row's fine-tune (``finetune-top`` or
+``finetune-all``, whichever auto chose, or the one beside the probe it chose). The best of the
+probe and the full-length fine-tune trials wins, so ``best.toml`` may be the probe's recipe.
 
 Outputs: ``trials.csv``, ``tune.png`` (val acc against LR, coloured by weight decay) and
 ``best.toml``, a recipe for ``finetune fit --recipe``.
@@ -37,7 +44,10 @@ __all__ = [
     "COARSE_FRACTION",
     "COARSE_LR_SPAN",
     "FINE_SPAN",
+    "FINE_TUNE_OF",
+    "PROBE_OF",
     "WEIGHT_DECAY_RANGE",
+    "Probe",
     "Stage",
     "Trial",
     "TuneResult",
@@ -64,13 +74,26 @@ class Stage:
     around: int | None = None  # fine: the coarse trial the ranges are centred on
 
 
+# The fine-tune of each probe's row of the matrix, and the probe of each fine-tune's.
+FINE_TUNE_OF = {"linear": "finetune-top", "stage-probe": "finetune-all"}
+PROBE_OF = {fine: probe for probe, fine in FINE_TUNE_OF.items()}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The probe ``tune`` with ``auto`` fits first (trial 0)."""
+
+    strategy: str  # "linear" or "stage-probe"
+    image_size: int | None  # auto's size for it (None: the fine-tunes')
+
+
 @dataclass(frozen=True)
 class Trial:
     """One training run of the search (one row of ``trials.csv``)."""
 
-    trial: int  # 1-based
-    stage: str  # "coarse" or "fine"
-    lr: float
+    trial: int  # 1-based; 0: the probe (auto)
+    stage: str  # "coarse", "fine" or "probe"
+    lr: float  # NaN for the probe: a logistic regression, regularised by cross-validation
     weight_decay: float
     epochs: int
     val_acc: float  # of the best epoch; NaN when the loss diverged
@@ -92,10 +115,18 @@ class TuneResult:
     strategy: str  # the strategy every trial trained (auto's choice when auto was asked for)
     config: FitConfig  # the base every trial started from (before its lr, weight decay, epochs)
     stages: tuple[Stage, ...]  # the stages that ran at least one trial
-    trials: tuple[Trial, ...]
-    requested: int  # trials asked for
+    trials: tuple[Trial, ...]  # the probe's first (trial 0), when auto searched the strategy
+    requested: int  # trials asked for (the probe not counted)
     stopped: str | None  # why fewer trials ran (the budget), else None
     seconds: float
+    probe: Probe | None = None  # auto: the probe fit as trial 0
+
+    @property
+    def best_strategy(self) -> str:
+        """The strategy of the best trial (the probe's, when it beat the fine-tunes)."""
+        if self.probe is not None and self.best.stage == "probe":
+            return self.probe.strategy
+        return self.strategy
 
     @property
     def best(self) -> Trial:
@@ -123,8 +154,9 @@ class TuneResult:
         for t in self.trials:
             acc = "diverged" if t.diverged else f"{t.val_acc:.3f}"
             loss = "" if t.diverged else f"{t.val_loss:.3f}"
+            lr, wd = ("-", "-") if t.stage == "probe" else (f"{t.lr:.2e}", f"{t.weight_decay:.2e}")
             lines.append(
-                f"{t.trial:>5}  {t.stage:<6}  {t.epochs:>6}  {t.lr:>8.2e}  {t.weight_decay:>12.2e}"
+                f"{t.trial:>5}  {t.stage:<6}  {t.epochs:>6}  {lr:>8}  {wd:>12}"
                 f"  {acc:>7}  {loss:>8}  {t.seconds:>5.0f}s" + ("  *" if t is best else "")
             )
         return "\n".join(lines)
@@ -177,7 +209,7 @@ def tune(
     if budget_minutes is not None and not budget_minutes > 0:
         raise ConfigError(f"budget must be a positive number of minutes, got {budget_minutes}.")
     config = FitConfig.from_kwargs(config, **options)
-    base = _trial_base(data, dataclasses.replace(config, out=None), verbose)
+    base, probe = _trial_base(data, dataclasses.replace(config, out=None), verbose)
     full = base.epochs or DEFAULT_EPOCHS
     base = dataclasses.replace(base, epochs=full)
     n_coarse = trials if trials == 1 else min(trials - 1, max(1, round(trials * COARSE_FRACTION)))
@@ -203,6 +235,14 @@ def tune(
     stages: list[Stage] = []  # those that ran a trial
     stopped = None
     stage = coarse
+    first: list[Trial] = []  # the probe, when auto searches the strategy too
+    if probe is not None:
+        _say(verbose, f"probe     trial 0: the {probe.strategy} probe of auto's row, for the "
+                      f"fine-tunes to beat")  # fmt: skip
+        run_dir = TuneDir(tune_dir).trial(0, of=trials).path
+        first = [_run_probe(data, base, probe, run_dir)]
+        _write_csv(TuneDir(tune_dir).trials, first)
+        _say(verbose, _trial_line(first[0], trials))
     while len(done) < trials:
         if len(done) == n_coarse:
             stage = _fine_stage(done, trials - n_coarse, full)
@@ -223,12 +263,12 @@ def tune(
         try:
             done.append(_run_trial(data, base, stage, len(done) + 1, lr, weight_decay, run_dir))
         except TrainingError as exc:  # interrupted: keep what finished, then stop
-            _write_outputs(tune_dir, done, base, data, stages)
+            _write_outputs(tune_dir, first + done, base, data, stages, probe)
             raise TrainingError(
-                f"tune stopped in trial {len(done) + 1}: {exc} The {len(done)} finished "
+                f"tune stopped in trial {len(done) + 1}: {exc} The {len(first + done)} finished "
                 f"trial(s) are in {TuneDir(tune_dir).trials}."
             ) from exc
-        _write_csv(TuneDir(tune_dir).trials, done)
+        _write_csv(TuneDir(tune_dir).trials, first + done)
         _say(verbose, _trial_line(done[-1], trials))
     result = TuneResult(
         dir=tune_dir,
@@ -236,13 +276,29 @@ def tune(
         strategy=base.strategy,
         config=base,
         stages=tuple(stages),
-        trials=tuple(done),
+        trials=tuple(first + done),
         requested=trials,
         stopped=stopped,
         seconds=time.perf_counter() - started,
+        probe=probe,
     )
-    _write_outputs(tune_dir, done, base, data, stages)
+    _write_outputs(tune_dir, first + done, base, data, stages, probe)
     return result
+
+
+def _run_probe(data: str | Path, base: FitConfig, probe: Probe, run_dir: Path) -> Trial:
+    """Trial 0: the probe of auto's row, one real ``fit`` (features once, a logistic
+    regression whose regularisation is cross-validated: nothing here to search)."""
+    from finetune.pipeline import fit
+
+    config = dataclasses.replace(
+        base, strategy=probe.strategy, image_size=probe.image_size or base.image_size,
+        epochs=None, unfreeze=None, out=str(run_dir),
+    )  # fmt: skip
+    begun = time.perf_counter()
+    best = fit(data, config, verbose=False, report=False).best
+    seconds = time.perf_counter() - begun
+    return Trial(0, "probe", math.nan, math.nan, 1, best.val_acc, best.val_loss, seconds, run_dir)
 
 
 def _run_trial(
@@ -296,35 +352,43 @@ def _over_budget(
 # --- stages ----------------------------------------------------------------------------------
 
 
-def _trial_base(data: str | Path, config: FitConfig, verbose: bool) -> FitConfig:
-    """``config`` with its strategy fixed: ``auto`` decides once here, and may not pick a probe."""
+def _trial_base(
+    data: str | Path, config: FitConfig, verbose: bool
+) -> tuple[FitConfig, Probe | None]:
+    """``config`` with the strategy of the searched trials fixed, and with ``auto`` the probe
+    to fit first: auto decides once here; its row's fine-tune is searched (the one it chose,
+    or the one beside the probe it chose) and its row's probe is trial 0."""
     from finetune.pipeline import plan
     from finetune.strategies import get_strategy
 
-    fix = "tune a fine-tune instead: --strategy finetune-top or --strategy finetune-all"
     if config.strategy != "auto":
         if not get_strategy(config.strategy).trains_backbone:
             raise ConfigError(
                 f"--strategy {config.strategy} fits a logistic regression whose regularisation "
                 f"is chosen by cross-validation: it has no learning rate or weight decay to "
-                f"tune; {fix}."
+                f"tune; tune a fine-tune instead: --strategy finetune-top or --strategy "
+                f"finetune-all, or leave --strategy auto to compare the probe with them."
             )
-        return config
+        return config, None
     planned = plan(data, config, verbose=verbose)
-    if not planned.trains_backbone:
-        cell = f" ({planned.decision.cell})" if planned.decision is not None else ""
-        raise ConfigError(
-            f"--strategy auto chose {planned.strategy} for {data}{cell}: a probe, which fits a "
-            f"logistic regression with its regularisation chosen by cross-validation and has no "
-            f"learning rate or weight decay to tune; {fix}."
-        )
     # auto's other choices (sized to this machine) hold for every trial too.
     decided = {
         name: getattr(planned.config, name)
         for name in ("epochs", "image_size", "unfreeze")
         if getattr(config, name) is None
     }
-    return dataclasses.replace(config, strategy=planned.strategy, **decided)
+    if planned.trains_backbone:
+        size = getattr(planned.decision, "baseline_image_size", None)
+        probe = Probe(PROBE_OF[planned.strategy], size or decided.get("image_size"))
+        return dataclasses.replace(config, strategy=planned.strategy, **decided), probe
+    # A probe chosen: its row's fine-tune is searched, for as many epochs as asked (or the
+    # default: the probe's one pass says nothing of them) at the probe's image size.
+    probe = Probe(planned.strategy, planned.config.image_size)
+    fine = FINE_TUNE_OF[planned.strategy]
+    decided["epochs"] = config.epochs
+    if decided.get("unfreeze") is not None and fine != "finetune-top":
+        decided["unfreeze"] = None
+    return dataclasses.replace(config, strategy=fine, **decided), probe
 
 
 def _coarse_epochs(base: FitConfig, full: int) -> int:
@@ -339,7 +403,7 @@ def _coarse_epochs(base: FitConfig, full: int) -> int:
 
 
 def _fine_stage(done: list[Trial], trials: int, epochs: int) -> Stage:
-    coarse = [t for t in done if not t.diverged]
+    coarse = [t for t in done if not t.diverged and t.stage == "coarse"]
     if not coarse:
         low = min(t.lr for t in done)
         raise TrainingError(
@@ -365,8 +429,11 @@ def _best(trials: tuple[Trial, ...] | list[Trial], full_epochs: int) -> Trial:
     finite = [t for t in trials if not t.diverged]
     if not finite:
         raise TrainingError(f"All {len(trials)} trials diverged (NaN loss); try a lower --lr.")
-    full = [t for t in finite if t.epochs == full_epochs]
-    return max(full or finite, key=_score)
+    searched = [t for t in finite if t.stage != "probe"]
+    full = [t for t in searched if t.epochs == full_epochs]
+    # the probe is complete in its one pass: compared with the fine-tunes of full length
+    probe = [t for t in finite if t.stage == "probe"]
+    return max((full or searched) + probe, key=_score)
 
 
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -395,7 +462,12 @@ def _write_csv(path: Path, trials: list[Trial]) -> None:
 
 
 def _write_outputs(
-    tune_dir: Path, trials: list[Trial], base: FitConfig, data: str | Path, stages: list[Stage]
+    tune_dir: Path,
+    trials: list[Trial],
+    base: FitConfig,
+    data: str | Path,
+    stages: list[Stage],
+    probe: Probe | None = None,
 ) -> None:
     """trials.csv, tune.png and (when a trial did not diverge) best.toml."""
     files = TuneDir(tune_dir)
@@ -410,10 +482,16 @@ def _write_outputs(
     if all(t.diverged for t in trials):
         return
     best = _best(trials, full)
+    searched = f"{base.strategy}" + (f" and the {probe.strategy} probe" if probe else "")
+    found = (
+        f"the {probe.strategy} probe"
+        if probe is not None and best.stage == "probe"
+        else f"lr {best.lr:.3g}, weight decay {best.weight_decay:.3g}"
+    )
     header = [
-        f"finetune tune: the best of {len(trials)} trials of {base.strategy} on {data}.",
-        f"Best: trial {best.trial} ({best.stage}), lr {best.lr:.3g}, weight decay "
-        f"{best.weight_decay:.3g} -> val acc {best.val_acc:.3f}, val loss {best.val_loss:.3f}",
+        f"finetune tune: the best of {len(trials)} trials of {searched} on {data}.",
+        f"Best: trial {best.trial} ({best.stage}), {found} -> val acc {best.val_acc:.3f}, val "
+        f"loss {best.val_loss:.3f}",
         "Searched, log-uniform:",
         *(
             f"  {s.name}: {sum(t.stage == s.name for t in trials)} trial(s) of {s.epochs} "
@@ -422,13 +500,19 @@ def _write_outputs(
         ),
         f"All trials: {files.trials} and {files.plot}.",
     ]
-    if best.epochs != full:
+    if best.epochs != full and best.stage != "probe":
         header.append(
             f"Trial {best.trial} trained {best.epochs} epoch(s); this recipe trains the full "
             f"{full}."
         )
     header.append(f"Train with it: finetune fit {data} --recipe {files.best_recipe}")
-    recipe = dataclasses.replace(base, lr=best.lr, weight_decay=best.weight_decay, out=None)
+    if probe is not None and best.stage == "probe":
+        recipe = dataclasses.replace(
+            base, strategy=probe.strategy, image_size=probe.image_size or base.image_size,
+            epochs=None, unfreeze=None, out=None,
+        )  # fmt: skip
+    else:
+        recipe = dataclasses.replace(base, lr=best.lr, weight_decay=best.weight_decay, out=None)
     write_recipe(files.best_recipe, recipe, "\n".join(header))
 
 
@@ -440,7 +524,8 @@ def _plot(trials: list[Trial], stages: list[Stage], strategy: str, full_epochs: 
     ax = fig.add_subplot()
     ax.set_xscale("log")
     # One colour scale for every tune: the coarse range (and any fine value beyond it).
-    decays = [t.weight_decay for t in trials] + [v for s in stages for v in s.weight_decay]
+    decays = [t.weight_decay for t in trials if t.stage != "probe"]
+    decays += [v for s in stages for v in s.weight_decay]
     norm = LogNorm(vmin=min(decays), vmax=max(decays))
     points = None
     for name, marker in (("coarse", "o"), ("fine", "^")):
@@ -459,14 +544,17 @@ def _plot(trials: list[Trial], stages: list[Stage], strategy: str, full_epochs: 
                 linewidths=0.5,
                 label=f"{name} ({epochs} epoch{'s' if epochs > 1 else ''})",
             )
-    diverged = [t for t in trials if t.diverged]
+    for t in trials:
+        if t.stage == "probe" and not t.diverged:
+            ax.axhline(t.val_acc, linestyle="--", color="grey", label="the probe (trial 0)")
+    diverged = [t for t in trials if t.diverged and t.stage != "probe"]
     if diverged:
         ax.scatter([t.lr for t in diverged], [0] * len(diverged), marker="x", color="red",
                    label="diverged")  # fmt: skip
     fine = [s for s in stages if s.name == "fine"]
     if fine:
         ax.axvspan(*fine[0].lr, color="grey", alpha=0.12, label="fine lr range")
-    if any(not t.diverged for t in trials):
+    if any(not t.diverged for t in trials) and _best(trials, full_epochs).stage != "probe":
         best = _best(trials, full_epochs)
         ax.scatter([best.lr], [best.val_acc], s=220, facecolors="none", edgecolors="red")
         ax.annotate(
@@ -478,7 +566,7 @@ def _plot(trials: list[Trial], stages: list[Stage], strategy: str, full_epochs: 
             fontsize=8,
             color="red",
         )
-    lrs = [t.lr for t in trials] + [v for s in stages for v in s.lr]
+    lrs = [t.lr for t in trials if t.stage != "probe"] + [v for s in stages for v in s.lr]
     ax.set_xlim(min(lrs) / 1.3, max(lrs) * 1.3)  # the whole searched range
     ax.margins(y=0.15)
     if points is not None:
@@ -495,6 +583,8 @@ def _trial_line(t: Trial, total: int) -> str:
     result = (
         "diverged (NaN loss)" if t.diverged else f"val acc {t.val_acc:.3f} loss {t.val_loss:.3f}"
     )
+    if t.stage == "probe":
+        return f"trial {t.trial:>{len(str(total))}}/{total}  probe   {result}  {t.seconds:.1f}s"
     return (
         f"trial {t.trial:>{len(str(total))}}/{total}  {t.stage:<6}  lr {t.lr:.2e}  wd "
         f"{t.weight_decay:.2e}  {t.epochs} ep  {result}  {t.seconds:.1f}s"

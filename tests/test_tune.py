@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import finetune
 from finetune.config import DEFAULT_LR
@@ -23,14 +24,19 @@ from tests.test_cli import run
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _stand_in(monkeypatch: pytest.MonkeyPatch, interrupt_at: int | None = None) -> list:
-    """Replace training by a function of lr: val acc peaks at lr 1e-3, lr > 8e-3 diverges."""
+def _stand_in(
+    monkeypatch: pytest.MonkeyPatch, interrupt_at: int | None = None, probe_acc: float = 0.5
+) -> list:
+    """Replace training by a function of lr: val acc peaks at lr 1e-3, lr > 8e-3 diverges;
+    a probe scores ``probe_acc``."""
     configs = []
 
     def fit(data, config, verbose=True, report=True):
         assert not report  # tune's trials never write a report: the tune table is theirs
         configs.append(config)
         Path(config.out).mkdir(parents=True)
+        if config.strategy in ("linear", "stage-probe"):
+            return SimpleNamespace(best=SimpleNamespace(val_acc=probe_acc, val_loss=0.3))
         if len(configs) == interrupt_at:
             raise TrainingError(f"Interrupted in epoch 1; finetune fit --resume {config.out}")
         if config.lr > 8e-3:
@@ -129,7 +135,7 @@ def test_module_import_leaves_finetune_tune_the_function() -> None:
     assert out.stdout.strip() == "True", out.stderr
 
 
-def test_auto_is_decided_once_and_a_probe_is_refused(
+def test_auto_is_decided_once_and_searches_the_probe_of_its_row_too(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     with pytest.raises(ConfigError, match="--strategy finetune-top or --strategy finetune-all"):
@@ -141,24 +147,45 @@ def test_auto_is_decided_once_and_a_probe_is_refused(
     def plan(data, config, verbose=False):
         plans.append(config)
         decided = dataclasses.replace(config, strategy=chosen, epochs=4, image_size=64)
-        cell = SimpleNamespace(cell="little data, different from ImageNet")
+        cell = SimpleNamespace(cell="little data, different from ImageNet", baseline_image_size=96)
         return SimpleNamespace(strategy=chosen, config=decided, decision=cell,
                                trains_backbone=chosen.startswith("finetune"))  # fmt: skip
 
     monkeypatch.setattr("finetune.pipeline.plan", plan)
+    # auto chose a probe: it is trial 0, and its row's fine-tune is searched beside it.
+    configs = _stand_in(monkeypatch, probe_acc=0.95)
     chosen = "stage-probe"
-    with pytest.raises(ConfigError, match=r"auto chose stage-probe .*\(little data, different"):
-        finetune.tune(FASHION, out=tmp_path / "b", verbose=False)
-    assert not (tmp_path / "b").exists()
-    configs = _stand_in(monkeypatch)
+    result = finetune.tune(FASHION, trials=3, epochs=6, out=tmp_path / "b", verbose=False)
+    assert [(c.strategy, c.epochs, c.image_size) for c in configs] == [
+        ("stage-probe", None, 64),
+        ("finetune-all", 2, 64),
+        ("finetune-all", 2, 64),
+        ("finetune-all", 6, 64),
+    ]
+    assert [t.stage for t in result.trials] == ["probe", "coarse", "coarse", "fine"]
+    assert result.trials[0].trial == 0 and result.trials[0].run_dir.name == "trial-00"
+    assert result.best.stage == "probe" and result.best_strategy == "stage-probe"
+    recipe = load_recipe(tmp_path / "b" / "best.toml")
+    assert (recipe.strategy, recipe.image_size, recipe.lr) == ("stage-probe", 64, None)
+    assert (
+        "Best: trial 0 (probe), the stage-probe probe -> val acc 0.950"
+        in (tmp_path / "b" / "best.toml").read_text()
+    )
+    assert "    0  probe        1         -             -    0.950" in result.table()
+    # auto chose a fine-tune: its probe (at auto's probe size) first, then the search, whose
+    # best full-length trial beats a weak probe.
+    configs = _stand_in(monkeypatch, probe_acc=0.2)
     chosen = "finetune-all"
     result = finetune.tune(FASHION, trials=3, out=tmp_path / "c", verbose=False)
     assert len(plans) == 2 and result.strategy == "finetune-all"
     assert [(c.strategy, c.epochs, c.image_size) for c in configs] == [
+        ("stage-probe", None, 96),
         ("finetune-all", 1, 64),
         ("finetune-all", 1, 64),
         ("finetune-all", 4, 64),  # auto's epochs and image size hold for every trial
     ]
+    assert result.best.stage == "fine" and result.best_strategy == "finetune-all"
+    assert load_recipe(tmp_path / "c" / "best.toml").strategy == "finetune-all"
 
 
 @pytest.fixture()
@@ -218,3 +245,27 @@ def test_cli_tune_with_a_recipe_stops_at_the_budget(small_folder: Path, tmp_path
     )
     searched = run("tune", str(small_folder), "--weight-decay", "0.1")
     assert searched.returncode == 2 and "tune searches the weight decay" in searched.stderr
+
+
+def test_a_real_tiny_tune_with_auto_on_little_data_compares_the_probe(
+    fashion_subset: Path, tmp_path: Path
+) -> None:
+    """The issue's case: on little data auto picks a probe, and tune used to refuse it."""
+    out = tmp_path / "tune"
+    result = finetune.tune(fashion_subset, image_size=32, epochs=2, trials=2, out=out,
+                           verbose=False)  # fmt: skip
+    assert result.probe is not None and result.probe.strategy == "stage-probe"
+    assert result.strategy == "finetune-all"  # the fine-tune of the probe's row
+    assert [(t.stage, t.epochs) for t in result.trials] == [
+        ("probe", 1), ("coarse", 1), ("fine", 2)
+    ]  # fmt: skip
+    probe = result.trials[0]
+    saved = torch.load(probe.run_dir / "best.pt", weights_only=True)
+    assert saved["strategy"] == "stage-probe" and saved["metrics"]["val_acc"] == probe.val_acc
+    kept = result.best
+    assert kept in (probe, result.trials[2])  # the probe or the full-length fine-tune
+    assert kept.val_acc == max(probe.val_acc, result.trials[2].val_acc)
+    recipe = load_recipe(out / "best.toml")
+    assert recipe.strategy == result.best_strategy
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["stage"] for r in rows] == ["probe", "coarse", "fine"]

@@ -476,10 +476,17 @@ def _tune_text(result: TuneResult) -> str:
         "",
         result.table(),
         "",
-        f"  best         trial {best.trial} ({best.stage}): lr {best.lr:.3g}, weight decay "
-        f"{best.weight_decay:.3g}, val acc {best.val_acc:.3f}",
-        f"  strategy     {result.strategy}, {len(result.trials)} of {result.requested} trials "
-        f"in {duration(result.seconds, 0)}",
+        (
+            f"  best         trial 0, the {result.best_strategy} probe: val acc "
+            f"{best.val_acc:.3f}, better than every full-length fine-tune trial"
+            if best.stage == "probe"
+            else f"  best         trial {best.trial} ({best.stage}): lr {best.lr:.3g}, weight "
+            f"decay {best.weight_decay:.3g}, val acc {best.val_acc:.3f}"
+        ),
+        f"  strategy     {result.strategy}"
+        + (f" and the {result.probe.strategy} probe" if result.probe else "")
+        + f", {sum(t.stage != 'probe' for t in result.trials)} of {result.requested} trials in "
+        f"{duration(result.seconds, 0)}" + (" (and the probe)" if result.probe else ""),
         *([f"  budget       {result.stopped}"] if result.stopped else []),
         f"  trials       {result.trials_csv}",
         f"  plot         {result.plot}",
