@@ -9,9 +9,9 @@ view and its mirror, ``10crop`` all ten. The most accurate mode is chosen, a tie
 one with fewer views (cheaper at predict time); the reason given compares it with the centre
 crop image by image, with the p-value of a one-sided exact sign test (McNemar's test), so that
 a gain of a few images is not taken for more than it may be. (Choosing a mode with more views
-only when that test passes cost 1.6 points of test accuracy on average in
-``benchmarks/tta_choice.py``, against 0.8 for the most accurate: 10crop helped the fine-tunes
-there, by more than small validation sets can prove.) The choice is stored in
+only when that test passes gave up more test accuracy in ``benchmarks/tta_choice.py``: 10crop
+helped the fine-tunes there by more than small validation sets can prove; docs/augmentation.md
+has the numbers.) The choice is stored in
 ``best.pt`` (and every export of it), ``predict`` and ``evaluate`` use it under ``--tta auto``
 (their default), and an explicit ``--tta`` that scored below it on val gets a warning with the
 numbers.
