@@ -49,6 +49,7 @@ __all__ = [
     "OPTIMIZERS",
     "PRECISIONS",
     "PRESET_NAMES",
+    "PROBE_OF",
     "SCHEDULES",
     "SEED_MAX",
     "SETTINGS",
@@ -85,6 +86,9 @@ PRESET_NAMES = ("none", "light", "default", "strong")  # finetune.data.transform
 # Images per class (median) below which augment=None picks the strong, else default, preset.
 STRONG_BELOW = 100
 DEFAULT_BELOW = 1000
+# The probe of each fine-tune's row of the CS231n matrix (similar images: linear beside
+# finetune-top; different: stage-probe beside finetune-all): auto's baseline, tune's trial 0.
+PROBE_OF = {"finetune-top": "linear", "finetune-all": "stage-probe"}
 TTA_MODES = ("none", "flip", "10crop")  # finetune.data.transforms.TestTimeViews
 # auto: the mode that scored best on val when the model was fit (finetune.inference.tta)
 TTA_CHOICES = ("auto", *TTA_MODES)

@@ -906,6 +906,7 @@ def _resume_locked(
     # The description goes on as it was; the strategy records the frozen layers again if it
     # computes them once again.
     meta = dataclasses.replace(CheckpointMeta.from_dict(last), frozen=None)
+    decision = _decision(last["decision"]) if last.get("decision") else None  # as recorded
     ctx = FitContext(
         model=model,
         split=split,
@@ -920,9 +921,8 @@ def _resume_locked(
         augmentation=augmentation_of(config),
         lighting=Lighting.from_dict(lighting) if lighting else None,
         resumed=last,
+        deadline=_deadline(config, decision, started),  # the budget holds for this session
     )
-    decision = _decision(last["decision"]) if last.get("decision") else None  # as recorded
-    ctx.deadline = _deadline(config, decision, started)  # the budget holds for this session
     return _train(ctx, strategy, decision, started, log, report, head)
 
 

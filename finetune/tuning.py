@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.config import DEFAULT_EPOCHS, DEFAULT_LR, FitConfig
+from finetune.config import DEFAULT_EPOCHS, DEFAULT_LR, PROBE_OF, FitConfig
 from finetune.errors import ConfigError, TrainingError
 from finetune.files import atomic_write
 from finetune.recipes import write_recipe
@@ -45,7 +45,6 @@ __all__ = [
     "COARSE_LR_SPAN",
     "FINE_SPAN",
     "FINE_TUNE_OF",
-    "PROBE_OF",
     "WEIGHT_DECAY_RANGE",
     "Probe",
     "Stage",
@@ -74,9 +73,8 @@ class Stage:
     around: int | None = None  # fine: the coarse trial the ranges are centred on
 
 
-# The fine-tune of each probe's row of the matrix, and the probe of each fine-tune's.
-FINE_TUNE_OF = {"linear": "finetune-top", "stage-probe": "finetune-all"}
-PROBE_OF = {fine: probe for probe, fine in FINE_TUNE_OF.items()}
+# The fine-tune of each probe's row of the matrix (config.PROBE_OF the other way round).
+FINE_TUNE_OF = {probe: fine for fine, probe in PROBE_OF.items()}
 
 
 @dataclass(frozen=True)

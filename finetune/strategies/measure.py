@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.config import CPU_BUDGET_SECONDS  # torch-free there: --time-budget's help
+from finetune.config import CPU_BUDGET_SECONDS, PROBE_OF
 from finetune.data.loaders import ImageDataset, collate_skipping_failed
 from finetune.data.scan import DatasetSplit
 from finetune.data.transforms import Preprocessing, choose_image_size, eval_transform
@@ -320,7 +320,7 @@ def decide(
                 )
                 break
         else:
-            probe = "linear" if similar else "stage-probe"
+            probe = PROBE_OF[strategy]
             reasons.append(
                 f"but on this CPU ({cores} cores) {MIN_FINETUNE_EPOCHS} epochs of {strategy} take "
                 f"~{MIN_FINETUNE_EPOCHS * epoch_seconds / 60:.0f} min even at {candidate} px, "
@@ -343,7 +343,7 @@ def decide(
         reasons.append(
             f"different images need every layer adapted: all {groups} layer groups train"
         )
-    baseline = "linear" if similar else "stage-probe"
+    baseline = PROBE_OF[strategy]
     reasons.append(
         f"first the {baseline} probe of the same row ({side} px, one pass over the images): the "
         "fine-tune must beat it on val, else the run keeps the probe"
