@@ -18,6 +18,7 @@ Fashion-MNIST needs Debian's ``dataset-fashion-mnist`` package (MIT licence).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,21 +37,30 @@ def _write(root: Path, split: str, name: str, index: int, array: np.ndarray) -> 
     Image.fromarray(array).save(folder / f"{index:05d}.png")
 
 
-def fashion(root: Path, train: int, val: int, test: int = 100) -> Path:
+def fashion(
+    root: Path,
+    train: int,
+    val: int,
+    test: int = 100,
+    image: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Path:
+    """The first ``train`` + ``val`` images of each class of Fashion-MNIST's training file and
+    the first ``test`` of its test file, each passed through ``image`` when given."""
     if (root / "train").is_dir():
         return root
     x = read_idx(FASHION / "train-images-idx3-ubyte.gz")
     y = read_idx(FASHION / "train-labels-idx1-ubyte.gz")
     tx = read_idx(FASHION / "t10k-images-idx3-ubyte.gz")
     ty = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
+    made = image or (lambda array: array)
     for label, name in enumerate(FASHION_CLASSES):
         idx = np.flatnonzero(y == label)
         for i in idx[:train]:
-            _write(root, "train", name, i, x[i])
+            _write(root, "train", name, i, made(x[i]))
         for i in idx[train : train + val]:
-            _write(root, "val", name, i, x[i])
+            _write(root, "val", name, i, made(x[i]))
         for i in np.flatnonzero(ty == label)[:test]:
-            _write(root, "test", name, i, tx[i])
+            _write(root, "test", name, i, made(tx[i]))
     return root
 
 
@@ -58,12 +68,6 @@ def fashion_edges(root: Path, train: int = 40, val: int = 20, test: int = 50) ->
     """Fashion-MNIST items whose signal sits at the image's edge: each item, shrunk to 20 px,
     touches a random side of a black 48 px frame at a random place along it, as a defect near
     the border of an inspection photo does. Crops that cut the border cut the item."""
-    if (root / "train").is_dir():
-        return root
-    x = read_idx(FASHION / "train-images-idx3-ubyte.gz")
-    y = read_idx(FASHION / "train-labels-idx1-ubyte.gz")
-    tx = read_idx(FASHION / "t10k-images-idx3-ubyte.gz")
-    ty = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
     rng = np.random.default_rng(0)
 
     def framed(item: np.ndarray) -> np.ndarray:
@@ -75,15 +79,7 @@ def fashion_edges(root: Path, train: int = 40, val: int = 20, test: int = 50) ->
         frame[top : top + 20, left : left + 20] = small
         return frame
 
-    for label, name in enumerate(FASHION_CLASSES):
-        idx = np.flatnonzero(y == label)
-        for i in idx[:train]:
-            _write(root, "train", name, i, framed(x[i]))
-        for i in idx[train : train + val]:
-            _write(root, "val", name, i, framed(x[i]))
-        for i in np.flatnonzero(ty == label)[:test]:
-            _write(root, "test", name, i, framed(tx[i]))
-    return root
+    return fashion(root, train, val, test, image=framed)
 
 
 def digits(root: Path) -> Path:
